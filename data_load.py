@@ -1,0 +1,236 @@
+"""Datasets and the class-balanced batch sampler.
+
+Image sources (chosen from the path): scikit-learn's bundled digits (no path), Fashion-MNIST IDX
+files, CIFAR-10 (torchvision's python pickle layout) and image-folder trees (Mini-ImageNet).
+Every dataset exposes `labels` (one int per item) and yields `(x, label)`, so one sampler and one
+training loop serve them all. Speech datasets (HDF5) live in `speech_data.py`.
+"""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from utils import UserError
+
+DIGITS = "digits"
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CIFAR_STATS = ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255))
+
+
+class GroupBatchSampler(Sampler):
+    """Class-balanced batches: each batch is `groups_per_batch` groups of `group_size` items of one class.
+
+    Every epoch, each class's items are shuffled and cut into consecutive groups (the remainder is
+    left out, as in the seed); the groups are shuffled and packed into batches. The order depends
+    only on (seed, epoch), so a resumed run sees the same batches. With `world_size > 1` each rank
+    takes every world_size-th batch (the tail is trimmed so all ranks step together).
+    """
+
+    def __init__(self, labels, group_size, groups_per_batch, seed=0, rank=0, world_size=1):
+        self.labels = np.asarray(labels)
+        self.group_size = group_size
+        self.groups_per_batch = groups_per_batch
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+        classes, counts = np.unique(self.labels, return_counts=True)
+        self.by_class = [np.flatnonzero(self.labels == c) for c in classes]
+        if (counts >= group_size).sum() < 2:
+            raise UserError(f"need at least 2 classes with {group_size} or more items each to form pairs")
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Select the epoch's permutation; `start_batch` skips batches already done (mid-epoch resume)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _batches(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        groups = []
+        for members in self.by_class:
+            members = rng.permutation(members)
+            n = len(members) // self.group_size
+            groups.extend(members[: n * self.group_size].reshape(n, self.group_size))
+        order = rng.permutation(len(groups))
+        per = self.groups_per_batch
+        n_batches = len(groups) // per
+        if n_batches == 0:
+            n_batches, per = 1, len(groups)
+        batches = [np.concatenate([groups[g] for g in order[b * per : (b + 1) * per]]) for b in range(n_batches)]
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank : usable : self.world_size]
+
+    def __iter__(self):
+        for batch in self._batches()[self.start_batch :]:
+            yield batch.tolist()
+
+    def __len__(self):
+        return len(self._batches())
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+class TensorImages(Dataset):
+    """In-memory images (N, C, H, W) float, normalised; optional random crop (zero padding) and flip."""
+
+    def __init__(self, images, labels, pad=0, flip=False, name=""):
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.pad = pad
+        self.flip = flip
+        self.name = name
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        x = self.images[index]
+        if self.pad:
+            h, w = x.shape[1:]
+            padded = torch.nn.functional.pad(x, (self.pad,) * 4)
+            top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            x = padded[:, top : top + h, left : left + w]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+    @property
+    def image_shape(self):
+        return tuple(self.images.shape[1:])
+
+
+def _normalise(images, mean, std):
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def load_digits_split(split, seed=0):
+    """scikit-learn's 1,797 8x8 digits, split 60/20/20 per class into train / valid / test (fixed seed)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = data.target
+    rng = np.random.default_rng(seed)
+    parts = {"train": [], "valid": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        a, b = int(0.6 * len(idx)), int(0.8 * len(idx))
+        parts["train"] += idx[:a].tolist()
+        parts["valid"] += idx[a:b].tolist()
+        parts["test"] += idx[b:].tolist()
+    keep = np.sort(parts[split])
+    images = _normalise(images[keep], (0.3,), (0.4,))
+    return TensorImages(images, labels[keep], pad=1 if split == "train" else 0, name=f"digits/{split}")
+
+
+def _read_idx(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        magic = struct.unpack(">I", handle.read(4))[0]
+        ndim = magic & 0xFF
+        shape = struct.unpack(">" + "I" * ndim, handle.read(4 * ndim))
+        data = np.frombuffer(handle.read(), dtype=np.uint8)
+    if magic >> 8 != 0x08 or data.size != int(np.prod(shape)):
+        raise UserError(f"{path} is not an unsigned-byte IDX file")
+    return data.reshape(shape)
+
+
+def _find(folder, stem):
+    for name in (stem, stem + ".gz"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def load_idx_split(folder, split):
+    """Fashion-MNIST (or MNIST) IDX files: `train-*` for training, `t10k-*` for validation and test."""
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    x = _normalise(x, (0.286,), (0.353,))
+    train = split == "train"
+    return TensorImages(x, labels, pad=2 if train else 0, flip=train, name=f"{folder}/{prefix}")
+
+
+def load_cifar_split(folder, split):
+    """CIFAR-10 through torchvision (never downloaded here): train split for training, test split otherwise."""
+    from torchvision.datasets import CIFAR10
+
+    root = os.path.dirname(folder) if os.path.basename(os.path.normpath(folder)) == "cifar-10-batches-py" else folder
+    data = CIFAR10(root, train=split == "train", download=False)
+    x = torch.from_numpy(data.data).permute(0, 3, 1, 2).float() / 255.0
+    x = _normalise(x, *CIFAR_STATS)
+    train = split == "train"
+    return TensorImages(x, data.targets, pad=4 if train else 0, flip=train, name=f"cifar10/{split}")
+
+
+class FolderImages(Dataset):
+    """An image-folder tree (one sub-folder per class, e.g. Mini-ImageNet 84x84), decoded lazily."""
+
+    def __init__(self, folder, train):
+        from torchvision import datasets, transforms
+
+        steps = [transforms.ToTensor(), transforms.Normalize(*IMAGENET_STATS)]
+        if train:
+            steps = [transforms.RandomHorizontalFlip()] + steps
+        self.folder = datasets.ImageFolder(folder, transform=transforms.Compose(steps))
+        self.labels = np.asarray(self.folder.targets, dtype=np.int64)
+        self.train = train
+        self.name = folder
+        first = self.folder[0][0]
+        self._shape = tuple(first.shape)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        x, y = self.folder[index]
+        if self.train:
+            h, w = x.shape[1:]
+            padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+            top, left = torch.randint(0, 9, (2,)).tolist()
+            x = padded[:, top : top + h, left : left + w]
+        return x, y
+
+    @property
+    def image_shape(self):
+        return self._shape
+
+
+def load_images(path, split):
+    """The dataset an image path names, for `split` in {'train', 'valid', 'test'}; None means digits."""
+    if path is None or path == DIGITS:
+        return load_digits_split(split)
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+        raise UserError(f"data path not found: {path}")
+    if _find(path, "train-images-idx3-ubyte") or _find(path, "t10k-images-idx3-ubyte"):
+        return load_idx_split(path, split)
+    if os.path.isdir(os.path.join(path, "cifar-10-batches-py")) or os.path.isfile(os.path.join(path, "data_batch_1")):
+        return load_cifar_split(path, split)
+    subdirs = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
+    if subdirs and not any(d.startswith("cifar-10") for d in subdirs):
+        try:
+            return FolderImages(path, train=split == "train")
+        except (FileNotFoundError, RuntimeError) as err:
+            raise UserError(f"cannot read image folders under {path}: {err}") from None
+    raise UserError(
+        f"no images found at {path}: expected CIFAR-10's cifar-10-batches-py (download it from "
+        "https://www.cs.toronto.edu/~kriz/cifar.html and unpack it there), Fashion-MNIST IDX files "
+        f"(e.g. {FASHION_DIR}), or one sub-folder of images per class"
+    )
+
+
+def image_stem(image_shape):
+    """'imagenet' stem for inputs of 64 pixels and more (Mini-ImageNet), else the CIFAR stem."""
+    return "imagenet" if min(image_shape[1:]) >= 64 else "cifar"

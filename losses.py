@@ -1,0 +1,109 @@
+"""Classification heads, label smoothing and the pair loss of the learned distance."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AMSoftmax(nn.Module):
+    """Additive-margin softmax head (CosFace): logits `s * (cos(theta) - m * onehot(label))`.
+
+    Embeddings and class weights are both L2-normalised, so cos(theta) is their dot product.
+    Defaults follow the seed code (m=0.35, s=30). With `labels=None` the margin is left out
+    (plain scaled cosines), which is what inference and accuracy want.
+    """
+
+    def __init__(self, in_features, n_classes, margin=0.35, scale=30.0):
+        super().__init__()
+        self.margin = margin
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(n_classes, in_features))
+        nn.init.kaiming_normal_(self.weight)
+
+    def forward(self, embeddings, labels=None):
+        """(batch, in_features), (batch,) -> logits (batch, n_classes)."""
+        cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1))
+        cos = cos.clamp(-1.0, 1.0)
+        if labels is not None:
+            cos = cos - self.margin * F.one_hot(labels, cos.shape[1]).to(cos.dtype)
+        return self.scale * cos
+
+
+class SoftmaxHead(nn.Module):
+    """Plain softmax head: a linear layer (with bias) on the L2-normalised embedding, as in the seed."""
+
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.linear = nn.Linear(in_features, n_classes)
+        nn.init.kaiming_normal_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, embeddings, labels=None):
+        """(batch, in_features) -> logits (batch, n_classes); labels are not used."""
+        return self.linear(F.normalize(embeddings, dim=1))
+
+
+HEADS = {"am_softmax": AMSoftmax, "softmax": SoftmaxHead}
+
+
+def label_smoothing_ce(logits, labels, smoothing):
+    """Cross-entropy against a smoothed target: 1-eps on the true class, eps/(K-1) on each other class.
+
+    This is the seed's definition (torch's `label_smoothing` spreads eps over all K classes instead).
+    """
+    if smoothing <= 0:
+        return F.cross_entropy(logits, labels)
+    n_classes = logits.shape[1]
+    log_probs = F.log_softmax(logits, dim=1)
+    target = torch.full_like(log_probs, smoothing / max(n_classes - 1, 1))
+    target.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing)
+    return -(target * log_probs).sum(dim=1).mean()
+
+
+def batch_pairs(labels):
+    """All unordered pairs (i < j) of a batch and whether each shares a class.
+
+    labels: (batch,) -> idx_a (pairs,), idx_b (pairs,), same (pairs,) bool.
+    """
+    idx_a, idx_b = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
+    return idx_a, idx_b, labels[idx_a] == labels[idx_b]
+
+
+def pair_weights(same):
+    """Per-pair weights that give positives and negatives half of the loss each.
+
+    The seed repeated every positive pair once per negative (all triplets) to reach 50/50; weighting
+    each unique pair gives the same balance without the repetition. If a batch holds only one kind
+    of pair, that kind carries the whole weight.
+    """
+    n_pos = same.sum()
+    n_neg = same.numel() - n_pos
+    pos_w = 0.5 / n_pos if n_pos > 0 else 0.0
+    neg_w = 0.5 / n_neg if n_neg > 0 else 0.0
+    weights = torch.where(same, pos_w, neg_w).to(torch.float32)
+    return weights / weights.sum()
+
+
+def soft_pair_targets(same, smoothing):
+    """Noisy soft targets of the seed: positives ~ U(1-d, 1), negatives ~ U(0, d), with d = smoothing/2."""
+    target = same.to(torch.float32)
+    delta = smoothing / 2.0
+    if delta <= 0:
+        return target
+    noise = torch.rand(same.shape, device=same.device) * delta
+    return torch.where(same, 1.0 - noise, noise)
+
+
+def pair_loss(logits, same, smoothing=0.0):
+    """Binary cross-entropy of the learned distance, balanced between positive and negative pairs.
+
+    logits: (n_heads, pairs) raw discriminator outputs; same: (pairs,) bool. Returns the sum over
+    heads (each head is trained on its own BCE, as in the seed).
+    """
+    weights = pair_weights(same)
+    targets = soft_pair_targets(same, smoothing)
+    total = logits.new_zeros(())
+    for head_logits in logits:
+        bce = F.binary_cross_entropy_with_logits(head_logits.float(), targets, reduction="none")
+        total = total + (bce * weights).sum()
+    return total

@@ -1,0 +1,313 @@
+"""Train an encoder jointly with an AM-softmax classifier and a learned distance (images or speech).
+
+With no arguments it runs the embedded demo: scikit-learn's handwritten digits, then an all-pairs
+evaluation of the held-out digits with e2e, cosine and fused scores.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader
+
+import data_load
+import models
+from train_loop import TrainLoop, noam_factor
+from utils import UserError, choose_device, cli, git_commit, seed_everything, str2bool, write_json
+
+EXAMPLE = """example:
+  python train.py --checkpoint-path cp --data-path /data/cifar --valid-data-path /data/cifar \\
+      --model resnet --batch-size 128 --lr 1e-2 --epochs 600 --softmax am_softmax --smoothing 0.05"""
+
+# Defaults that differ between the image and the speech recipes of the seed (None on the parser).
+DOMAIN_DEFAULTS = {
+    "image": {"lr": 0.1, "l2": 5e-4, "valid_batch_size": 16, "max_gnorm": 0.0, "epochs": 500, "model": "resnet"},
+    "speech": {"lr": 0.001, "l2": 1e-5, "valid_batch_size": 64, "max_gnorm": 10.0, "epochs": 500, "model": "TDNN"},
+}
+DIGITS_DEFAULTS = {"epochs": 12, "batch_size": 100, "lr": 0.05, "checkpoint_path": "runs/digits", "keep_checkpoints": 1}
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser(add_help=True):
+    """Every training flag, once; train_hp.py and the search scripts reuse it through `parents=`."""
+    p = argparse.ArgumentParser(
+        description=__doc__, add_help=add_help, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--data-path",
+        help="training images: CIFAR-10 folder, IDX folder or image-folder tree (default: scikit-learn's digits)",
+    )
+    d.add_argument("--valid-data-path", help="validation images (same kinds; CIFAR-10 and IDX use the test split)")
+    d.add_argument("--train-hdf-file", help="training HDF5 from data_prep.py (speech)")
+    d.add_argument("--valid-hdf-file", help="validation HDF5 from data_prep.py (speech)")
+    d.add_argument(
+        "--workers",
+        "--n-workers",
+        dest="workers",
+        type=non_negative(int),
+        default=None,
+        help="data-loader worker processes (default 4; 0 for in-memory images)",
+    )
+    d.add_argument("--ncoef", type=positive(int), default=23, help="feature coefficients per frame (default 23)")
+    d.add_argument("--n-frames", type=positive(int), default=1000, help="training crop length in frames (default 1000)")
+    d.add_argument(
+        "--samples-per-class",
+        type=positive(int),
+        default=5,
+        help="items of one class per group in a batch (default 5, as the seed)",
+    )
+    d.add_argument(
+        "--valid-max-items",
+        type=positive(int),
+        default=3000,
+        help="validation items scored all-pairs each epoch (default 3000)",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="encoder: " + ", ".join(models.encoder_names()))
+    m.add_argument("--softmax", choices=("softmax", "am_softmax"), default="softmax", help="classification head")
+    m.add_argument("--margin", type=non_negative(float), default=0.35, help="AM-softmax margin m (default 0.35)")
+    m.add_argument("--scale", type=positive(float), default=30.0, help="AM-softmax scale s (default 30)")
+    m.add_argument("--latent-size", type=positive(int), default=256, help="speech: classification projection size")
+    m.add_argument("--hidden-size", type=positive(int), default=512, help="learned-distance MLP width (default 512)")
+    m.add_argument("--n-hidden", type=positive(int), default=1, help="learned-distance hidden layers (default 1)")
+    m.add_argument("--dropout-prob", type=float, default=0.25, help="dropout before the distance output (default 0.25)")
+    m.add_argument("--ndiscriminators", type=positive(int), default=1, help="learned-distance heads, averaged")
+    m.add_argument("--rproj-size", type=int, default=-1, help="fixed random projection of each pair (<= 0: off)")
+    m.add_argument("--trainable-rproj", action="store_true", help="train the projection (what the seed code did)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument(
+        "--batch-size",
+        type=positive(int),
+        default=64,
+        help="images per batch; speech: speaker groups of 5 utterances per batch (default 64)",
+    )
+    o.add_argument("--valid-batch-size", type=positive(int), default=None, help="validation batch size")
+    o.add_argument("--epochs", type=positive(int), default=None, help="epochs (default 500; digits demo 12)")
+    o.add_argument(
+        "--lr",
+        type=positive(float),
+        default=None,
+        help="learning rate (default 0.1 images); with the noam schedule a scale (default 0.001)",
+    )
+    o.add_argument("--momentum", type=non_negative(float), default=0.9, help="SGD momentum (default 0.9)")
+    o.add_argument(
+        "--l2", type=non_negative(float), default=None, help="weight decay (default 5e-4 images, 1e-5 speech)"
+    )
+    o.add_argument(
+        "--max-gnorm",
+        type=non_negative(float),
+        default=None,
+        help="gradient-norm clipping, 0 = off (default off images, 10 speech)",
+    )
+    o.add_argument(
+        "--lr-schedule",
+        choices=("auto", "plateau", "noam"),
+        default="auto",
+        help="plateau: halve on a validation-EER plateau (images); noam: warmup then 1/sqrt(step) "
+        "(speech); auto picks by data",
+    )
+    o.add_argument("--warmup", type=positive(int), default=4000, help="noam warmup steps (default 4000)")
+    o.add_argument("--patience", type=non_negative(int), default=10, help="plateau epochs before halving the LR")
+    o.add_argument("--smoothing", type=non_negative(float), default=0.2, help="label smoothing (default 0.2)")
+    o.add_argument("--ablation", action="store_true", help="drop the classification loss (learned distance only)")
+    o.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    r = p.add_argument_group("run")
+    r.add_argument("--checkpoint-path", default=None, help="checkpoint folder (default: current folder)")
+    r.add_argument("--checkpoint-epoch", type=int, default=None, help="resume from checkpoint_<N>ep.pt")
+    r.add_argument("--cp-name", default=None, help="fixed checkpoint file name (overwritten each save)")
+    r.add_argument("--save-every", type=positive(int), default=1, help="epochs between checkpoints (default 1)")
+    r.add_argument(
+        "--keep-checkpoints",
+        type=non_negative(int),
+        default=0,
+        help="keep only the newest N epoch checkpoints besides the best (0 = keep all)",
+    )
+    r.add_argument("--no-cp", action="store_true", help="write no checkpoints")
+    r.add_argument("--logdir", default=None, help="TensorBoard folder")
+    r.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
+    r.add_argument("--cuda", type=str2bool, default=None, help="seed spelling: True/False")
+    r.add_argument("--no-cuda", action="store_true", help="seed spelling of --device cpu")
+    r.add_argument("--verbose", type=int, default=1, help="0: quiet, 1: epoch lines and progress bars")
+    return p
+
+
+def resolve_defaults(args, argv):
+    """Fill the domain-dependent defaults and check combinations the parser cannot."""
+    args.domain = "speech" if args.train_hdf_file else "image"
+    if args.model is not None and args.model not in models.encoder_names():
+        raise UserError(f"unknown --model {args.model}; choose from {', '.join(models.encoder_names())}")
+    if args.model is not None and models.encoder_domain(args.model) != args.domain:
+        raise UserError(
+            f"--model {args.model} is a {models.encoder_domain(args.model)} model but the data is "
+            f"{args.domain} ({'--train-hdf-file' if args.domain == 'speech' else '--data-path'})"
+        )
+    args.digits = args.domain == "image" and args.data_path is None
+    for key, value in DOMAIN_DEFAULTS[args.domain].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.digits:
+        given = {a.split("=")[0] for a in (argv or [])}
+        for key, value in DIGITS_DEFAULTS.items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+    if args.lr_schedule == "auto":
+        args.lr_schedule = "noam" if args.domain == "speech" else "plateau"
+    if args.workers is None:
+        args.workers = 4 if args.domain == "speech" else 0
+    if args.checkpoint_path is None:
+        args.checkpoint_path = os.getcwd()
+    if not 0 <= args.dropout_prob < 1:
+        raise UserError(f"--dropout-prob must be in [0, 1), got {args.dropout_prob}")
+    if args.cuda is False or args.no_cuda:
+        args.device = args.device or "cpu"
+    return args
+
+
+def build_data(args):
+    """Datasets for the run: (train, valid or None, n_classes, encoder_args)."""
+    if args.domain == "speech":
+        import speech_data
+
+        return speech_data.training_sets(args)
+    train = data_load.load_images(args.data_path, "train")
+    valid = None
+    if args.digits:
+        valid = data_load.load_images(None, "valid")
+    elif args.valid_data_path:
+        valid = data_load.load_images(args.valid_data_path, "valid")
+    shape = train.image_shape
+    n_classes = int(train.labels.max()) + 1
+    return train, valid, n_classes, {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
+
+
+def model_config(args, n_classes, encoder_args):
+    return {
+        "model": args.model,
+        "encoder_args": encoder_args,
+        "n_classes": n_classes,
+        "softmax": args.softmax,
+        "margin": args.margin,
+        "scale": args.scale,
+        "hidden_size": args.hidden_size,
+        "n_hidden": args.n_hidden,
+        "dropout_prob": args.dropout_prob,
+        "ndiscriminators": args.ndiscriminators,
+        "rproj_size": max(args.rproj_size, 0),
+        "trainable_rproj": args.trainable_rproj,
+    }
+
+
+def make_loaders(args, train, valid, device, rank=0, world_size=1):
+    group = args.samples_per_class
+    groups_per_batch = args.batch_size if args.domain == "speech" else max(1, args.batch_size // group)
+    sampler = data_load.GroupBatchSampler(train.labels, group, groups_per_batch, args.seed, rank, world_size)
+    common = {"num_workers": args.workers, "pin_memory": device.type == "cuda", "persistent_workers": args.workers > 0}
+    if args.workers > 0:
+        common["prefetch_factor"] = 4
+    train_loader = DataLoader(train, batch_sampler=sampler, **common)
+    valid_loader = None
+    if valid is not None:
+        valid_loader = DataLoader(valid, batch_size=args.valid_batch_size, shuffle=False, **common)
+    return train_loader, valid_loader
+
+
+def make_optimizer(args, model, steps_per_epoch):
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.l2,
+        nesterov=args.lr_schedule == "noam" and args.momentum > 0,
+    )
+    if args.lr_schedule == "noam":
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, noam_factor(args.warmup))
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=0.5, patience=args.patience, threshold=1e-4, min_lr=1e-7
+    )
+    return opt, sched
+
+
+def run(args, argv=None, device=None, rank=0, world_size=1):
+    """Train as the parsed `args` say; returns (trainer, model, datasets)."""
+    resolve_defaults(args, argv)
+    device = device or choose_device(args.device)
+    if args.model is None:
+        args.model = DOMAIN_DEFAULTS[args.domain]["model"]
+    os.makedirs(args.checkpoint_path, exist_ok=True)
+    args.record = {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))}
+    if rank == 0 and args.verbose > 0:
+        print(f"e2e-verification {git_commit()}  device {device}", flush=True)
+        print(json.dumps(args.record, sort_keys=True), flush=True)
+    if rank == 0 and not args.no_cp:
+        write_json(os.path.join(args.checkpoint_path, "args.json"), args.record)
+    seed_everything(args.seed)
+    train, valid, n_classes, encoder_args = build_data(args)
+    model = models.build_model(model_config(args, n_classes, encoder_args)).to(device)
+    train_loader, valid_loader = make_loaders(args, train, valid, device, rank, world_size)
+    optimizer, scheduler = make_optimizer(args, model, len(train_loader))
+    writer = None
+    if args.logdir and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.logdir)
+    args.truncate = args.domain == "speech"
+    args.progress = args.verbose > 0 and sys.stderr.isatty()
+    trainer = TrainLoop(
+        model,
+        optimizer,
+        scheduler,
+        args.lr_schedule,
+        train_loader,
+        valid_loader,
+        device,
+        args,
+        writer=writer,
+        rank=rank,
+    )
+    if args.checkpoint_epoch is not None:
+        trainer.load(trainer.checkpoint_file(args.checkpoint_epoch))
+    try:
+        trainer.fit()
+    finally:
+        if writer is not None:
+            writer.close()
+    return trainer, model, (train, valid)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    trainer, model, _ = run(args, argv)
+    if args.digits:
+        from scoring import run_image_eval
+
+        test = data_load.load_images(None, "test")
+        out = os.path.join(args.checkpoint_path, "test_scores.txt")
+        run_image_eval(model, test, trainer.device, args.valid_batch_size, out, args.amp, verbose=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
