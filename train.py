@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import data_load
 import models
-from train_loop import TrainLoop, noam_factor
+from train_loop import TrainLoop, noam_factor  # noqa: F401  (noam_factor re-exported for tests)
 from utils import UserError, choose_device, cli, git_commit, seed_everything, str2bool, write_json
 
 EXAMPLE = """example:
@@ -189,9 +189,7 @@ def resolve_defaults(args, argv):
 def build_data(args):
     """Datasets for the run: (train, valid or None, n_classes, encoder_args)."""
     if args.domain == "speech":
-        import speech_data
-
-        return speech_data.training_sets(args)
+        return data_load.speech_training_sets(args)
     train = data_load.load_images(args.data_path, "train")
     valid = None
     if args.digits:

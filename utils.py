@@ -40,8 +40,11 @@ def atomic_path(path):
         raise UserError(f"output folder does not exist: {folder}")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -140,12 +143,126 @@ def load_checkpoint(path, map_location="cpu"):
 # ----------------------------------------------------------------------------- metrics
 
 
-def _as_tensor(values, dtype=None):
-    """A detached tensor from an array or tensor; float scores keep their precision, others become float64."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach()
-        return values.to(dtype) if dtype is not None else values
-    return torch.as_tensor(np.asarray(values), dtype=dtype)
+def _metric_inputs(scores, labels):
+    """Flat float scores and bool labels: numpy arrays, or tensors on the scores' device when that is a GPU.
+
+    float16/bfloat16 scores become float32 and integer ones float64 (both exact).
+    """
+    on_gpu = isinstance(scores, torch.Tensor) and scores.device.type != "cpu"
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().reshape(-1)
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            scores = scores.float()
+        elif not scores.is_floating_point():
+            scores = scores.double()
+        if not on_gpu:
+            scores = scores.numpy()
+    else:
+        scores = np.asarray(scores).reshape(-1)
+        if scores.dtype not in (np.float32, np.float64):
+            scores = scores.astype(np.float64)
+    if on_gpu:
+        labels = torch.as_tensor(labels, device=scores.device).reshape(-1).bool()
+    else:
+        labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        labels = labels.reshape(-1).astype(bool, copy=False)
+    if scores.shape[0] != labels.shape[0]:
+        raise ValueError("scores and labels differ in length")
+    return scores, labels
+
+
+def _sorted_float32(scores, labels):
+    """One value sort of float32 scores carrying their labels: -> sorted labels (n,), new-score flags (n-1,).
+
+    The float's sign-magnitude bits become a two's-complement int (so the order is the float order and
+    -0.0 meets +0.0), shifted left to hold the label in the lowest bit; sorting these int64 keys is far
+    faster than an argsort. Flag i is True where sorted score i+1 differs from score i.
+    """
+    bits = scores.view(np.int32)
+    sign = bits >> 31
+    keys = (((bits & 0x7FFFFFFF) ^ sign) - sign).astype(np.int64)
+    keys <<= 1
+    keys |= labels
+    keys.sort()
+    return keys & 1, (keys[1:] ^ keys[:-1]).view(np.uint64) > 1
+
+
+def threshold_counts(scores, labels):
+    """Sort once; count the trials below every distinct score (the ROC, in exact integer counts).
+
+    Returns (tar, non, n_tar, n_non): float64 arrays of T+1 entries for T distinct scores, numpy on
+    the CPU and tensors on a GPU. Entry k holds the target and non-target trials scoring below the
+    k-th smallest distinct score (the threshold "accept if score >= it"); the last entry, every
+    trial, is the threshold above all scores. Tied scores form a single threshold.
+    """
+    scores, labels = _metric_inputs(scores, labels)
+    n = labels.shape[0]
+    n_tar = int(labels.sum())
+    if n_tar == 0 or n_tar == n:
+        raise ValueError("metrics need at least one target and one non-target trial")
+    if not bool(scores.isfinite().all() if isinstance(scores, torch.Tensor) else np.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or Inf")
+    if isinstance(scores, torch.Tensor):
+        ordered, order = torch.sort(scores)
+        sorted_labels, new = labels[order], ordered[1:] != ordered[:-1]
+        below = torch.zeros(n + 1, dtype=torch.float64, device=scores.device)
+        below[1:] = torch.cumsum(sorted_labels, 0, dtype=torch.float64)
+        ends = torch.tensor([n], device=scores.device)
+        starts = torch.cat([ends - n, torch.nonzero(new).squeeze(1) + 1, ends])
+    else:
+        if scores.dtype == np.float32:
+            sorted_labels, new = _sorted_float32(scores, labels)
+        else:
+            order = np.argsort(scores)
+            ordered, sorted_labels = scores[order], labels[order]
+            new = ordered[1:] != ordered[:-1]
+        below = np.zeros(n + 1)
+        np.cumsum(sorted_labels, dtype=np.float64, out=below[1:])
+        if new.all():  # no ties: every position is a threshold
+            return below, np.arange(n + 1, dtype=np.float64) - below, n_tar, n - n_tar
+        starts = np.concatenate([[0], np.flatnonzero(new) + 1, [n]])
+    tar = below[starts]
+    return tar, starts - tar, n_tar, n - n_tar
+
+
+def _eer(tar, non, n_tar, n_non):
+    """EER from threshold counts: bisect the increasing n_tar*n_non*(fnr - fpr) in exact integers.
+
+    The two thresholds around the crossing are then compared with sklearn's float formulas
+    (fnr = 1 - tp/n_tar, fpr = fp/n_non, the higher threshold first), so exact ties resolve as
+    `roc_curve` followed by argmin |fnr - fpr| does.
+    """
+
+    def gap(k):
+        return int(tar[k]) * n_non - (n_non - int(non[k])) * n_tar
+
+    def rates(k):
+        return 1.0 - (n_tar - float(tar[k])) / n_tar, (n_non - float(non[k])) / n_non
+
+    lo, hi = 0, len(tar) - 1  # gap(lo) < 0 < gap(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if gap(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    (fnr_lo, fpr_lo), (fnr_hi, fpr_hi) = rates(lo), rates(hi)
+    if abs(fnr_lo - fpr_lo) < abs(fnr_hi - fpr_hi):
+        return (fnr_lo + fpr_lo) / 2
+    return (fnr_hi + fpr_hi) / 2
+
+
+def _mindcf(tar, non, n_tar, n_non, p_target, c_miss, c_fa):
+    """Normalised minimum of c_miss*p*fnr + c_fa*(1-p)*fpr over the thresholds (one pass)."""
+    w_miss, w_fa = c_miss * p_target / n_tar, c_fa * (1.0 - p_target) / n_non
+    best = float((tar * w_miss - non * w_fa).min()) + c_fa * (1.0 - p_target)
+    return best / min(c_miss * p_target, c_fa * (1.0 - p_target))
+
+
+def _auc(tar, non, n_tar, n_non):
+    """Area under the ROC: P(target > non-target) + P(tie) / 2, from the counts of each tied run."""
+    twice_u = (tar[1:] - tar[:-1]) @ (non[1:] + non[:-1])
+    return float(twice_u) / (2.0 * n_tar * n_non)
 
 
 def roc_points(scores, labels):
@@ -155,46 +272,10 @@ def roc_points(scores, labels):
     threshold above every score (nothing accepted: fnr=1, fpr=0) down to the lowest score
     (everything accepted: fnr=0, fpr=1). Tied scores form a single point.
     """
-    scores = _as_tensor(scores).reshape(-1)
-    if not scores.is_floating_point():
-        scores = scores.to(torch.float64)
-    labels = _as_tensor(labels, torch.bool).reshape(-1).to(scores.device)
-    if scores.numel() != labels.numel():
-        raise ValueError("scores and labels differ in length")
-    n_tar = int(labels.sum())
-    n_non = labels.numel() - n_tar
-    if n_tar == 0 or n_non == 0:
-        raise ValueError("metrics need at least one target and one non-target trial")
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or Inf")
-    sorted_scores, order = torch.sort(scores, descending=True)
-    sorted_labels = labels[order]
-    tp = torch.cumsum(sorted_labels, 0, dtype=torch.float64)
-    fp = torch.arange(1, scores.numel() + 1, device=scores.device, dtype=torch.float64) - tp
-    # Keep only the last position of every run of tied scores.
-    last = torch.ones_like(sorted_labels)
-    last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
-    tp, fp = tp[last], fp[last]
-    zero = torch.zeros(1, dtype=torch.float64, device=scores.device)
-    fnr = torch.cat([zero + 1.0, 1.0 - tp / n_tar])
-    fpr = torch.cat([zero, fp / n_non])
-    return fnr, fpr
-
-
-def _eer_from_points(fnr, fpr):
-    idx = torch.argmin(torch.abs(fnr - fpr))
-    return float((fnr[idx] + fpr[idx]) / 2)
-
-
-def _mindcf_from_points(fnr, fpr, p_target, c_miss, c_fa):
-    dcf = c_miss * p_target * fnr + c_fa * (1.0 - p_target) * fpr
-    c_default = min(c_miss * p_target, c_fa * (1.0 - p_target))
-    return float(dcf.min() / c_default)
-
-
-def _auc_from_points(fnr, fpr):
-    tpr = 1.0 - fnr
-    return float(torch.trapezoid(tpr, fpr))
+    tar, non, n_tar, n_non = threshold_counts(scores, labels)
+    fnr = torch.as_tensor(tar) / n_tar
+    fpr = 1.0 - torch.as_tensor(non) / n_non
+    return fnr.flip(0), fpr.flip(0)
 
 
 def compute_eer(scores, labels):
@@ -202,26 +283,26 @@ def compute_eer(scores, labels):
 
     `scores`: higher means more likely target; `labels`: 1 target, 0 non-target (arrays or tensors).
     """
-    return _eer_from_points(*roc_points(scores, labels))
+    return _eer(*threshold_counts(scores, labels))
 
 
 def compute_mindcf(scores, labels, p_target=0.01, c_miss=1, c_fa=1):
     """Normalised minimum detection cost (NIST/Kaldi definition) over all thresholds."""
-    return _mindcf_from_points(*roc_points(scores, labels), p_target, c_miss, c_fa)
+    return _mindcf(*threshold_counts(scores, labels), p_target, c_miss, c_fa)
 
 
 def compute_auc(scores, labels):
     """Area under the ROC curve, ties counted as half."""
-    return _auc_from_points(*roc_points(scores, labels))
+    return _auc(*threshold_counts(scores, labels))
 
 
 def compute_metrics(scores, labels, p_targets=(0.01, 0.05), c_miss=1, c_fa=1):
-    """EER, minDCF at each p_target and AUC from one sort; works on CPU or CUDA tensors."""
-    fnr, fpr = roc_points(scores, labels)
-    out = {"eer": _eer_from_points(fnr, fpr)}
+    """EER, minDCF at each p_target and AUC from one sort; scores on a GPU are sorted there."""
+    counts = threshold_counts(scores, labels)
+    out = {"eer": _eer(*counts)}
     for p in p_targets:
-        out[f"mindcf_{p:g}"] = _mindcf_from_points(fnr, fpr, p, c_miss, c_fa)
-    out["auc"] = _auc_from_points(fnr, fpr)
+        out[f"mindcf_{p:g}"] = _mindcf(*counts, p, c_miss, c_fa)
+    out["auc"] = _auc(*counts)
     return out
 
 

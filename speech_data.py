@@ -1,0 +1,507 @@
+"""Speech data: Kaldi data-dir files, Kaldi features, a Kaldi-compatible MFCC front end and the training HDF5.
+
+Feature matrices follow Kaldi's axis order, (frames, ncoef), everywhere in this module except inside
+the HDF5 file, which stores each utterance transposed as (ncoef, frames) so a loader can crop along
+the last axis; the loader adds the channel axis of the seed's [1, ncoef, T] layout itself.
+"""
+
+import contextlib
+import os
+import struct
+import wave
+from collections import Counter
+
+import h5py
+import kaldi_native_fbank as knf
+import kaldiio
+import numpy as np
+from tqdm import tqdm
+
+from utils import UserError, atomic_path, atomic_write
+
+HDF5_FORMAT_VERSION = 1
+TARGET_LABELS = {"target": True, "tgt": True, "nontarget": False, "nontgt": False}
+
+# The MFCC front end is the one of Kaldi's egs/voxceleb/v2 conf/mfcc.conf, at the file's own sample
+# rate: 25 ms frames every 10 ms, `--num-mel-bins=30 --num-ceps=30 --low-freq=20 --high-freq=-400`
+# (400 Hz below Nyquist: 7600 Hz at 16 kHz, 3600 Hz at 8 kHz) and `--snip-edges=false`. Everything
+# else keeps Kaldi's defaults (povey window, pre-emphasis 0.97, C0 replaced by log energy, lifter 22)
+# except dither, which is 0 so that the same file always gives the same features.
+MFCC_CONFIG = {
+    "frame_length_ms": 25.0,
+    "frame_shift_ms": 10.0,
+    "low_freq": 20.0,
+    "high_freq": -400.0,
+    "snip_edges": False,
+    "dither": 0.0,
+}
+
+SOX_HINT = "convert it with sox, e.g. `sox IN -b 16 -e signed-integer -c 1 OUT.wav`"
+
+
+# ----------------------------------------------------------------------------- Kaldi text tables
+
+
+def _table_lines(path, what):
+    """Yield (line_number, fields) for the non-blank lines of a Kaldi text table."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                fields = line.split()
+                if fields:
+                    yield number, fields
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not a UTF-8 text file ({err.reason})") from None
+
+
+def read_utt2spk(path):
+    """Read a Kaldi utt2spk file (`utt spk` per line) into {utt: spk}."""
+    utt2spk = {}
+    for number, fields in _table_lines(path, "utt2spk"):
+        if len(fields) != 2:
+            raise UserError(f"{path} line {number}: expected `utt spk`, got {len(fields)} fields")
+        if fields[0] in utt2spk:
+            raise UserError(f"{path} line {number}: utterance {fields[0]} is listed twice")
+        utt2spk[fields[0]] = fields[1]
+    return utt2spk
+
+
+def read_spk2utt(path):
+    """Read a Kaldi spk2utt file (`spk utt1 utt2 ...` per line) into {spk: [utt, ...]}."""
+    spk2utt = {}
+    for number, fields in _table_lines(path, "spk2utt"):
+        if len(fields) < 2:
+            raise UserError(f"{path} line {number}: expected `spk utt1 [utt2 ...]`, got one field")
+        if fields[0] in spk2utt:
+            raise UserError(f"{path} line {number}: speaker {fields[0]} is listed twice")
+        spk2utt[fields[0]] = fields[1:]
+    return spk2utt
+
+
+def read_scp(path, what="scp"):
+    """Read a Kaldi scp file into a list of (line_number, key, value), value being the rest of the line."""
+    entries = []
+    for number, fields in _table_lines(path, what):
+        if len(fields) < 2:
+            raise UserError(f"{path} line {number}: expected `key value`, got one field")
+        entries.append((number, fields[0], " ".join(fields[1:])))
+    return entries
+
+
+def _refuse_pipe(path, number, value):
+    """Kaldi scp entries may be shell commands (`cmd |`); this toolkit never runs a shell."""
+    if value.endswith("|") or value.startswith("|") or " " in value:
+        raise UserError(
+            f"{path} line {number}: entry `{value}` is a command or pipe; no shell is run here, "
+            "so write the data to a file first and list that file"
+        )
+
+
+def read_wav_scp(path):
+    """Read a Kaldi wav.scp into {utt: wav_path}; commands and pipes are refused, paths must exist."""
+    wavs = {}
+    base = os.path.dirname(os.path.abspath(path))
+    for number, utt, value in read_scp(path, "wav.scp"):
+        _refuse_pipe(path, number, value)
+        if utt in wavs:
+            raise UserError(f"{path} line {number}: utterance {utt} is listed twice")
+        wav_path = value if os.path.isabs(value) or os.path.exists(value) else os.path.join(base, value)
+        if not os.path.isfile(wav_path):
+            raise UserError(f"{path} line {number}: audio file not found: {value}")
+        wavs[utt] = wav_path
+    return wavs
+
+
+def read_trials(path):
+    """Read a trials file (`enroll test target|nontarget` per line) into (enroll ids, test ids, bool array)."""
+    enroll, test, target = [], [], []
+    for number, fields in _table_lines(path, "trials"):
+        if len(fields) != 3:
+            raise UserError(f"{path} line {number}: expected `enroll test target|nontarget`")
+        label = fields[2].lower()
+        if label not in TARGET_LABELS:
+            raise UserError(f"{path} line {number}: label must be target or nontarget, got {fields[2]!r}")
+        enroll.append(fields[0])
+        test.append(fields[1])
+        target.append(TARGET_LABELS[label])
+    if not target:
+        raise UserError(f"trials file {path} is empty")
+    return enroll, test, np.asarray(target, dtype=bool)
+
+
+def all_pairs_trials(spk2utt_path):
+    """Every pair of distinct utterances of a spk2utt file, in file order: (enroll ids, test ids, bool array)."""
+    utt2spk = speaker_info(spk2utt_path=spk2utt_path)[1]
+    utts = list(utt2spk)
+    if len(utts) < 2:
+        raise UserError(f"{spk2utt_path} lists fewer than two utterances: no pairs to score")
+    first, second = np.triu_indices(len(utts), k=1)
+    speakers = np.asarray([utt2spk[utt] for utt in utts])
+    return [utts[i] for i in first], [utts[j] for j in second], speakers[first] == speakers[second]
+
+
+def write_table(path, rows):
+    """Write a Kaldi text table atomically, one whitespace-joined row per line."""
+    with atomic_write(path) as handle:
+        for row in rows:
+            handle.write(" ".join(row) + "\n")
+
+
+def write_speaker_tables(folder, utt2spk):
+    """Write `utt2spk` and `spk2utt` (both sorted, as Kaldi expects) for {utt: spk} into `folder`."""
+    write_table(os.path.join(folder, "utt2spk"), sorted(utt2spk.items()))
+    spk2utt, _ = speaker_info_from_utt2spk(dict(sorted(utt2spk.items())))
+    write_table(os.path.join(folder, "spk2utt"), ([spk, *utts] for spk, utts in sorted(spk2utt.items())))
+
+
+# ----------------------------------------------------------------------------- speaker information
+
+
+def speaker_info(info_dir=None, spk2utt_path=None, utt2spk_path=None):
+    """Load (spk2utt, utt2spk) from explicit files or from `info_dir`; a missing one is derived from the other."""
+    if spk2utt_path is None and info_dir is not None and os.path.isfile(os.path.join(info_dir, "spk2utt")):
+        spk2utt_path = os.path.join(info_dir, "spk2utt")
+    if utt2spk_path is None and info_dir is not None and os.path.isfile(os.path.join(info_dir, "utt2spk")):
+        utt2spk_path = os.path.join(info_dir, "utt2spk")
+    if spk2utt_path is None and utt2spk_path is None:
+        raise UserError(f"no spk2utt or utt2spk found (looked in {info_dir}); give --spk2utt or --utt2spk")
+    spk2utt = read_spk2utt(spk2utt_path) if spk2utt_path else None
+    utt2spk = read_utt2spk(utt2spk_path) if utt2spk_path else None
+    if spk2utt is None:
+        return speaker_info_from_utt2spk(utt2spk)
+    listed = {}
+    for spk, utts in spk2utt.items():
+        for utt in utts:
+            if listed.setdefault(utt, spk) != spk:
+                raise UserError(f"{spk2utt_path}: utterance {utt} is listed under {listed[utt]} and {spk}")
+    if utt2spk is None:
+        return spk2utt, listed
+    for utt in [*listed, *utt2spk]:
+        if listed.get(utt) != utt2spk.get(utt):
+            raise UserError(
+                f"{spk2utt_path} and {utt2spk_path} disagree on utterance {utt}: "
+                f"speaker {listed.get(utt)} in spk2utt, {utt2spk.get(utt)} in utt2spk"
+            )
+    return spk2utt, utt2spk
+
+
+def speaker_info_from_utt2spk(utt2spk):
+    """(spk2utt, utt2spk) built from {utt: spk}, utterances in their utt2spk order."""
+    spk2utt = {}
+    for utt, spk in utt2spk.items():
+        spk2utt.setdefault(spk, []).append(utt)
+    return spk2utt, utt2spk
+
+
+def merge_speaker_info(first, second):
+    """Merge two (spk2utt, utt2spk) pairs; a speaker in both keeps the utterances of both."""
+    spk2utt = {spk: list(utts) for spk, utts in first[0].items()}
+    utt2spk = dict(first[1])
+    for utt, spk in second[1].items():
+        if utt in utt2spk and utt2spk[utt] != spk:
+            raise UserError(f"utterance {utt} belongs to {utt2spk[utt]} in the data, to {spk} in the more-data")
+        utt2spk[utt] = spk
+    for spk, utts in second[0].items():
+        known = set(spk2utt.setdefault(spk, []))
+        spk2utt[spk].extend(utt for utt in utts if utt not in known)
+    return spk2utt, utt2spk
+
+
+def kept_speakers(spk2utt, min_recordings):
+    """Speakers with at least `min_recordings` utterances listed in spk2utt (all of them when it is <= 0)."""
+    return {spk for spk, utts in spk2utt.items() if len(utts) >= min_recordings}
+
+
+# ----------------------------------------------------------------------------- feature sources
+
+
+def list_scp_files(path):
+    """The feature scp files at `path`: the file itself, or in a folder its feats.scp when there is one, else
+    every *.scp (sorted) except wav.scp and vad*.scp, which do not hold feature matrices."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "feats.scp")):
+            return [os.path.join(path, "feats.scp")]
+        names = [n for n in os.listdir(path) if n.endswith(".scp") and n != "wav.scp" and not n.startswith("vad")]
+        if not names:
+            raise UserError(f"no feature *.scp files in folder {path}")
+        return [os.path.join(path, name) for name in sorted(names)]
+    if os.path.isfile(path):
+        return [path]
+    raise UserError(f"feature path not found: {path} (give a folder of *.scp files or a feats.scp)")
+
+
+def _check_wanted(available, wanted, path):
+    """Raise a UserError naming the utterances of `wanted` that `available` lacks."""
+    missing = [utt for utt in wanted if utt not in available]
+    if missing:
+        raise UserError(f"{len(missing)} utterance(s) are missing from {path}, e.g. {', '.join(missing[:3])}")
+
+
+def iter_features(path, wanted=None):
+    """Yield (utt, float32 (frames, ncoef)) one utterance at a time, in file order, from a feats.scp, a folder of
+    feature scp files or a data_prep HDF5 (transposed back); with `wanted`, only those, and all must exist."""
+    if os.path.isfile(path) and h5py.is_hdf5(path):
+        with h5py.File(path, "r") as h5:
+            index = {utt: spk for spk in h5 for utt in h5[spk]}
+            if wanted is not None:
+                _check_wanted(index, wanted, path)
+            keep = index if wanted is None else set(wanted)
+            for utt, spk in index.items():
+                if utt in keep:
+                    yield utt, np.asarray(h5[spk][utt][()], dtype=np.float32).T
+        return
+    source = KaldiFeatures(list_scp_files(path))
+    try:
+        if wanted is not None:
+            _check_wanted({utt for utt, _ in source.entries}, wanted, path)
+        keep = None if wanted is None else set(wanted)
+        for utt, spec in source.entries:
+            if keep is None or utt in keep:
+                yield utt, source.load(spec)
+    finally:
+        source.close()
+
+
+class KaldiFeatures:
+    """Feature matrices listed in Kaldi scp files, read one utterance at a time as float32 (frames, ncoef)."""
+
+    kind = "kaldi-feats"
+
+    def __init__(self, scp_paths):
+        self.entries = []
+        seen = {}
+        for scp in scp_paths:
+            for number, utt, value in read_scp(scp):
+                _refuse_pipe(scp, number, value)
+                if utt in seen:
+                    raise UserError(f"{scp} line {number}: utterance {utt} is also listed in {seen[utt]}")
+                seen[utt] = scp
+                self.entries.append((utt, value))
+        self._handles = {}
+        self.sample_rate = None
+
+    def load(self, spec):
+        """Read one matrix; an ark file referenced by a relative path is found from the current folder."""
+        try:
+            mat = kaldiio.load_mat(spec, fd_dict=self._handles)
+        except FileNotFoundError as err:
+            raise UserError(
+                f"ark file not found: {err.filename} (relative paths start from the current folder)"
+            ) from None
+        except (ValueError, OSError, EOFError, RuntimeError, struct.error) as err:  # corrupt or truncated ark
+            raise UserError(f"cannot read Kaldi matrix {spec}: {err}") from None
+        mat = np.asarray(mat)
+        if mat.ndim != 2:
+            raise UserError(f"{spec} holds a {mat.ndim}-d array; feature matrices are (frames, ncoef)")
+        return mat.astype(np.float32, copy=False)
+
+    def close(self):
+        """Close the ark files opened while reading."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+class WavMfcc:
+    """16-bit PCM wav files turned into MFCC matrices, float32 (frames, ncoef), one file at a time."""
+
+    kind = "wav-mfcc"
+
+    def __init__(self, wavs, ncoef=30):
+        self.entries = list(wavs.items())
+        self.ncoef = ncoef
+        self.sample_rate = None
+
+    def load(self, path):
+        """MFCC of one file; every file of a run must share one sample rate."""
+        samples, rate = read_wav(path)
+        if self.sample_rate is None:
+            self.sample_rate = rate
+        elif rate != self.sample_rate:
+            raise UserError(
+                f"{path} is sampled at {rate} Hz, earlier files at {self.sample_rate} Hz; resample with sox"
+            )
+        return compute_mfcc(samples, rate, self.ncoef)
+
+    def close(self):
+        """Nothing to release."""
+
+
+def wav_dir_entries(folder):
+    """Scan `folder`/<speaker>/**/*.wav into ({utt: path}, {utt: spk}); utt ids are `<spk>-<path-without-.wav>`.
+
+    Sub-folders become part of the id with '-' (VoxCeleb's id10001/1zcIwhmdeo4/00001.wav gives
+    id10001-1zcIwhmdeo4-00001, Kaldi's own naming).
+    """
+    if not os.path.isdir(folder):
+        raise UserError(f"--wav-dir folder not found: {folder}")
+    wavs, utt2spk = {}, {}
+    for spk in sorted(os.listdir(folder)):
+        spk_dir = os.path.join(folder, spk)
+        if not os.path.isdir(spk_dir):
+            continue
+        for root, dirs, files in os.walk(spk_dir):
+            dirs.sort()
+            for name in sorted(files):
+                if not name.lower().endswith(".wav"):
+                    continue
+                rel = os.path.relpath(os.path.join(root, name[:-4]), spk_dir)
+                utt = f"{spk}-{rel.replace(os.sep, '-')}"
+                if any(ch.isspace() for ch in utt):
+                    raise UserError(f"{os.path.join(root, name)}: Kaldi ids cannot hold whitespace; rename it")
+                wavs[utt] = os.path.join(root, name)
+                utt2spk[utt] = spk
+    if not wavs:
+        raise UserError(f"no .wav files found under {folder}/<speaker>/")
+    return wavs, utt2spk
+
+
+# ----------------------------------------------------------------------------- audio and MFCC
+
+
+def read_wav(path):
+    """Read a mono 16-bit PCM wav with the stdlib; returns (samples float32 on the int16 scale, rate in Hz)."""
+    try:
+        with wave.open(path, "rb") as handle:
+            channels, width, rate = handle.getnchannels(), handle.getsampwidth(), handle.getframerate()
+            data = handle.readframes(handle.getnframes())
+    except (wave.Error, EOFError) as err:
+        raise UserError(f"{path} is not a 16-bit PCM wav file ({err}); {SOX_HINT}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    if width != 2 or channels != 1:
+        raise UserError(f"{path} has {channels} channel(s) of {8 * width}-bit samples, not mono 16-bit; {SOX_HINT}")
+    return np.frombuffer(data, dtype="<i2").astype(np.float32), rate
+
+
+def compute_mfcc(samples, rate, ncoef=30):
+    """Kaldi-compatible MFCC (see MFCC_CONFIG; num_mel_bins = num_ceps = ncoef) of int16-scale samples.
+
+    Returns float32 (frames, ncoef) with Kaldi's snip-edges=false count, frames = (samples + shift // 2) // shift
+    for a 10 ms shift (80 samples at 8 kHz, 160 at 16 kHz), so 0 frames for fewer than shift / 2 samples.
+    """
+    opts = knf.MfccOptions()
+    opts.frame_opts.samp_freq = float(rate)
+    opts.frame_opts.frame_length_ms = MFCC_CONFIG["frame_length_ms"]
+    opts.frame_opts.frame_shift_ms = MFCC_CONFIG["frame_shift_ms"]
+    opts.frame_opts.snip_edges = MFCC_CONFIG["snip_edges"]
+    opts.frame_opts.dither = MFCC_CONFIG["dither"]
+    opts.mel_opts.num_bins = ncoef
+    opts.mel_opts.low_freq = MFCC_CONFIG["low_freq"]
+    opts.mel_opts.high_freq = MFCC_CONFIG["high_freq"]
+    opts.num_ceps = ncoef
+    mfcc = knf.OnlineMfcc(opts)
+    mfcc.accept_waveform(float(rate), np.ascontiguousarray(samples, dtype=np.float32))
+    mfcc.input_finished()
+    frames = mfcc.num_frames_ready
+    if frames == 0:
+        return np.zeros((0, ncoef), dtype=np.float32)
+    return np.stack([mfcc.get_frame(i) for i in range(frames)]).astype(np.float32)
+
+
+def mean_normalize(feats):
+    """Per-utterance cepstral mean normalisation of (frames, ncoef) features.
+
+    data_prep applies it only with --cmn: by default the HDF5 stores features as Kaldi's make_mfcc.sh
+    writes them (the seed never normalised), so training data and the feats.scp eval.py reads agree.
+    """
+    return feats - feats.mean(axis=0, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+class ArkWriter:
+    """Append matrices to an open binary ark and remember `utt path:offset` lines for the final ark path."""
+
+    def __init__(self, handle, final_ark):
+        self.handle = handle
+        self.final_ark = os.path.abspath(final_ark)
+        self.scp_lines = []
+
+    def write(self, utt, mat):
+        """Write one (frames, ncoef) float32 matrix under key `utt`."""
+        start = self.handle.tell()
+        kaldiio.save_ark(self.handle, {utt: mat})
+        offset = start + len(utt.encode("utf-8")) + 1
+        self.scp_lines.append(f"{utt} {self.final_ark}:{offset}\n")
+
+
+@contextlib.contextmanager
+def _kaldi_output(folder):
+    """Open `folder`/feats.ark for writing (atomically) and write feats.scp after it on success."""
+    os.makedirs(folder, exist_ok=True)
+    ark = os.path.join(folder, "feats.ark")
+    with atomic_path(ark) as tmp, open(tmp, "wb") as handle:
+        writer = ArkWriter(handle, ark)
+        yield writer
+    with atomic_write(os.path.join(folder, "feats.scp")) as handle:
+        handle.writelines(writer.scp_lines)
+
+
+def _check_matrix(utt, mat, ncoef):
+    """Reject non-finite matrices and a feature width that differs from the first one."""
+    if ncoef is not None and mat.shape[1] != ncoef:
+        raise UserError(f"utterance {utt} has {mat.shape[1]} coefficients per frame, expected {ncoef}")
+    if not np.isfinite(mat).all():
+        raise UserError(f"utterance {utt} holds NaN or Inf values")
+
+
+def write_training_data(out_file, sources, utt2spk, speakers, cmn=False, kaldi_dir=None, ncoef=None):
+    """Write the training HDF5 (one group per speaker, one (ncoef, frames) float32 dataset per utterance).
+
+    Utterances of `sources` whose speaker (through `utt2spk`) is in `speakers` are read one at a time,
+    optionally mean-normalised, and also written to `kaldi_dir`/feats.{ark,scp} (+ utt2spk, spk2utt)
+    when given. Returns a Counter of written / skipped utterances. Outputs appear only on success.
+    """
+    counts = Counter()
+    written = {}
+    total = sum(len(source.entries) for source in sources)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out_file))
+        ark = stack.enter_context(_kaldi_output(kaldi_dir)) if kaldi_dir else None
+        h5 = stack.enter_context(h5py.File(tmp, "w"))
+        bar = stack.enter_context(tqdm(total=total, desc="utterances", unit="utt"))
+        for source in sources:
+            stack.callback(source.close)
+            for utt, spec in source.entries:
+                bar.update(1)
+                spk = utt2spk.get(utt)
+                if spk is None or spk not in speakers:
+                    counts["skipped: no speaker" if spk is None else "skipped: speaker filtered out"] += 1
+                    continue
+                mat = source.load(spec)
+                if mat.shape[0] == 0:
+                    counts["skipped: empty"] += 1
+                    continue
+                _check_matrix(utt, mat, ncoef)
+                ncoef = mat.shape[1]
+                if cmn:
+                    mat = mean_normalize(mat)
+                group = h5.require_group(spk)
+                group.create_dataset(utt, data=np.ascontiguousarray(mat.T, dtype=np.float32))
+                if ark is not None:
+                    ark.write(utt, mat)
+                written[utt] = spk
+                counts["written"] += 1
+        if not written:
+            raise UserError("no utterance was written: check that the features and utt2spk share ids")
+        _set_root_attrs(h5, ncoef, sources, cmn)
+    if kaldi_dir:
+        write_speaker_tables(kaldi_dir, written)
+    counts["speakers"] = len(set(written.values()))
+    return counts
+
+
+def _set_root_attrs(h5, ncoef, sources, cmn):
+    """Record what a reader needs to trust the file: feature width, layout version and provenance."""
+    h5.attrs["ncoef"] = int(ncoef)
+    h5.attrs["format_version"] = HDF5_FORMAT_VERSION
+    h5.attrs["layout"] = "group per speaker; dataset per utterance, float32 (ncoef, frames)"
+    h5.attrs["source"] = ",".join(sorted({source.kind for source in sources}))
+    h5.attrs["cmn"] = bool(cmn)
+    rates = {source.sample_rate for source in sources if source.sample_rate}
+    if len(rates) == 1:
+        h5.attrs["sample_rate"] = rates.pop()

@@ -1,0 +1,76 @@
+"""Every registered encoder through the same checks (timm's habit), and the learned-distance heads."""
+
+import pytest
+import torch
+
+import models
+from models.verifier import DistanceHead, LearnedDistance
+
+IMAGE_INPUTS = {"cifar": (2, 3, 32, 32), "imagenet": (2, 3, 84, 84), "digits": (2, 1, 8, 8)}
+
+
+def image_cases():
+    for name in models.encoder_names("image"):
+        for kind, shape in IMAGE_INPUTS.items():
+            stem = "imagenet" if kind == "imagenet" else "cifar"
+            yield pytest.param(name, {"in_channels": shape[1], "stem": stem}, shape, id=f"{name}-{kind}")
+
+
+def speech_cases():
+    for name in models.encoder_names("speech"):
+        yield pytest.param(name, {"ncoef": 30, "latent_size": 16}, (2, 30, 120), id=name)
+
+
+def config(name, encoder_args, softmax="am_softmax", ndisc=2, rproj=0):
+    return {
+        "model": name, "encoder_args": encoder_args, "n_classes": 3, "softmax": softmax, "margin": 0.35,
+        "scale": 30.0, "hidden_size": 16, "n_hidden": 2, "dropout_prob": 0.1, "ndiscriminators": ndisc,
+        "rproj_size": rproj, "trainable_rproj": False,
+    }
+
+
+@pytest.mark.parametrize("name,encoder_args,shape", [*image_cases(), *speech_cases()])
+def test_encoder_shapes_finite_and_every_parameter_learns(name, encoder_args, shape, device):
+    torch.manual_seed(0)
+    model = models.build_model(config(name, encoder_args)).to(device).train()
+    x = torch.randn(*shape, device=device)
+    emb, latent = model(x)
+    assert emb.shape == (shape[0], model.encoder.embedding_size)
+    assert latent.shape == (shape[0], model.encoder.latent_size)
+    assert torch.isfinite(emb).all() and torch.isfinite(latent).all()
+    labels = torch.tensor([0, 1], device=device)
+    logits, pair_logits, same = model(x, labels)
+    assert logits.shape == (2, 3) and pair_logits.shape == (2, 1) and same.tolist() == [False]
+    (logits.logsumexp(1).sum() + pair_logits.sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without a finite gradient: {missing}"
+
+
+def test_random_projection_is_a_frozen_buffer_unless_asked():
+    head = DistanceHead(8, 16, 1, 0.0, rproj_size=6)
+    assert "proj" in dict(head.named_buffers()) and "proj" not in dict(head.named_parameters())
+    assert torch.isclose(head.proj.norm(), torch.tensor(1.0))
+    trainable = DistanceHead(8, 16, 1, 0.0, rproj_size=6, trainable_rproj=True)
+    assert "proj" in dict(trainable.named_parameters())
+
+
+def test_ensemble_score_is_mean_of_head_probabilities():
+    torch.manual_seed(0)
+    dist = LearnedDistance(8, hidden_size=16, n_hidden=2, dropout_prob=0.0, ndiscriminators=3).eval()
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    expected = torch.stack([torch.sigmoid(h(a, b)) for h in dist.heads]).mean(0)
+    torch.testing.assert_close(dist.score(a, b), expected)
+
+
+def test_checkpoint_config_rebuilds_the_same_model(tmp_path):
+    from utils import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = models.build_model(config("resnet", {"in_channels": 1, "stem": "cifar"}, rproj=4)).eval()
+    path = str(tmp_path / "cp.pt")
+    save_checkpoint(path, {"model_config": model.config, "model_state": model.state_dict()})
+    state = load_checkpoint(path)
+    rebuilt = models.build_model(state["model_config"])
+    rebuilt.load_state_dict(state["model_state"])
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(rebuilt.eval().embed(x), model.embed(x))

@@ -1,0 +1,114 @@
+"""Metrics recomputed independently (sklearn, brute force), atomic writes, safe checkpoint loading."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from utils import (
+    UserError,
+    atomic_write,
+    compute_auc,
+    compute_eer,
+    compute_metrics,
+    compute_mindcf,
+    load_checkpoint,
+    save_checkpoint,
+    str2bool,
+)
+
+
+def sklearn_eer(scores, labels):
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    fnr = 1 - tpr
+    i = np.nanargmin(np.abs(fnr - fpr))
+    return (fnr[i] + fpr[i]) / 2
+
+
+def brute_force_mindcf(scores, labels, p_target, c_miss=1.0, c_fa=1.0):
+    tar, non = scores[labels == 1], scores[labels == 0]
+    best = np.inf
+    for thr in np.concatenate([np.unique(scores), [np.inf]]):
+        p_miss = np.mean(tar < thr)
+        p_fa = np.mean(non >= thr)
+        best = min(best, c_miss * p_target * p_miss + c_fa * (1 - p_target) * p_fa)
+    return best / min(c_miss * p_target, c_fa * (1 - p_target))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_eer_mindcf_auc_match_independent_computations_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = 3000
+    labels = (rng.random(n) < 0.3).astype(int)
+    scores = np.round(rng.normal(labels * 1.2, 1.0), 1)  # rounding makes many ties
+    assert len(np.unique(scores)) < n // 5
+    assert abs(compute_eer(scores, labels) - sklearn_eer(scores, labels)) < 1e-6
+    assert abs(compute_auc(scores, labels) - roc_auc_score(labels, scores)) < 1e-9
+    for p in (0.01, 0.05, 0.5):
+        assert abs(compute_mindcf(scores, labels, p_target=p) - brute_force_mindcf(scores, labels, p)) < 1e-9
+    assert abs(compute_mindcf(scores, labels, 0.05, c_miss=10, c_fa=1)
+               - brute_force_mindcf(scores, labels, 0.05, 10, 1)) < 1e-9
+
+
+def test_metrics_accept_tensors_and_agree_with_arrays(device):
+    rng = np.random.default_rng(7)
+    labels = rng.random(500) < 0.5
+    scores = rng.normal(labels.astype(float), 1.0).astype(np.float32)
+    from_numpy = compute_metrics(scores, labels)
+    from_torch = compute_metrics(torch.from_numpy(scores).to(device), torch.from_numpy(labels).to(device))
+    for key, value in from_numpy.items():
+        assert abs(value - from_torch[key]) < 1e-6, key
+    assert set(from_numpy) == {"eer", "mindcf_0.01", "mindcf_0.05", "auc"}
+
+
+def test_metric_edge_cases():
+    assert compute_eer([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 0.0
+    assert compute_eer([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 1.0
+    assert compute_eer([0.5] * 4, [1, 0, 1, 0]) == 0.5
+    with pytest.raises(ValueError):
+        compute_eer([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError):
+        compute_eer([0.1, float("nan")], [1, 0])
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "scores.txt"
+    with pytest.raises(RuntimeError), atomic_write(str(target)) as handle:
+        handle.write("partial")
+        raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with atomic_write(str(target)) as handle:
+        handle.write("done")
+    assert target.read_text() == "done" and os.listdir(tmp_path) == ["scores.txt"]
+    with pytest.raises(UserError, match="does not exist"), atomic_write(str(tmp_path / "no" / "x.txt")):
+        pass
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    good = str(tmp_path / "good.pt")
+    save_checkpoint(good, {"model_config": {"model": "resnet"}, "model_state": {"w": torch.ones(2)}, "h": [0.5]})
+    assert torch.equal(load_checkpoint(good)["model_state"]["w"], torch.ones(2))
+    marker = tmp_path / "pwned"
+    bad = str(tmp_path / "bad.pt")
+    torch.save({"model_config": {}, "model_state": {}, "x": Payload(str(marker))}, bad)
+    with pytest.raises(UserError, match="weights only"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_str2bool_is_strict():
+    assert str2bool("True") is True and str2bool("false") is False
+    with pytest.raises(ValueError):
+        str2bool("maybe")
