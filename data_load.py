@@ -3,13 +3,15 @@
 Image sources (chosen from the path): scikit-learn's bundled digits (no path), Fashion-MNIST IDX
 files, CIFAR-10 (torchvision's python pickle layout) and image-folder trees (Mini-ImageNet).
 Every dataset exposes `labels` (one int per item) and yields `(x, label)`, so one sampler and one
-training loop serve them all. Speech datasets (HDF5) live in `speech_data.py`.
+training loop serve them all. Speech: the speaker HDF5 of data_prep.py, as random training crops
+and fixed validation crops (at the end of this module).
 """
 
 import gzip
 import os
 import struct
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -134,11 +136,14 @@ def load_digits_split(split, seed=0):
 
 def _read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        magic = struct.unpack(">I", handle.read(4))[0]
-        ndim = magic & 0xFF
-        shape = struct.unpack(">" + "I" * ndim, handle.read(4 * ndim))
-        data = np.frombuffer(handle.read(), dtype=np.uint8)
+    try:
+        with opener(path, "rb") as handle:
+            magic = struct.unpack(">I", handle.read(4))[0]
+            ndim = magic & 0xFF
+            shape = struct.unpack(">" + "I" * ndim, handle.read(4 * ndim))
+            data = np.frombuffer(handle.read(), dtype=np.uint8)
+    except (OSError, EOFError, struct.error):
+        raise UserError(f"{path} is not an unsigned-byte IDX file (truncated or damaged)") from None
     if magic >> 8 != 0x08 or data.size != int(np.prod(shape)):
         raise UserError(f"{path} is not an unsigned-byte IDX file")
     return data.reshape(shape)
@@ -154,8 +159,12 @@ def _find(folder, stem):
 def load_idx_split(folder, split):
     """Fashion-MNIST (or MNIST) IDX files: `train-*` for training, `t10k-*` for validation and test."""
     prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
-    labels = _read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    paths = [_find(folder, f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    if None in paths:
+        raise UserError(f"{folder} needs both {prefix}-images-idx3-ubyte and {prefix}-labels-idx1-ubyte (or .gz)")
+    images, labels = (_read_idx(p) for p in paths)
+    if len(images) != len(labels):
+        raise UserError(f"{folder}: {len(images)} {prefix} images but {len(labels)} labels")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     x = _normalise(x, (0.286,), (0.353,))
     train = split == "train"
@@ -234,3 +243,161 @@ def load_images(path, split):
 def image_stem(image_shape):
     """'imagenet' stem for inputs of 64 pixels and more (Mini-ImageNet), else the CIFAR stem."""
     return "imagenet" if min(image_shape[1:]) >= 64 else "cifar"
+
+
+# ----------------------------------------------------------------------------- speech: speaker HDF5
+
+
+MIN_TRAIN_FRAMES = 20
+
+
+def tile_frames(mat, n_frames):
+    """Repeat (ncoef, frames) along time until it holds `n_frames`, then cut: (ncoef, n_frames).
+
+    A longer matrix is returned unchanged (cut to `n_frames` only by the caller's crop).
+    """
+    frames = mat.shape[-1]
+    assert frames > 0, "cannot tile an empty utterance"
+    if frames >= n_frames:
+        return mat
+    reps = -(-n_frames // frames)
+    return np.tile(mat, (1, reps))[:, :n_frames]
+
+
+def _open_hdf5(path):
+    if not os.path.isfile(path):
+        raise UserError(f"HDF5 file not found: {path}")
+    if not h5py.is_hdf5(path):
+        raise UserError(f"{path} is not an HDF5 file (make one with data_prep.py)")
+    return h5py.File(path, "r")
+
+
+def read_speaker_index(path):
+    """(speakers sorted, {speaker: sorted utterance names}, ncoef) of a speaker HDF5; empty groups are left out.
+
+    Reads the `ncoef` root attribute of data_prep.py, or else the first dataset's shape, which also
+    accepts the seed's files ((1, ncoef, frames) datasets, no attribute).
+    """
+    with _open_hdf5(path) as h5:
+        groups = sorted(k for k in h5 if isinstance(h5[k], h5py.Group))
+        utts = {spk: sorted(k for k in h5[spk] if isinstance(h5[spk][k], h5py.Dataset)) for spk in groups}
+        utts = {spk: names for spk, names in utts.items() if names}
+        if not utts:
+            raise UserError(f"{path} holds no speakers (expected one group of utterance datasets per speaker)")
+        first = next(iter(utts))
+        shape = h5[first][utts[first][0]].shape
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
+            raise UserError(f"{path}: utterance {first}/{utts[first][0]} has shape {shape}, not (ncoef, frames)")
+        ncoef = int(h5.attrs.get("ncoef", shape[-2]))
+    return sorted(utts), utts, ncoef
+
+
+class SpeakerHDF5(Dataset):
+    """Utterances of a speaker HDF5 (one group per speaker) as items; `labels` = speaker index in sorted order.
+
+    The file is opened lazily, once per process (each DataLoader worker opens its own handle), and
+    reads only the frames it returns. Subclasses choose the crop.
+    """
+
+    def __init__(self, path, n_frames, ncoef=None):
+        self.path = path
+        self.n_frames = n_frames
+        self.speakers, self.utts, self.ncoef = read_speaker_index(path)
+        if ncoef is not None and ncoef != self.ncoef:
+            raise UserError(f"{path} holds {self.ncoef} coefficients per frame but --ncoef is {ncoef}")
+        self.items = [(spk, utt) for spk in self.speakers for utt in self.utts[spk]]
+        self.labels = np.repeat(np.arange(len(self.speakers)), [len(self.utts[spk]) for spk in self.speakers])
+        self.name = path
+        self._h5 = None
+        self._pid = None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_h5"] = state["_pid"] = None
+        return state
+
+    def dataset(self, index):
+        """The h5py dataset of item `index`, opening the file in this process if needed."""
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        spk, utt = self.items[index]
+        return self._h5[spk][utt]
+
+    def read(self, index, start, stop):
+        """Frames [start, stop) of item `index` as float32 (ncoef, stop - start)."""
+        data = self.dataset(index)[..., start:stop]
+        return np.asarray(data, dtype=np.float32).reshape(self.ncoef, -1)
+
+    def crop(self, index, start):
+        """`n_frames` frames from `start`, tiled (repeated along time) when the utterance is shorter."""
+        mat = self.read(index, start, start + self.n_frames)
+        if mat.shape[1] == 0:
+            raise UserError(f"{self.path}: utterance {'/'.join(self.items[index])} holds no frames")
+        mat = tile_frames(mat, self.n_frames)
+        assert mat.shape == (self.ncoef, self.n_frames), mat.shape
+        return torch.from_numpy(np.ascontiguousarray(mat))
+
+
+class SpeakerCrops(SpeakerHDF5):
+    """Training items: a random `n_frames` window (ncoef, n_frames) of an utterance, and its speaker label.
+
+    Utterances shorter than `n_frames` are tiled (repeated along time) to `n_frames`, as the seed
+    did. The GroupBatchSampler draws groups of --samples-per-class utterances of one speaker, so a
+    speaker with fewer utterances never appears in a batch, though it still counts as a class.
+    """
+
+    def __getitem__(self, index):
+        frames = self.dataset(index).shape[-1]
+        start = int(torch.randint(0, frames - self.n_frames + 1, ())) if frames > self.n_frames else 0
+        return self.crop(index, start), int(self.labels[index])
+
+
+class FixedCrops(SpeakerHDF5):
+    """Validation items: the first `n_frames` frames of an utterance (tiled if shorter), deterministic.
+
+    Only the first `max_items` utterances in speaker-interleaved order (the first utterance of every
+    speaker, then the second of every speaker, ...) are kept, so a capped set still holds many speakers.
+    """
+
+    def __init__(self, path, n_frames, ncoef=None, max_items=None):
+        super().__init__(path, n_frames, ncoef)
+        if len(self.speakers) < 2:
+            raise UserError(f"{path} holds {len(self.speakers)} speaker; validation needs at least 2")
+        rank = np.concatenate([np.arange(len(self.utts[spk])) for spk in self.speakers])
+        order = np.lexsort((np.arange(len(rank)), rank))
+        keep = order[:max_items] if max_items else order
+        self.items = [self.items[i] for i in keep]
+        self.labels = self.labels[keep]
+        if np.bincount(self.labels).max() < 2:
+            raise UserError(f"{path}: no speaker has 2 validation utterances, so there are no target pairs to score")
+
+    def __getitem__(self, index):
+        return self.crop(index, 0), int(self.labels[index])
+
+
+def speech_training_sets(args):
+    """Speech datasets of a run: (SpeakerCrops, FixedCrops or None, n_classes, encoder_args)."""
+    if args.n_frames < MIN_TRAIN_FRAMES:
+        raise UserError(
+            f"--n-frames must be at least {MIN_TRAIN_FRAMES}: batches are cut to as few as n_frames/4 frames "
+            "and the TDNN needs 5"
+        )
+    train = SpeakerCrops(args.train_hdf_file, args.n_frames, args.ncoef)
+    k = args.samples_per_class
+    counts = np.bincount(train.labels, minlength=len(train.speakers))
+    usable = int((counts >= k).sum())
+    if usable < 2:
+        raise UserError(
+            f"{args.train_hdf_file}: {usable} of {len(counts)} speakers have {k} or more utterances; "
+            f"batches need at least 2 (lower --samples-per-class or add data)"
+        )
+    if usable < len(counts) and args.verbose > 0:
+        print(f"{len(counts) - usable} speakers have fewer than {k} utterances and never appear in a batch")
+    valid = None
+    if args.valid_hdf_file:
+        valid = FixedCrops(args.valid_hdf_file, args.n_frames, args.ncoef, args.valid_max_items)
+    return train, valid, len(train.speakers), {"ncoef": args.ncoef, "latent_size": args.latent_size}

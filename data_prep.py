@@ -8,7 +8,7 @@ import argparse
 import os
 
 import speech_data
-from utils import UserError, cli
+from utils import ArgumentParser, UserError, cli
 
 EPILOG = """example (the seed's command line, Kaldi features):
   python data_prep.py --path-to-data data/train/ --data-info-path data/train/ \\
@@ -22,9 +22,7 @@ example (no Kaldi: MFCC from a wav.scp, features also exported for eval.py):
 
 def build_parser():
     """The data_prep command line: the seed's flags plus the wav front end."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     kaldi = parser.add_argument_group("Kaldi features (the seed's flags)")
     kaldi.add_argument(
         "--path-to-data",

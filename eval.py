@@ -12,9 +12,10 @@ import numpy as np
 
 import data_load
 import models
+import plots
 import speech_data
 from scoring import embed_matrices, evaluate_scores, run_image_eval, score_trials, write_score_file
-from utils import UserError, choose_device, cli, format_metrics_table, load_checkpoint, str2bool
+from utils import ArgumentParser, UserError, choose_device, cli, format_metrics_table, load_checkpoint, str2bool
 
 EXAMPLE = """examples:
   python eval.py --data-path /data/test/ --model resnet --cp-path cp/checkpoint_10ep.pt --out-path scores.out
@@ -23,9 +24,7 @@ EXAMPLE = """examples:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cp-path", required=True, help="checkpoint written by train.py")
     p.add_argument("--model", default=None, help="encoder name; checked against the checkpoint when given")
     p.add_argument("--data-path", default=None, help="test images (default when no --test-data: held-out digits)")
@@ -71,6 +70,18 @@ def resolve_out_path(out_path):
     return out_path
 
 
+def checked_features(path, wanted, ncoef):
+    """(utt, (ncoef, frames)) matrices of `path`, refusing NaN / Inf and a coefficient count the model does not take."""
+    for utt, mat in speech_data.iter_features(path, wanted):
+        if ncoef is not None and mat.shape[1] != ncoef:
+            raise UserError(
+                f"utterance {utt} of {path} has {mat.shape[1]} coefficients per frame; the model takes {ncoef}"
+            )
+        if not np.isfinite(mat).all():
+            raise UserError(f"utterance {utt} of {path} holds NaN or Inf values")
+        yield utt, mat.T
+
+
 def eval_speech(args, model, device, out_path):
     """Embed every utterance named by the trials once (whole, tiled to --min-frames) and score the trials."""
     if models.encoder_domain(model.config["model"]) != "speech":
@@ -86,7 +97,7 @@ def eval_speech(args, model, device, out_path):
     if target.all() or not target.any():
         raise UserError("the trials need at least one target and one non-target pair to compute metrics")
     wanted = list(dict.fromkeys([*enroll, *test]))
-    items = ((utt, mat.T) for utt, mat in speech_data.iter_features(args.test_data, wanted))
+    items = checked_features(args.test_data, wanted, model.config["encoder_args"].get("ncoef"))
     ids, emb = embed_matrices(model, items, device, args.min_frames, args.amp, progress=True, total=len(wanted))
     index = {utt: i for i, utt in enumerate(ids)}
     idx_a = np.fromiter((index[u] for u in enroll), dtype=np.int64, count=len(enroll))
@@ -96,10 +107,14 @@ def eval_speech(args, model, device, out_path):
     summary = {"trials": len(target), "targets": int(target.sum()), "utterances": len(ids), "metrics": metrics}
     if out_path:
         write_score_file(out_path, enroll, test, scores, target, metrics=summary)
+    if out_path and args.plot:
+        plots.write_plots(out_path, scores, target, metrics)
     print(f"{len(target)} trials ({summary['targets']} target) over {len(ids)} utterances")
     print(format_metrics_table(metrics))
     if out_path:
         print(f"scores: {out_path}  metrics: {out_path}.json")
+    if out_path and args.plot:
+        print(f"plots: {out_path}.<scorer>_det.png and {out_path}.<scorer>_hist.png")
     return scores, target, metrics
 
 
@@ -109,6 +124,8 @@ def main(argv=None):
         args.device = args.device or "cpu"
     device = choose_device(args.device)
     out_path = resolve_out_path(args.out_path)
+    if args.plot and out_path is None:
+        raise UserError("--plot writes its PNGs beside the score file: give --out-path too")
     model = load_model(args.cp_path, args.model, device)
     if args.test_data is not None:
         scores, target, _ = eval_speech(args, model, device, out_path)
@@ -118,7 +135,7 @@ def main(argv=None):
         dataset = data_load.load_images(args.data_path, "test")
         if args.batch_size <= 0:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
-        run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, verbose=True)
+        run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, verbose=True, plot=args.plot)
     return 0
 
 

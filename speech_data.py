@@ -463,7 +463,7 @@ def write_training_data(out_file, sources, utt2spk, speakers, cmn=False, kaldi_d
         tmp = stack.enter_context(atomic_path(out_file))
         ark = stack.enter_context(_kaldi_output(kaldi_dir)) if kaldi_dir else None
         h5 = stack.enter_context(h5py.File(tmp, "w"))
-        bar = stack.enter_context(tqdm(total=total, desc="utterances", unit="utt"))
+        bar = stack.enter_context(tqdm(total=total, desc="utterances", unit="utt", disable=None))
         for source in sources:
             stack.callback(source.close)
             for utt, spec in source.entries:

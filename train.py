@@ -10,12 +10,23 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data_load
 import models
 from train_loop import TrainLoop, noam_factor  # noqa: F401  (noam_factor re-exported for tests)
-from utils import UserError, choose_device, cli, git_commit, seed_everything, str2bool, write_json
+from utils import (
+    ArgumentParser,
+    UserError,
+    choose_device,
+    cli,
+    git_commit,
+    seed_everything,
+    str2bool,
+    write_json,
+)
 
 EXAMPLE = """example:
   python train.py --checkpoint-path cp --data-path /data/cifar --valid-data-path /data/cifar \\
@@ -51,7 +62,7 @@ def non_negative(kind):
 
 def build_parser(add_help=True):
     """Every training flag, once; train_hp.py and the search scripts reuse it through `parents=`."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__, add_help=add_help, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = p.add_argument_group("data")
@@ -133,6 +144,7 @@ def build_parser(add_help=True):
     o.add_argument("--smoothing", type=non_negative(float), default=0.2, help="label smoothing (default 0.2)")
     o.add_argument("--ablation", action="store_true", help="drop the classification loss (learned distance only)")
     o.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    o.add_argument("--compile", action="store_true", help="torch.compile the encoder (off by default)")
     r = p.add_argument_group("run")
     r.add_argument("--checkpoint-path", default=None, help="checkpoint folder (default: current folder)")
     r.add_argument("--checkpoint-epoch", type=int, default=None, help="resume from checkpoint_<N>ep.pt")
@@ -179,6 +191,8 @@ def resolve_defaults(args, argv):
         args.workers = 4 if args.domain == "speech" else 0
     if args.checkpoint_path is None:
         args.checkpoint_path = os.getcwd()
+    if os.path.exists(args.checkpoint_path) and not os.path.isdir(args.checkpoint_path):
+        raise UserError(f"--checkpoint-path {args.checkpoint_path} is a file, not a folder")
     if not 0 <= args.dropout_prob < 1:
         raise UserError(f"--dropout-prob must be in [0, 1), got {args.dropout_prob}")
     if args.cuda is False or args.no_cuda:
@@ -248,22 +262,51 @@ def make_optimizer(args, model, steps_per_epoch):
     return opt, sched
 
 
+def prepare_model(args, model, device, world_size=1):
+    """Move the model to `device` (channels_last for image encoders on CUDA), optionally compile its
+    encoder in place (state_dict keys unchanged), and wrap it in DistributedDataParallel when
+    several processes train."""
+    memory_format = torch.channels_last if device.type == "cuda" and args.domain == "image" else None
+    model = model.to(device, memory_format=memory_format) if memory_format else model.to(device)
+    if args.compile:
+        model.encoder.compile()
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.ablation)
+    return model
+
+
+def init_distributed(args):
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on the CPU.
+
+    Returns (rank, world_size, device): each process uses cuda:LOCAL_RANK, or the CPU; a single
+    process gets (0, 1, None) and picks its device as usual.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, None
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = choose_device("cpu" if args.cuda is False or args.no_cuda else args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
 def run(args, argv=None, device=None, rank=0, world_size=1):
     """Train as the parsed `args` say; returns (trainer, model, datasets)."""
     resolve_defaults(args, argv)
     device = device or choose_device(args.device)
     if args.model is None:
         args.model = DOMAIN_DEFAULTS[args.domain]["model"]
-    os.makedirs(args.checkpoint_path, exist_ok=True)
     args.record = {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))}
     if rank == 0 and args.verbose > 0:
         print(f"e2e-verification {git_commit()}  device {device}", flush=True)
         print(json.dumps(args.record, sort_keys=True), flush=True)
-    if rank == 0 and not args.no_cp:
-        write_json(os.path.join(args.checkpoint_path, "args.json"), args.record)
     seed_everything(args.seed)
     train, valid, n_classes, encoder_args = build_data(args)
-    model = models.build_model(model_config(args, n_classes, encoder_args)).to(device)
+    model = prepare_model(args, models.build_model(model_config(args, n_classes, encoder_args)), device, world_size)
     train_loader, valid_loader = make_loaders(args, train, valid, device, rank, world_size)
     optimizer, scheduler = make_optimizer(args, model, len(train_loader))
     writer = None
@@ -287,6 +330,10 @@ def run(args, argv=None, device=None, rank=0, world_size=1):
     )
     if args.checkpoint_epoch is not None:
         trainer.load(trainer.checkpoint_file(args.checkpoint_epoch))
+    if rank == 0:  # outputs start once the data, model and checkpoint all check out
+        os.makedirs(args.checkpoint_path, exist_ok=True)
+    if rank == 0 and not args.no_cp:
+        write_json(os.path.join(args.checkpoint_path, "args.json"), args.record)
     try:
         trainer.fit()
     finally:
@@ -296,9 +343,18 @@ def run(args, argv=None, device=None, rank=0, world_size=1):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv  # resolve_defaults reads which flags were given
     args = build_parser().parse_args(argv)
-    trainer, model, _ = run(args, argv)
-    if args.digits:
+    rank, world_size, device = init_distributed(args)
+    try:
+        trainer, model, _ = run(args, argv, device, rank, world_size)
+        if world_size > 1:
+            dist.barrier()
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    model = model.module if world_size > 1 else model
+    if args.digits and rank == 0:
         from scoring import run_image_eval
 
         test = data_load.load_images(None, "test")

@@ -10,6 +10,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from losses import label_smoothing_ce, pair_loss
@@ -27,6 +28,23 @@ def noam_factor(warmup):
         return min(t**-0.5, t * warmup**-1.5)
 
     return factor
+
+
+def agree_across_ranks(values, device, average):
+    """Make per-process floats equal under DistributedDataParallel: their mean over ranks, or rank 0's.
+
+    A no-op in a single process. The plateau scheduler and checkpoint choices read these values, so
+    every rank must see the same ones.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    shared = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if average:
+        dist.all_reduce(shared)
+        shared /= dist.get_world_size()
+    else:
+        dist.broadcast(shared, 0)
+    return shared.tolist()
 
 
 @torch.no_grad()
@@ -121,7 +139,8 @@ class TrainLoop:
         try:
             self.raw_model.load_state_dict(state["model_state"])
         except RuntimeError as err:
-            raise UserError(f"{path} does not fit the model built from these flags: {str(err).splitlines()[0]}") from None
+            reason = str(err).splitlines()[0]
+            raise UserError(f"{path} does not fit the model built from these flags: {reason}") from None
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
         self.epoch = state["epoch"]
@@ -199,18 +218,15 @@ class TrainLoop:
         cfg = self.cfg
         while self.epoch < cfg.epochs:
             start = time.time()
-            loss, ce, bce = self.train_epoch()
+            loss, ce, bce = agree_across_ranks(self.train_epoch(), self.device, average=True)
             improved = False
             eers = {"e2e": math.nan, "cos": math.nan, "fus": math.nan}
             if self.valid_loader is not None:
-                eers = validate(
-                    self.model,
-                    self.valid_loader,
-                    self.device,
-                    cfg.amp,
-                    cfg.progress and self.rank == 0,
-                    cfg.valid_max_items,
-                )
+                if self.rank == 0:  # with several processes rank 0 validates and shares the EERs
+                    eers = validate(
+                        self.model, self.valid_loader, self.device, cfg.amp, cfg.progress, cfg.valid_max_items
+                    )
+                eers = dict(zip(eers, agree_across_ranks(eers.values(), self.device, average=False)))
                 for name in ("e2e", "cos"):
                     if eers[name] < self.best[name]:
                         self.best[name] = eers[name]
@@ -224,7 +240,9 @@ class TrainLoop:
             for key, value in zip(HISTORY_KEYS, (loss, ce, bce, eers["e2e"], eers["cos"], eers["fus"], lr)):
                 self.history[key].append(float(value))
             self.log_epoch(loss, eers, lr, time.time() - start)
-            if improved or self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs:
+            # A fixed --cp-name (one file per hp-search trial) keeps the best validated model, as the seed did.
+            periodic = self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs
+            if improved or (periodic and not (cfg.cp_name and self.valid_loader is not None)):
                 self.save()
         return self.best["e2e"], self.best["cos"]
 

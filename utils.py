@@ -1,9 +1,12 @@
 """Shared helpers: user errors, atomic outputs, devices, seeding, checkpoints and verification metrics."""
 
+import argparse
 import contextlib
 import json
 import os
+import pickle
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +33,13 @@ def cli(main, argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors, so `cli` prints one line (no usage block) and exits 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 @contextlib.contextmanager
@@ -132,9 +142,15 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load checkpoint {path} safely (weights only): {first}") from None
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported (global|operand)[^.]*?([\w.]+) was not", str(err))
+        what = f" ({found.group(2)})" if found else ""
+        raise UserError(
+            f"refusing to load {path}: it holds Python objects{what} besides tensors, and checkpoints are "
+            "loaded weights only so that no code in them can run"
+        ) from None
+    except Exception:  # torch raises RuntimeError, EOFError, KeyError, ... on damaged files
+        raise UserError(f"cannot read checkpoint {path}: truncated, damaged or not a PyTorch file") from None
     if not isinstance(state, dict) or "model_state" not in state or "model_config" not in state:
         raise UserError(f"{path} is not a checkpoint written by this toolkit")
     return state
@@ -190,7 +206,7 @@ def _sorted_float32(scores, labels):
 def threshold_counts(scores, labels):
     """Sort once; count the trials below every distinct score (the ROC, in exact integer counts).
 
-    Returns (tar, non, n_tar, n_non): float64 arrays of T+1 entries for T distinct scores, numpy on
+    Returns (tar, non, n_tar, n_non): int64 arrays of T+1 entries for T distinct scores, numpy on
     the CPU and tensors on a GPU. Entry k holds the target and non-target trials scoring below the
     k-th smallest distinct score (the threshold "accept if score >= it"); the last entry, every
     trial, is the threshold above all scores. Tied scores form a single threshold.
@@ -202,27 +218,54 @@ def threshold_counts(scores, labels):
         raise ValueError("metrics need at least one target and one non-target trial")
     if not bool(scores.isfinite().all() if isinstance(scores, torch.Tensor) else np.isfinite(scores).all()):
         raise ValueError("scores contain NaN or Inf")
-    if isinstance(scores, torch.Tensor):
-        ordered, order = torch.sort(scores)
-        sorted_labels, new = labels[order], ordered[1:] != ordered[:-1]
-        below = torch.zeros(n + 1, dtype=torch.float64, device=scores.device)
-        below[1:] = torch.cumsum(sorted_labels, 0, dtype=torch.float64)
-        ends = torch.tensor([n], device=scores.device)
-        starts = torch.cat([ends - n, torch.nonzero(new).squeeze(1) + 1, ends])
-    else:
-        if scores.dtype == np.float32:
-            sorted_labels, new = _sorted_float32(scores, labels)
-        else:
-            order = np.argsort(scores)
-            ordered, sorted_labels = scores[order], labels[order]
-            new = ordered[1:] != ordered[:-1]
-        below = np.zeros(n + 1)
-        np.cumsum(sorted_labels, dtype=np.float64, out=below[1:])
-        if new.all():  # no ties: every position is a threshold
-            return below, np.arange(n + 1, dtype=np.float64) - below, n_tar, n - n_tar
-        starts = np.concatenate([[0], np.flatnonzero(new) + 1, [n]])
+    tar, non = (_torch_counts if isinstance(scores, torch.Tensor) else _numpy_counts)(scores, labels)
+    return tar, non, n_tar, n - n_tar
+
+
+def _torch_counts(scores, labels):
+    """threshold_counts' (tar, non) with torch ops, for scores on a GPU (they run on any device)."""
+    n = labels.shape[0]
+    ordered, order = torch.sort(scores)
+    below = torch.zeros(n + 1, dtype=torch.int64, device=scores.device)
+    below[1:] = torch.cumsum(labels[order], 0)
+    ends = torch.tensor([n], device=scores.device)
+    starts = torch.cat([ends - n, torch.nonzero(ordered[1:] != ordered[:-1]).squeeze(1) + 1, ends])
     tar = below[starts]
-    return tar, starts - tar, n_tar, n - n_tar
+    return tar, starts - tar
+
+
+def _numpy_counts(scores, labels):
+    """threshold_counts' (tar, non) with numpy: one int64 value sort for float32 scores, else an argsort."""
+    n = labels.shape[0]
+    if scores.dtype == np.float32:
+        sorted_labels, new = _sorted_float32(scores, labels)
+    else:
+        order = np.argsort(scores)
+        ordered, sorted_labels = scores[order], labels[order]
+        new = ordered[1:] != ordered[:-1]
+    below = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sorted_labels, out=below[1:])
+    if new.all():  # no ties: every position is a threshold
+        return below, np.arange(n + 1) - below
+    starts = np.concatenate([[0], np.flatnonzero(new) + 1, [n]])
+    tar = below[starts]
+    return tar, starts - tar
+
+
+def _target_runs(tar, non):
+    """The thresholds just below a run of scores holding targets: float64 (tar, non, next non, targets in run).
+
+    Between them only non-targets pass, which lowers every detection cost, so the minimum cost lies
+    at one of them (or above all scores), and only they add area under the ROC. The counts stay
+    exact integers in float64.
+    """
+    grows = tar[1:] != tar[:-1]
+    if isinstance(grows, torch.Tensor):
+        k = torch.nonzero(grows).squeeze(1)
+        runs = (tar[k], non[k], non[k + 1], tar[k + 1] - tar[k])
+        return tuple(x.double() for x in runs)
+    k = np.flatnonzero(grows)
+    return tuple(x.astype(np.float64) for x in (tar[k], non[k], non[k + 1], tar[k + 1] - tar[k]))
 
 
 def _eer(tar, non, n_tar, n_non):
@@ -233,36 +276,40 @@ def _eer(tar, non, n_tar, n_non):
     `roc_curve` followed by argmin |fnr - fpr| does.
     """
 
-    def gap(k):
-        return int(tar[k]) * n_non - (n_non - int(non[k])) * n_tar
-
-    def rates(k):
-        return 1.0 - (n_tar - float(tar[k])) / n_tar, (n_non - float(non[k])) / n_non
-
-    lo, hi = 0, len(tar) - 1  # gap(lo) < 0 < gap(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if gap(mid) < 0:
-            lo = mid
-        else:
-            hi = mid
-    (fnr_lo, fpr_lo), (fnr_hi, fpr_hi) = rates(lo), rates(hi)
+    if isinstance(tar, torch.Tensor):  # on a GPU: one search there, not one transfer per bisection step
+        gap = tar * n_non - (n_non - non) * n_tar
+        hi = int(torch.searchsorted(gap, gap.new_zeros(1)))
+    else:
+        lo, hi = 0, len(tar) - 1  # gap < 0 at lo, >= 0 at hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if int(tar[mid]) * n_non - (n_non - int(non[mid])) * n_tar < 0:
+                lo = mid
+            else:
+                hi = mid
+    rates = [
+        (1.0 - (n_tar - t) / n_tar, (n_non - f) / n_non)
+        for t, f in zip(tar[hi - 1 : hi + 1].tolist(), non[hi - 1 : hi + 1].tolist())
+    ]
+    (fnr_lo, fpr_lo), (fnr_hi, fpr_hi) = rates
     if abs(fnr_lo - fpr_lo) < abs(fnr_hi - fpr_hi):
         return (fnr_lo + fpr_lo) / 2
     return (fnr_hi + fpr_hi) / 2
 
 
-def _mindcf(tar, non, n_tar, n_non, p_target, c_miss, c_fa):
-    """Normalised minimum of c_miss*p*fnr + c_fa*(1-p)*fpr over the thresholds (one pass)."""
+def _mindcf(runs, n_tar, n_non, p_target, c_miss, c_fa):
+    """Normalised minimum of c_miss*p*fnr + c_fa*(1-p)*fpr over the thresholds; `runs` from _target_runs."""
+    tar, non = runs[0], runs[1]
     w_miss, w_fa = c_miss * p_target / n_tar, c_fa * (1.0 - p_target) / n_non
-    best = float((tar * w_miss - non * w_fa).min()) + c_fa * (1.0 - p_target)
-    return best / min(c_miss * p_target, c_fa * (1.0 - p_target))
+    best = min(float((tar * w_miss - non * w_fa).min()), c_miss * p_target - c_fa * (1.0 - p_target))
+    return (best + c_fa * (1.0 - p_target)) / min(c_miss * p_target, c_fa * (1.0 - p_target))
 
 
-def _auc(tar, non, n_tar, n_non):
-    """Area under the ROC: P(target > non-target) + P(tie) / 2, from the counts of each tied run."""
-    twice_u = (tar[1:] - tar[:-1]) @ (non[1:] + non[:-1])
-    return float(twice_u) / (2.0 * n_tar * n_non)
+def _auc(runs, n_tar, n_non):
+    """Area under the ROC, P(target > non-target) + P(tie) / 2: each target outranks the non-targets
+    below its run and half of those tied with it."""
+    _, non, non_next, targets = runs
+    return float((targets * (non + non_next)).sum()) / (2.0 * n_tar * n_non)
 
 
 def roc_points(scores, labels):
@@ -273,8 +320,8 @@ def roc_points(scores, labels):
     (everything accepted: fnr=0, fpr=1). Tied scores form a single point.
     """
     tar, non, n_tar, n_non = threshold_counts(scores, labels)
-    fnr = torch.as_tensor(tar) / n_tar
-    fpr = 1.0 - torch.as_tensor(non) / n_non
+    fnr = torch.as_tensor(tar).double() / n_tar
+    fpr = 1.0 - torch.as_tensor(non).double() / n_non
     return fnr.flip(0), fpr.flip(0)
 
 
@@ -288,21 +335,24 @@ def compute_eer(scores, labels):
 
 def compute_mindcf(scores, labels, p_target=0.01, c_miss=1, c_fa=1):
     """Normalised minimum detection cost (NIST/Kaldi definition) over all thresholds."""
-    return _mindcf(*threshold_counts(scores, labels), p_target, c_miss, c_fa)
+    tar, non, n_tar, n_non = threshold_counts(scores, labels)
+    return _mindcf(_target_runs(tar, non), n_tar, n_non, p_target, c_miss, c_fa)
 
 
 def compute_auc(scores, labels):
     """Area under the ROC curve, ties counted as half."""
-    return _auc(*threshold_counts(scores, labels))
+    tar, non, n_tar, n_non = threshold_counts(scores, labels)
+    return _auc(_target_runs(tar, non), n_tar, n_non)
 
 
 def compute_metrics(scores, labels, p_targets=(0.01, 0.05), c_miss=1, c_fa=1):
     """EER, minDCF at each p_target and AUC from one sort; scores on a GPU are sorted there."""
-    counts = threshold_counts(scores, labels)
-    out = {"eer": _eer(*counts)}
+    tar, non, n_tar, n_non = threshold_counts(scores, labels)
+    runs = _target_runs(tar, non)
+    out = {"eer": _eer(tar, non, n_tar, n_non)}
     for p in p_targets:
-        out[f"mindcf_{p:g}"] = _mindcf(*counts, p, c_miss, c_fa)
-    out["auc"] = _auc(*counts)
+        out[f"mindcf_{p:g}"] = _mindcf(runs, n_tar, n_non, p, c_miss, c_fa)
+    out["auc"] = _auc(runs, n_tar, n_non)
     return out
 
 

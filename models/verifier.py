@@ -33,7 +33,7 @@ class DistanceHead(nn.Module):
         self.first = nn.Linear(in_features, hidden_size)
         layers = []
         for _ in range(n_hidden - 1):
-            layers += [nn.Linear(hidden_size, hidden_size), nn.LeakyReLU(0.1)]
+            layers += [nn.Linear(hidden_size, hidden_size), nn.LeakyReLU(0.1, inplace=True)]
         layers += [nn.Dropout(dropout_prob), nn.Linear(hidden_size, 1)]
         self.rest = nn.Sequential(*layers)
 
@@ -58,8 +58,11 @@ class DistanceHead(nn.Module):
         return left, right
 
     def tail(self, hidden):
-        """Everything after the first linear layer: (..., hidden) -> logits (...)."""
-        return self.rest(F.leaky_relu(hidden, 0.1)).squeeze(-1)
+        """Everything after the first linear layer: (..., hidden) -> logits (...).
+
+        `hidden` is overwritten (activations run in place: all-pairs scoring holds large blocks).
+        """
+        return self.rest(F.leaky_relu(hidden, 0.1, inplace=True)).squeeze(-1)
 
 
 class LearnedDistance(nn.Module):

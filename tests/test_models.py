@@ -23,9 +23,18 @@ def speech_cases():
 
 def config(name, encoder_args, softmax="am_softmax", ndisc=2, rproj=0):
     return {
-        "model": name, "encoder_args": encoder_args, "n_classes": 3, "softmax": softmax, "margin": 0.35,
-        "scale": 30.0, "hidden_size": 16, "n_hidden": 2, "dropout_prob": 0.1, "ndiscriminators": ndisc,
-        "rproj_size": rproj, "trainable_rproj": False,
+        "model": name,
+        "encoder_args": encoder_args,
+        "n_classes": 3,
+        "softmax": softmax,
+        "margin": 0.35,
+        "scale": 30.0,
+        "hidden_size": 16,
+        "n_hidden": 2,
+        "dropout_prob": 0.1,
+        "ndiscriminators": ndisc,
+        "rproj_size": rproj,
+        "trainable_rproj": False,
     }
 
 
@@ -74,3 +83,36 @@ def test_checkpoint_config_rebuilds_the_same_model(tmp_path):
     rebuilt.load_state_dict(state["model_state"])
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(rebuilt.eval().embed(x), model.embed(x))
+
+
+# resnet_large differs from resnet_mfcc only in depth; leaving it out saves the slowest case.
+@pytest.mark.parametrize("name", [n for n in models.encoder_names("speech") if n != "resnet_large"])
+def test_speech_encoders_take_both_layouts_and_draw_no_random_numbers(name, device):
+    torch.manual_seed(0)
+    encoder = models.create_encoder(name, ncoef=8, latent_size=8).to(device).train()
+    x = torch.randn(3, 8, 12, device=device)
+    state = torch.get_rng_state()
+    emb, latent = encoder(x)
+    assert torch.equal(torch.get_rng_state(), state), "the forward pass must not draw random numbers on the CPU"
+    with torch.no_grad():
+        encoder.eval()
+        torch.testing.assert_close(encoder(x.unsqueeze(1))[0], encoder(x)[0])
+    assert encoder.embedding_size == 512 and latent.shape == (3, 8) and (emb >= 0).all()
+
+
+def test_statistics_poolings_match_hand_computation():
+    from models.pooling import STD_EPS, AttentiveStatsPool, StatsPool
+
+    x = torch.randn(2, 4, 9, dtype=torch.float32)
+    out = StatsPool()(x)
+    torch.testing.assert_close(out[:, :4], x.mean(-1))
+    torch.testing.assert_close(out[:, 4:], (x.var(-1, unbiased=False) + STD_EPS).sqrt())
+    pool = AttentiveStatsPool(4)
+    alpha = torch.softmax(torch.tanh(torch.einsum("bct,c->bt", x, pool.weight)), dim=-1)
+    for b in range(2):
+        mean = (alpha[b] * x[b]).sum(-1)
+        var = (alpha[b] * (x[b] - mean[:, None]) ** 2).sum(-1)
+        torch.testing.assert_close(pool(x)[b], torch.cat([mean, (var + STD_EPS).sqrt()]))
+    constant = torch.ones(1, 4, 9, requires_grad=True)
+    pool(constant).sum().backward()
+    assert torch.isfinite(constant.grad).all()

@@ -75,8 +75,11 @@ def test_digits_demo_trains_then_prints_the_table(tmp_path, capsys):
     assert train.main(["--epochs", "2", "--checkpoint-path", cp]) == 0
     printed = capsys.readouterr().out
     assert "364 test items, 66066 trials" in printed
-    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()
-            if line.split()[:1] in (["e2e"], ["cos"], ["fus"])}
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in printed.splitlines()
+        if line.split()[:1] in (["e2e"], ["cos"], ["fus"])
+    }
     assert set(rows) == {"e2e", "cos", "fus"}
     summary = json.load(open(os.path.join(cp, "test_scores.txt.json")))
     assert summary["trials"] == 66066
@@ -92,13 +95,21 @@ def test_tensorboard_scalars_are_written(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logdir = str(tmp_path / "logs")
-    train.main(["--epochs", "1", "--no-cp", "--logdir", logdir, "--checkpoint-path", str(tmp_path / "cp"),
-                "--verbose", "0"])
+    train.main(
+        ["--epochs", "1", "--no-cp", "--logdir", logdir, "--checkpoint-path", str(tmp_path / "cp"), "--verbose", "0"]
+    )
     acc = EventAccumulator(logdir)
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("Train/Total loss", "Train/Cross entropy", "Train/Binary loss", "Info/LR", "Valid/E2E EER",
-                "Valid/Cosine EER", "Valid/Fus EER"):
+    for tag in (
+        "Train/Total loss",
+        "Train/Cross entropy",
+        "Train/Binary loss",
+        "Info/LR",
+        "Valid/E2E EER",
+        "Valid/Cosine EER",
+        "Valid/Fus EER",
+    ):
         assert tag in tags, tag
     losses = [e.value for e in acc.Scalars("Train/Total loss")]
     assert len(losses) >= 5 and all(np.isfinite(losses))

@@ -48,8 +48,10 @@ def test_eer_mindcf_auc_match_independent_computations_with_ties(seed):
     assert abs(compute_auc(scores, labels) - roc_auc_score(labels, scores)) < 1e-9
     for p in (0.01, 0.05, 0.5):
         assert abs(compute_mindcf(scores, labels, p_target=p) - brute_force_mindcf(scores, labels, p)) < 1e-9
-    assert abs(compute_mindcf(scores, labels, 0.05, c_miss=10, c_fa=1)
-               - brute_force_mindcf(scores, labels, 0.05, 10, 1)) < 1e-9
+    assert (
+        abs(compute_mindcf(scores, labels, 0.05, c_miss=10, c_fa=1) - brute_force_mindcf(scores, labels, 0.05, 10, 1))
+        < 1e-9
+    )
 
 
 def test_metrics_accept_tensors_and_agree_with_arrays(device):
@@ -61,6 +63,27 @@ def test_metrics_accept_tensors_and_agree_with_arrays(device):
     for key, value in from_numpy.items():
         assert abs(value - from_torch[key]) < 1e-6, key
     assert set(from_numpy) == {"eer", "mindcf_0.01", "mindcf_0.05", "auc"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_branch_of_the_counts_equals_the_numpy_branch(dtype):
+    # The torch ops that sort scores on a GPU, run here on CPU tensors, against the numpy sort the
+    # CPU uses (a packed int64 value sort for float32); signed zeros and ties included.
+    import utils
+
+    rng = np.random.default_rng(3)
+    for decimals in (0, 2, None):
+        labels = rng.random(2000) < 0.2
+        scores = rng.normal(labels.astype(float), 1.0)
+        scores = (np.round(scores, decimals) if decimals is not None else scores).astype(dtype)
+        scores[:50] = np.where(rng.random(50) < 0.5, -0.0, 0.0)
+        want = utils._numpy_counts(scores, labels)
+        got = utils._torch_counts(torch.from_numpy(scores), torch.from_numpy(labels))
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(g.numpy(), w)
+        n_tar, n_non = int(labels.sum()), int((~labels).sum())
+        eer = utils._eer(*want, n_tar, n_non)
+        assert utils._eer(*got, n_tar, n_non) == eer and abs(eer - sklearn_eer(scores, labels)) < 1e-12
 
 
 def test_metric_edge_cases():

@@ -1,0 +1,98 @@
+"""All-pairs scoring: the split first layer (scoring.score_all_pairs) against the concatenated form.
+
+The discriminator's first layer on a pair [a; b] equals W_a a + W_b b + bias, so the split form
+projects every embedding once and only adds per pair; the baseline concatenates each pair's
+embeddings and runs the whole MLP on them (LearnedDistance.forward), in chunks of the same number
+of pairs. Both score the N(N-1)/2 pairs of N random embeddings (default d=512, MLP 3x350); the
+metrics of the split scores (EER and minDCF from one sort) are timed too.
+"""
+
+import argparse
+
+import benchlib
+import torch
+
+from models.verifier import LearnedDistance
+from scoring import pair_chunk, score_all_pairs
+from utils import cli, compute_metrics
+
+EXAMPLE = """example:
+  python bench/allpairs.py --device cpu --n 2000
+  python bench/allpairs.py --device cuda --n 10000 --amp"""
+
+
+@torch.no_grad()
+def concatenated_all_pairs(distance, emb, amp=False):
+    """Baseline: e2e scores (pairs,) of all i < j pairs in itertools.combinations order, each pair concatenated."""
+    distance.eval()
+    n, device = len(emb), emb.device
+    idx_a, idx_b = torch.triu_indices(n, n, 1, device=device)
+    step = pair_chunk(distance, device)
+    out = torch.empty(len(idx_a), device=device)
+    for start in range(0, len(idx_a), step):
+        a, b = idx_a[start : start + step], idx_b[start : start + step]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = distance(emb[a], emb[b])
+        out[start : start + step] = torch.sigmoid(logits.float()).mean(0)
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--n", type=int, default=None, help="embeddings (default 2000 on the CPU, 10000 on a GPU)")
+    p.add_argument("--emb-size", type=int, default=512, help="embedding size d (default 512)")
+    p.add_argument("--hidden-size", type=int, default=350, help="discriminator width (default 350)")
+    p.add_argument("--n-hidden", type=int, default=3, help="discriminator hidden layers (default 3)")
+    p.add_argument("--ndiscriminators", type=int, default=1, help="discriminator heads (default 1)")
+    p.add_argument("--classes", type=int, default=10, help="classes the embeddings are drawn from (default 10)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for both forms")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA for both forms")
+    p.add_argument("--no-baseline", action="store_true", help="time the split form only")
+    benchlib.add_device_args(p)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = benchlib.setup(args)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    n = args.n or (10_000 if device.type == "cuda" else 2_000)
+    torch.manual_seed(0)
+    labels = torch.randint(0, args.classes, (n,), device=device)
+    centres = torch.randn(args.classes, args.emb_size, device=device)
+    emb = centres[labels] + torch.randn(n, args.emb_size, device=device)
+    distance = LearnedDistance(args.emb_size, args.hidden_size, args.n_hidden, 0.25, args.ndiscriminators)
+    distance = distance.to(device).eval()
+    pairs = n * (n - 1) // 2
+    print(benchlib.describe(device))
+    print(
+        f"{n} embeddings of size {args.emb_size}, {pairs} pairs, MLP {args.n_hidden}x{args.hidden_size}, "
+        f"{args.ndiscriminators} head(s), amp {args.amp}, tf32 {args.tf32}"
+    )
+    fns = {"split": lambda: score_all_pairs(distance, emb, labels, amp=args.amp)}
+    if not args.no_baseline:
+        fns["concatenated"] = lambda: concatenated_all_pairs(distance, emb, args.amp)
+    times = benchlib.best_times(fns, device, args.repeats, warmup=1 if device.type == "cuda" else 0)
+    split_s, (scores, target) = times["split"]
+    metrics_s, metrics = benchlib.best_time(lambda: compute_metrics(scores["e2e"], target), device, args.repeats)
+    print(f"split form (e2e, cosine and fused scores): {split_s:.4f} s ({pairs / split_s / 1e6:.2f} M pairs/s)")
+    print(f"EER + minDCF(0.01, 0.05) of {pairs} scores: {metrics_s:.4f} s (EER {metrics['eer']:.4f})")
+    print(f"split scoring + metrics: {split_s + metrics_s:.4f} s")
+    if args.no_baseline:
+        return 0
+    concat_s, concat = times["concatenated"]
+    diff = float((concat - scores["e2e"]).abs().max())
+    print(
+        f"concatenated form (e2e only): {concat_s:.4f} s ({pairs / concat_s / 1e6:.2f} M pairs/s); "
+        f"max |split - concatenated| {diff:.2e}"
+    )
+    print(benchlib.ratio_line("all-pairs scoring, split", split_s, "concatenated", concat_s))
+    print(benchlib.ratio_line("scoring + metrics, split", split_s + metrics_s, "concatenated", concat_s + metrics_s))
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,79 @@
+"""data_prep.py throughput: Kaldi feats.scp/ark -> training HDF5, against reading the same ark bytes.
+
+Random features are written as a real Kaldi ark/scp with speaker tables; data_prep.main converts
+them to the HDF5 the training loader reads. Baselines: reading the ark's bytes (the I/O floor, page
+cache warm) and parsing every matrix with kaldiio alone (no HDF5 writing).
+"""
+
+import argparse
+import os
+import tempfile
+
+import benchlib
+import kaldiio
+import torch
+
+import data_prep
+from utils import cli
+
+EXAMPLE = """example:
+  python bench/prep_throughput.py --speakers 100 --utts 20 --frames 400"""
+
+
+def read_bytes(path, block=1 << 24):
+    """Read a file in 16 MB blocks; -> bytes read."""
+    total = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            total += len(chunk)
+    return total
+
+
+def parse_matrices(scp):
+    """Load every matrix of a feats.scp with kaldiio; -> number of matrices."""
+    return sum(1 for _ in kaldiio.load_scp_sequential(scp))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--speakers", type=int, default=100, help="speakers (default 100)")
+    p.add_argument("--utts", type=int, default=20, help="utterances per speaker (default 20)")
+    p.add_argument("--frames", type=int, default=400, help="longest utterance in frames (default 400)")
+    p.add_argument("--ncoef", type=int, default=30, help="coefficients per frame (default 30)")
+    p.add_argument("--work-dir", default=None, help="folder for the features and the HDF5 (default: a temporary one)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts (3)")
+    return p
+
+
+def run(args, folder):
+    cpu = torch.device("cpu")
+    ark = benchlib.make_kaldi_features(folder, args.speakers, args.utts, args.frames, args.ncoef)
+    scp = os.path.join(folder, "feats.scp")
+    megabytes = os.path.getsize(ark) / 1e6
+    n_utts = args.speakers * args.utts
+    print(f"{n_utts} utterances of {args.ncoef} coefficients, ark {megabytes:.1f} MB")
+    argv = ["--path-to-data", scp, "--data-info-path", folder, "--out-path", folder, "--out-name", "train.hdf"]
+    prep_s, _ = benchlib.best_time(lambda: data_prep.main(argv), cpu, args.repeats)
+    read_s, _ = benchlib.best_time(lambda: read_bytes(ark), cpu, args.repeats)
+    parse_s, _ = benchlib.best_time(lambda: parse_matrices(scp), cpu, args.repeats)
+    for name, seconds in (("data_prep.py", prep_s), ("read ark bytes", read_s), ("kaldiio parse", parse_s)):
+        print(f"{name}: {seconds:.4f} s ({megabytes / seconds:.1f} MB/s, {n_utts / seconds:.0f} utt/s)")
+    print(f"data_prep takes {prep_s / read_s:.1f}x the time of reading the ark bytes")
+    print(f"data_prep takes {prep_s / parse_s:.1f}x the time of kaldiio parsing alone")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.work_dir:
+        os.makedirs(args.work_dir, exist_ok=True)
+        run(args, args.work_dir)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            run(args, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,180 @@
+"""Training throughput with the real data loaders against the same model fed from memory.
+
+TDNN: random features written as a Kaldi ark, converted by data_prep.py to the training HDF5 and
+read back by its loader (random crops, DataLoader workers, pinned memory, prefetch: train.py's
+make_loaders). ResNet: CIFAR-shaped images in memory with random crop and flip (the CIFAR-10
+loader; --image-path reads a real image source instead). The bound: one batch already on the
+device, stepped again and again. Both run TrainLoop.train_step, with fixed-length speech crops.
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+import benchlib
+import torch
+
+import data_load
+import data_prep
+import models
+import train
+from train_loop import TrainLoop
+from utils import cli
+
+# (batch size, speech frames) per device type: the issue's GPU settings, small enough for a CPU.
+SIZES = {"cuda": {"TDNN": (24, 800), "resnet": (128, 0)}, "cpu": {"TDNN": (4, 200), "resnet": (32, 0)}}
+
+
+EXAMPLE = """example:
+  python bench/train_throughput.py --device cpu
+  python bench/train_throughput.py --device cuda --precisions fp32,bf16"""
+
+
+def endless(loader):
+    """Batches of `loader`, epoch after epoch."""
+    epoch = 0
+    while True:
+        loader.batch_sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def make_speech_hdf5(folder, speakers, utts, n_frames, ncoef):
+    """Random features -> Kaldi ark/scp -> data_prep.py -> train.hdf in `folder`; -> its path."""
+    benchlib.make_kaldi_features(folder, speakers, utts, 2 * n_frames, ncoef)
+    scp = os.path.join(folder, "feats.scp")
+    data_prep.main(["--path-to-data", scp, "--data-info-path", folder, "--out-path", folder, "--out-name", "train.hdf"])
+    return os.path.join(folder, "train.hdf")
+
+
+def build_trainer(flags, device, image_path):
+    """train.py's own pieces for `flags`: -> (TrainLoop, train loader)."""
+    args = train.build_parser().parse_args(flags)
+    train.resolve_defaults(args, flags)
+    if args.domain == "speech":
+        train_set, _, n_classes, encoder_args = train.build_data(args)
+    elif image_path:
+        train_set = data_load.load_images(image_path, "train")
+        n_classes, shape = int(train_set.labels.max()) + 1, train_set.image_shape
+        encoder_args = {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
+    else:
+        images, labels = torch.randn(5000, 3, 32, 32), torch.arange(5000) % 10
+        train_set = data_load.TensorImages(images, labels, pad=4, flip=True, name="cifar-shaped")
+        n_classes, encoder_args = 10, {"in_channels": 3, "stem": "cifar"}
+    model = models.build_model(train.model_config(args, n_classes, encoder_args))
+    model = train.prepare_model(args, model, device)
+    loader, _ = train.make_loaders(args, train_set, None, device)
+    optimizer, scheduler = train.make_optimizer(args, model, len(loader))
+    args.truncate, args.progress, args.record = False, False, {}
+    trainer = TrainLoop(model, optimizer, scheduler, args.lr_schedule, loader, None, device, args)
+    return trainer, loader
+
+
+def steps_per_second(trainer, batches, device, warmup, steps):
+    """Run `warmup` then `steps` train steps on `batches` (an iterator); -> (steps/s, samples/s)."""
+    for _ in range(warmup):
+        trainer.train_step(*next(batches))
+    benchlib.sync(device)
+    start, samples = time.perf_counter(), 0
+    for _ in range(steps):
+        x, y = next(batches)
+        trainer.train_step(x, y)
+        samples += len(y)
+    benchlib.sync(device)
+    seconds = time.perf_counter() - start
+    return steps / seconds, samples / seconds
+
+
+def loader_rate(batches, count):
+    """Samples/s of `count` batches drawn from `batches` with no training: what the data path can deliver."""
+    start, samples = time.perf_counter(), 0
+    for _ in range(count):
+        samples += len(next(batches)[1])
+    return samples / (time.perf_counter() - start)
+
+
+def measure(flags, device, args):
+    """Throughput of one model and precision: -> (loader alone, training on the loader, in memory) samples/s."""
+    trainer, loader = build_trainer(flags, device, args.image_path)
+    batches = endless(loader)
+    next(batches)  # start the workers
+    alone = loader_rate(batches, max(args.steps, 20))
+    x, y = next(batches)
+    x, y = x.to(device), y.to(device)
+    fixed = iter(lambda: (x, y), None)
+    real = bound = 0.0
+    for _ in range(args.repeats):  # alternate, best of each: a shared machine's load drifts
+        real = max(real, steps_per_second(trainer, batches, device, args.warmup, args.steps)[1])
+        bound = max(bound, steps_per_second(trainer, fixed, device, args.warmup, args.steps)[1])
+    return alone, real, bound
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", default="TDNN,resnet", help="comma-separated encoders (default TDNN,resnet)")
+    p.add_argument("--precisions", default=None, help="fp32 and/or bf16, comma-separated (default fp32 on a CPU)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per measurement (default 200 on a GPU, well past the loader's prefetch; 3 on a CPU)",
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="speaker groups (speech) or images per batch")
+    p.add_argument("--n-frames", type=int, default=None, help="speech crop length (default 800 GPU, 200 CPU)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default train.py's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--image-path", default=None, help="real images for ResNet (CIFAR-10, IDX, folders)")
+    p.add_argument("--speakers", type=int, default=None, help="speakers of 20 utterances (default: 25 batches)")
+    p.add_argument("--work-dir", default=None, help="folder for the Kaldi features and HDF5 (default: temporary)")
+    benchlib.add_device_args(p)
+    return p
+
+
+def run(args, device, folder):
+    print(benchlib.describe(device))
+    precisions = (args.precisions or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
+    args.steps = args.steps or (200 if device.type == "cuda" else 3)
+    for name in args.models.split(","):
+        batch, n_frames = SIZES[device.type]["TDNN" if models.encoder_domain(name) == "speech" else "resnet"]
+        batch, n_frames = args.batch_size or batch, args.n_frames or n_frames
+        flags = ["--model", name, "--batch-size", str(batch), "--device", str(device), "--checkpoint-path", folder]
+        flags += ["--no-cp"]
+        if models.encoder_domain(name) == "speech":
+            speakers = args.speakers or max(10, batch * 25 // 4)  # 25 batches an epoch
+            hdf5 = make_speech_hdf5(folder, speakers, 20, n_frames, 30)
+            flags += ["--train-hdf-file", hdf5, "--n-frames", str(n_frames), "--ncoef", "30"]
+        elif args.image_path:
+            flags += ["--data-path", args.image_path]
+        flags += ["--workers", str(args.workers)] if args.workers is not None else []
+        flags += ["--compile"] if args.compile else []
+        rates = {}
+        for precision in precisions:
+            alone, real, bound = measure(flags + (["--amp"] if precision == "bf16" else []), device, args)
+            rates[precision] = real
+            print(
+                f"{name} {precision}, batch {batch}: training on the real loader {real:.1f} samples/s, "
+                f"in memory {bound:.1f}; the loader alone delivers {alone:.1f}"
+            )
+            print(f"  real loader reaches {100 * real / bound:.1f}% of the in-memory bound")
+        if "fp32" in rates and "bf16" in rates:
+            print(f"  {name} bf16 / fp32 with the real loader: {rates['bf16'] / rates['fp32']:.2f}x")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = benchlib.setup(args)
+    if args.work_dir:
+        os.makedirs(args.work_dir, exist_ok=True)
+        run(args, device, args.work_dir)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            run(args, device, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,124 @@
+"""Embed speech recordings with a trained model, for downstream back-ends such as Kaldi's PLDA.
+
+Reads a Kaldi feats.scp (or a folder of *.scp files, or a speaker HDF5 from data_prep.py), embeds
+every utterance whole (tiled to --min-frames when shorter) and writes, atomically, into --out-path:
+embeddings.ark + embeddings.scp (Kaldi float vectors, readable by ivector-compute-plda and friends)
+and embeddings.h5 (one float32 dataset per utterance, with a `spk` attribute when the speaker is known).
+"""
+
+import argparse
+import contextlib
+import itertools
+import os
+
+import h5py
+from tqdm import tqdm
+
+import data_load
+import models
+import speech_data
+from eval import checked_features, load_model
+from scoring import embed_matrices
+from utils import ArgumentParser, UserError, atomic_path, atomic_write, choose_device, cli, str2bool
+
+EXAMPLE = """example:
+  python embed.py --data data/test/feats.scp --cp-path cp/checkpoint_10ep.pt --out-path exp/embeddings/
+  ivector-compute-plda ark:data/train/spk2utt scp:exp/embeddings/embeddings.scp plda   # Kaldi back-end"""
+CHUNK = 1000  # utterances embedded between writes
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--data", "--path-to-data", dest="data", required=True, help="feats.scp, a folder of *.scp, or an HDF5 file"
+    )
+    p.add_argument("--utt2spk", default=None, help="embed only the utterances listed here, labelled with its speakers")
+    p.add_argument("--cp-path", required=True, help="checkpoint written by train.py")
+    p.add_argument("--model", default=None, help="encoder name; checked against the checkpoint when given")
+    p.add_argument("--out-path", default="./", help="output folder, created if missing (default ./)")
+    p.add_argument(
+        "--min-frames", type=int, default=50, help="shorter utterances are tiled to this length (default 50)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
+    p.add_argument("--no-cuda", action="store_true", help="seed spelling of --device cpu")
+    p.add_argument("--cuda", type=str2bool, default=None, help="seed spelling: True/False")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    return p
+
+
+def available(path):
+    """(utterance ids in file order, {utt: spk} or None); speakers come from HDF5 groups or a utt2spk beside the scp."""
+    if os.path.isfile(path) and h5py.is_hdf5(path):
+        speakers, utts, _ = data_load.read_speaker_index(path)
+        utt2spk = {utt: spk for spk in speakers for utt in utts[spk]}
+        return list(utt2spk), utt2spk
+    scps = speech_data.list_scp_files(path)
+    ids = [utt for scp in scps for _, utt, _ in speech_data.read_scp(scp)]
+    beside = os.path.join(os.path.dirname(os.path.abspath(scps[0])), "utt2spk")
+    return ids, speech_data.read_utt2spk(beside) if os.path.isfile(beside) else None
+
+
+def select_utterances(path, utt2spk_path):
+    """(utterance ids to embed, {utt: spk} or None): all of the data, or those also listed in --utt2spk."""
+    ids, utt2spk = available(path)
+    if utt2spk_path is None:
+        return ids, utt2spk
+    utt2spk = speech_data.read_utt2spk(utt2spk_path)
+    ids = [utt for utt in ids if utt in utt2spk]
+    if not ids:
+        raise UserError(f"no utterance of {path} is listed in {utt2spk_path}")
+    return ids, utt2spk
+
+
+def write_embeddings(model, path, utts, out_dir, device, min_frames=50, amp=False, utt2spk=None):
+    """Embed utterances `utts` of the data at `path` and write embeddings.{ark,scp,h5} into `out_dir`.
+
+    Returns the three paths. Utterances are read and embedded CHUNK at a time, so any size fits.
+    """
+    bad = [utt for utt in utts if "/" in utt]
+    if bad:
+        raise UserError(f"utterance ids cannot hold '/' (HDF5 names): {', '.join(bad[:3])}")
+    paths = [os.path.join(out_dir, f"embeddings.{ext}") for ext in ("ark", "scp", "h5")]
+    features = checked_features(path, utts, model.config["encoder_args"].get("ncoef"))
+    with contextlib.ExitStack() as stack:
+        ark_tmp, h5_tmp = (stack.enter_context(atomic_path(p)) for p in (paths[0], paths[2]))
+        ark = speech_data.ArkWriter(stack.enter_context(open(ark_tmp, "wb")), paths[0])
+        h5 = stack.enter_context(h5py.File(h5_tmp, "w"))
+        h5.attrs["embedding_size"] = model.encoder.embedding_size
+        h5.attrs["model"] = model.config["model"]
+        bar = stack.enter_context(tqdm(total=len(utts), desc="embedding", unit="utt", disable=None))
+        while True:
+            chunk = itertools.islice(features, CHUNK)
+            ids, emb = embed_matrices(model, chunk, device, min_frames, amp)
+            if not ids:
+                break
+            for utt, vec in zip(ids, emb.cpu().numpy()):
+                ark.write(utt, vec)
+                dataset = h5.create_dataset(utt, data=vec)
+                if utt2spk is not None and utt in utt2spk:
+                    dataset.attrs["spk"] = utt2spk[utt]
+            bar.update(len(ids))
+    with atomic_write(paths[1]) as handle:
+        handle.writelines(ark.scp_lines)
+    return paths
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.min_frames < 1:
+        raise UserError(f"--min-frames must be >= 1, got {args.min_frames}")
+    if args.no_cuda or args.cuda is False:
+        args.device = args.device or "cpu"
+    device = choose_device(args.device)
+    model = load_model(args.cp_path, args.model, device)
+    if models.encoder_domain(model.config["model"]) != "speech":
+        raise UserError(f"embed.py needs a speech model; this checkpoint holds {model.config['model']}")
+    utts, utt2spk = select_utterances(args.data, args.utt2spk)
+    os.makedirs(args.out_path, exist_ok=True)
+    paths = write_embeddings(model, args.data, utts, args.out_path, device, args.min_frames, args.amp, utt2spk)
+    print(f"wrote {len(utts)} embeddings of {model.encoder.embedding_size} dimensions: {', '.join(paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,56 @@
+"""One trial of the cluster hyperparameter search: train with the given flags, write the objective.
+
+Takes train.py's flags as run_hp_slurm.sh passes them (the seed's `--cuda True/False`; the string
+'None' means no value, e.g. `--logdir None` or `--train-hdf-file None` for the built-in digits), plus
+--out-file. Checkpoints go to <checkpoint-path>/<cp-name> when validation improves. The objective, the
+best validation e2e EER, is written to --out-file as one number (temporary name, then renamed); any
+failure exits non-zero and writes nothing.
+"""
+
+import argparse
+import os
+import sys
+
+import hp_space
+import train
+from utils import ArgumentParser, UserError, atomic_write, cli
+
+EXAMPLE = """example (one trial, as run_hp_slurm.sh starts it):
+  python train_hp.py --train-hdf-file data/train.hdf --valid-hdf-file data/valid.hdf --model TDNN \\
+      --lr 1.5 --epochs 5 --checkpoint-path cp/ --cp-name trial_3.pt --out-file temp/trial_3.out"""
+
+
+def build_parser():
+    p = ArgumentParser(
+        description=__doc__,
+        parents=[train.build_parser(add_help=False)],
+        allow_abbrev=False,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out-file", default="objective.txt", help="where the objective goes (default objective.txt)")
+    p.set_defaults(n_frames=800)  # the seed's train_hp.py default
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    for key, value in vars(args).items():
+        if value == "None":
+            setattr(args, key, None)
+    out_folder = os.path.dirname(os.path.abspath(args.out_file))
+    if not os.path.isdir(out_folder):
+        raise UserError(f"--out-file folder does not exist: {out_folder}")
+    args.save_every = sys.maxsize  # checkpoint only when validation improves (and at the end), as the seed
+    if args.logdir and args.cp_name:
+        args.logdir = os.path.join(args.logdir, os.path.splitext(args.cp_name)[0])
+    best = hp_space.train_objective(args, argv)
+    with atomic_write(args.out_file) as handle:
+        handle.write(f"{best['e2e']!r}\n")
+    print(f"objective (best validation e2e EER) {best['e2e']:.6f} written to {args.out_file}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
