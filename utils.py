@@ -101,6 +101,18 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def use_deterministic_algorithms():
+    """Make training repeatable: the same seed and flags give the same weights, also with several threads.
+
+    Without this, some CPU kernels (index accumulation in the pair loss's backward) sum in a thread-
+    dependent order, and two runs drift apart. On CUDA it selects deterministic kernels (cuBLAS needs
+    the workspace setting below, which must be in place before its first use); operations that have no
+    deterministic version only warn.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def str2bool(text):
     """Strict true/false parser for flags such as the seed's `--cuda True`."""
     lowered = str(text).strip().lower()

@@ -41,7 +41,7 @@ def d(tmp_path_factory):
     paths["tdnn"] = write_checkpoint(str(root / "tdnn.pt"), "TDNN", n_classes=3, encoder_args=TDNN_ARGS)
     paths["tdnn30"] = write_checkpoint(str(root / "tdnn30.pt"), "TDNN", 3, {"ncoef": 30, "latent_size": 16})
     paths["kaldi"] = str(root / "kaldi")
-    paths["utts"] = write_kaldi_dir(paths["kaldi"], ncoef=23)
+    paths["utts"] = list(write_kaldi_dir(paths["kaldi"], ncoef=23))
     paths["kaldi30"] = str(root / "kaldi30")
     write_kaldi_dir(paths["kaldi30"], ncoef=30)
     paths["kaldi_nan"] = str(root / "kaldi_nan")

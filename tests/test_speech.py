@@ -9,6 +9,7 @@ import kaldiio
 import numpy as np
 import pytest
 import torch
+from tiny_data import write_kaldi_dir
 from torch.utils.data import DataLoader
 
 import data_load
@@ -22,43 +23,14 @@ from utils import UserError, load_checkpoint
 NCOEF = 30
 
 
-def write_kaldi_dir(folder, n_speakers, n_utts, seed, prefix):
-    """A Kaldi data dir (feats.ark/scp via kaldiio, utt2spk, spk2utt, all-pairs trials) of learnable features.
-
-    Each speaker's frames are noise around its own offset vector; lengths vary from 20 to 119 frames.
-    """
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder)
-    feats, utt2spk = {}, {}
-    for s in range(n_speakers):
-        spk = f"{prefix}{s}"
-        offset = rng.normal(0.0, 1.0, NCOEF)
-        for u in range(n_utts):
-            utt = f"{spk}-u{u}"
-            feats[utt] = (offset + rng.normal(0.0, 1.0, (int(rng.integers(20, 120)), NCOEF))).astype(np.float32)
-            utt2spk[utt] = spk
-    kaldiio.save_ark(os.path.join(folder, "feats.ark"), feats, scp=os.path.join(folder, "feats.scp"))
-    utts = sorted(feats)
-    with open(os.path.join(folder, "utt2spk"), "w") as handle:
-        handle.writelines(f"{u} {utt2spk[u]}\n" for u in utts)
-    with open(os.path.join(folder, "spk2utt"), "w") as handle:
-        for spk in sorted(set(utt2spk.values())):
-            handle.write(" ".join([spk] + [u for u in utts if utt2spk[u] == spk]) + "\n")
-    with open(os.path.join(folder, "trials"), "w") as handle:
-        for i, a in enumerate(utts):
-            for b in utts[i + 1 :]:
-                handle.write(f"{a} {b} {'target' if utt2spk[a] == utt2spk[b] else 'nontarget'}\n")
-    return feats
-
-
 @pytest.fixture(scope="module")
 def speech_set(tmp_path_factory):
     """Train (6 speakers x 8) and test (3 other speakers x 4) Kaldi dirs, made into HDF5 by data_prep.py."""
     root = str(tmp_path_factory.mktemp("speech"))
     dirs = {"train": os.path.join(root, "train"), "test": os.path.join(root, "test")}
     feats = {
-        "train": write_kaldi_dir(dirs["train"], 6, 8, 0, "spk"),
-        "test": write_kaldi_dir(dirs["test"], 3, 4, 1, "tst"),
+        "train": write_kaldi_dir(dirs["train"], 6, 8, NCOEF, seed=0, prefix="spk", frames=(20, 120)),
+        "test": write_kaldi_dir(dirs["test"], 3, 4, NCOEF, seed=1, prefix="tst", frames=(20, 120)),
     }
     for name, out_name in (("train", "train.hdf"), ("test", "valid.hdf")):
         argv = ["--path-to-data", dirs[name] + "/", "--data-info-path", dirs[name] + "/", "--out-path", root + "/",

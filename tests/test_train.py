@@ -6,31 +6,20 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny_data import make_image_tree
 
 import eval as eval_script
 import train
 from utils import load_checkpoint
 
 
-def make_image_tree(root, n_classes=4, per_class=12, size=32, seed=0):
-    """One folder per class of PNG images; each class has its own colour pattern plus noise."""
-    rng = np.random.default_rng(seed)
-    for c in range(n_classes):
-        folder = os.path.join(root, f"class{c}")
-        os.makedirs(folder)
-        base = rng.integers(0, 256, size=(1, 1, 3))
-        for i in range(per_class):
-            img = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
-            img[: size // 2, c * size // n_classes :, :] //= 2
-            Image.fromarray(img).save(os.path.join(folder, f"{i}.png"))
-    return root
-
-
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    return {split: make_image_tree(str(root / split), seed=k) for k, split in enumerate(("train", "valid", "test"))}
+    return {
+        split: make_image_tree(str(root / split), per_class=12, size=32, seed=k)
+        for k, split in enumerate(("train", "valid", "test"))
+    }
 
 
 def test_seed_image_command_lines_run_verbatim(image_data, tmp_path, capsys):
@@ -128,3 +117,15 @@ def test_noam_schedule_matches_the_seed_formula():
     assert abs(seen[1] - 1.5 * 2000**-1.5) < 1e-12
     assert abs(seen[2000] - 1.5 / 2000**0.5) < 1e-9
     assert abs(seen[8000] - 1.5 / 8000**0.5) < 1e-9
+
+
+def test_same_seed_same_weights_with_two_threads(tmp_path):
+    torch.set_num_threads(2)
+    weights = []
+    for run in range(2):
+        argv = ["--epochs", "1", "--no-cp", "--verbose", "0", "--checkpoint-path", str(tmp_path / str(run))]
+        args = train.build_parser().parse_args(argv)
+        _, model, _ = train.run(args, argv)
+        weights.append(model.state_dict())
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name

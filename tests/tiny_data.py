@@ -76,10 +76,12 @@ def write_checkpoint(path, model="densenet", n_classes=4, encoder_args=None, see
     return path
 
 
-def write_kaldi_dir(folder, n_speakers=3, n_utts=3, ncoef=30, seed=0, nan_utt=None):
-    """A Kaldi data dir: feats.ark/scp (float32 (frames, ncoef), via kaldiio), utt2spk, spk2utt, trials.
+def write_kaldi_dir(folder, n_speakers=3, n_utts=3, ncoef=30, seed=0, nan_utt=None, prefix="spk", frames=(20, 60)):
+    """A Kaldi data dir: feats.ark/scp (float32 (frames, ncoef), via kaldiio), utt2spk, spk2utt, all-pairs trials.
 
-    With `nan_utt` (an index), that utterance gets a NaN and an Inf. Returns the sorted utterance ids.
+    Each speaker's frames are noise around its own offset vector (learnable); lengths are drawn from
+    `frames`. With `nan_utt` (an index into the sorted ids), that utterance gets a NaN and an Inf.
+    Returns {utterance id: features}, sorted by id.
     """
     rng = np.random.default_rng(seed)
     os.makedirs(folder)
@@ -87,10 +89,12 @@ def write_kaldi_dir(folder, n_speakers=3, n_utts=3, ncoef=30, seed=0, nan_utt=No
     for s in range(n_speakers):
         offset = rng.normal(0.0, 1.0, ncoef)
         for u in range(n_utts):
-            utt = f"spk{s}-u{u}"
-            feats[utt] = (offset + rng.normal(0.0, 1.0, (int(rng.integers(20, 60)), ncoef))).astype(np.float32)
-            utt2spk[utt] = f"spk{s}"
-    utts = sorted(feats)
+            utt = f"{prefix}{s}-u{u}"
+            length = int(rng.integers(*frames))
+            feats[utt] = (offset + rng.normal(0.0, 1.0, (length, ncoef))).astype(np.float32)
+            utt2spk[utt] = f"{prefix}{s}"
+    feats = dict(sorted(feats.items()))
+    utts = list(feats)
     if nan_utt is not None:
         feats[utts[nan_utt]][3, :2] = (np.nan, np.inf)
     kaldiio.save_ark(os.path.join(folder, "feats.ark"), feats, scp=os.path.join(folder, "feats.scp"))
@@ -103,7 +107,7 @@ def write_kaldi_dir(folder, n_speakers=3, n_utts=3, ncoef=30, seed=0, nan_utt=No
         for i, a in enumerate(utts):
             for b in utts[i + 1 :]:
                 handle.write(f"{a} {b} {'target' if utt2spk[a] == utt2spk[b] else 'nontarget'}\n")
-    return utts
+    return feats
 
 
 def write_speaker_hdf5(path, utts_per_speaker, ncoef=30, frames=40, seed=0):
