@@ -123,7 +123,7 @@ def materialise(prompts, wav_dir, jobs=2):
     for spk in {p["spk"] for p in prompts}:
         os.makedirs(os.path.join(wav_dir, spk), exist_ok=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(tqdm(pool.map(one, prompts), total=len(prompts), desc="wav files", unit="file"))
+        list(tqdm(pool.map(one, prompts), total=len(prompts), desc="wav files", unit="file", disable=None))
     for prompt in prompts:
         if prompt["seconds"] < MIN_SECONDS:
             print(f"left out {prompt['src']}: {prompt['seconds']:.2f} s of audio")
@@ -176,7 +176,7 @@ def utterance_stats(feats):
 def stats_cosine_eer(wav_paths, speakers, ncoef=30):
     """The no-training floor: all-pairs EER of cosine scores between per-utterance MFCC mean/std vectors."""
     stats = []
-    for path in tqdm(wav_paths, desc="floor MFCC", unit="utt"):
+    for path in tqdm(wav_paths, desc="floor MFCC", unit="utt", disable=None):
         samples, rate = speech_data.read_wav(path)
         feats = speech_data.compute_mfcc(samples, rate, ncoef)
         if len(feats) == 0:
