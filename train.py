@@ -259,7 +259,8 @@ def make_loaders(args, train, valid, device, rank=0, world_size=1):
     return train_loader, valid_loader
 
 
-def make_optimizer(args, model, steps_per_epoch):
+def make_optimizer(args, model):
+    """SGD (Nesterov under the noam schedule, as the seed) and its LR scheduler: noam per step or plateau per epoch."""
     opt = torch.optim.SGD(
         model.parameters(),
         lr=args.lr,
@@ -322,7 +323,7 @@ def run(args, argv=None, device=None, rank=0, world_size=1):
     train, valid, n_classes, encoder_args = build_data(args)
     model = prepare_model(args, models.build_model(model_config(args, n_classes, encoder_args)), device, world_size)
     train_loader, valid_loader = make_loaders(args, train, valid, device, rank, world_size)
-    optimizer, scheduler = make_optimizer(args, model, len(train_loader))
+    optimizer, scheduler = make_optimizer(args, model)
     writer = None
     if args.logdir and rank == 0:
         from torch.utils.tensorboard import SummaryWriter

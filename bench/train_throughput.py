@@ -65,7 +65,7 @@ def build_trainer(flags, device, image_path):
     model = models.build_model(train.model_config(args, n_classes, encoder_args))
     model = train.prepare_model(args, model, device)
     loader, _ = train.make_loaders(args, train_set, None, device)
-    optimizer, scheduler = train.make_optimizer(args, model, len(loader))
+    optimizer, scheduler = train.make_optimizer(args, model)
     args.truncate, args.progress, args.record = False, False, {}
     trainer = TrainLoop(model, optimizer, scheduler, args.lr_schedule, loader, None, device, args)
     return trainer, loader

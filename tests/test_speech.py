@@ -187,7 +187,7 @@ def test_seed_voxceleb_lr_is_a_noam_scale():
     args = train.build_parser().parse_args(["--train-hdf-file", "x.hdf", "--lr", "1.5", "--warmup", "2000"])
     train.resolve_defaults(args, [])
     model = torch.nn.Linear(2, 2)
-    opt, sched = train.make_optimizer(args, model, steps_per_epoch=10)
+    opt, sched = train.make_optimizer(args, model)
     assert args.lr_schedule == "noam" and opt.param_groups[0]["nesterov"]
     used = {}
     for step in range(1, 8001):
