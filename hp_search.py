@@ -6,7 +6,6 @@ Every train.py flag is accepted and held fixed; the search varies the hyperparam
 <checkpoint-path>/hp_best.json. Run the same command again to resume a stopped search.
 """
 
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ import torch
 
 import hp_space
 import train
-from utils import ArgumentParser, UserError, cli
+from utils import UserError, cli
 
 EXAMPLE = """--model all searches the encoder too; --optimizer RandomSearch samples as the seed did.
 
@@ -30,13 +29,7 @@ TRIAL_ERRORS = (UserError, RuntimeError, ValueError, FloatingPointError, MemoryE
 
 def build_parser():
     """train.py's parser plus the search flags; returns (parser, the search flags' actions)."""
-    p = ArgumentParser(
-        description=__doc__,
-        parents=[train.build_parser(add_help=False)],
-        allow_abbrev=False,
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = train.extended_parser(__doc__, EXAMPLE)
     return p, hp_space.add_search_flags(p, budget=100)
 
 

@@ -9,7 +9,6 @@ trial: recorded, told to the optimizer, and the search goes on. Trials are recor
 again to resume a stopped search (jobs it left running are cancelled first).
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import uuid
 
 import hp_space
 import train
-from utils import ArgumentParser, UserError, cli
+from utils import UserError, cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = """--model all searches the encoder too; --rproj the random-projection size.
@@ -43,13 +42,7 @@ NOT_CARRIED_OK = {"seed", "save_every", "checkpoint_path", "no_cuda", "cuda", "d
 
 def build_parser():
     """train.py's parser plus the search and cluster flags; returns (parser, the added flags' actions)."""
-    p = ArgumentParser(
-        description=__doc__,
-        parents=[train.build_parser(add_help=False)],
-        allow_abbrev=False,
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = train.extended_parser(__doc__, EXAMPLE)
     own = hp_space.add_search_flags(p, budget=30)
     g = p.add_argument_group("cluster")
     own += [

@@ -179,6 +179,17 @@ def build_parser(add_help=True):
     return p
 
 
+def extended_parser(description, epilog):
+    """A parser with every training flag (defined once, here) for the scripts that add their own flags."""
+    return ArgumentParser(
+        description=description,
+        parents=[build_parser(add_help=False)],
+        allow_abbrev=False,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def resolve_defaults(args, argv):
     """Fill the domain-dependent defaults and check combinations the parser cannot."""
     args.domain = "speech" if args.train_hdf_file else "image"

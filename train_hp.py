@@ -7,13 +7,12 @@ best validation e2e EER, is written to --out-file as one number (temporary name,
 failure exits non-zero and writes nothing.
 """
 
-import argparse
 import os
 import sys
 
 import hp_space
 import train
-from utils import ArgumentParser, UserError, atomic_write, cli
+from utils import UserError, atomic_write, cli
 
 EXAMPLE = """example (one trial, as run_hp_slurm.sh starts it):
   python train_hp.py --train-hdf-file data/train.hdf --valid-hdf-file data/valid.hdf --model TDNN \\
@@ -21,13 +20,7 @@ EXAMPLE = """example (one trial, as run_hp_slurm.sh starts it):
 
 
 def build_parser():
-    p = ArgumentParser(
-        description=__doc__,
-        parents=[train.build_parser(add_help=False)],
-        allow_abbrev=False,
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = train.extended_parser(__doc__, EXAMPLE)
     p.add_argument("--out-file", default="objective.txt", help="where the objective goes (default objective.txt)")
     p.set_defaults(n_frames=800)  # the seed's train_hp.py default
     return p
