@@ -19,7 +19,15 @@ import models
 import speech_data
 from eval import checked_features, load_model
 from scoring import embed_matrices
-from utils import ArgumentParser, UserError, atomic_path, atomic_write, choose_device, cli, str2bool
+from utils import (
+    ArgumentParser,
+    UserError,
+    add_device_flags,
+    atomic_path,
+    atomic_write,
+    cli,
+    device_from_args,
+)
 
 EXAMPLE = """example:
   python embed.py --data data/test/feats.scp --cp-path cp/checkpoint_10ep.pt --out-path exp/embeddings/
@@ -39,10 +47,7 @@ def build_parser():
     p.add_argument(
         "--min-frames", type=int, default=50, help="shorter utterances are tiled to this length (default 50)"
     )
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
-    p.add_argument("--no-cuda", action="store_true", help="seed spelling of --device cpu")
-    p.add_argument("--cuda", type=str2bool, default=None, help="seed spelling: True/False")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    add_device_flags(p)
     return p
 
 
@@ -107,9 +112,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.min_frames < 1:
         raise UserError(f"--min-frames must be >= 1, got {args.min_frames}")
-    if args.no_cuda or args.cuda is False:
-        args.device = args.device or "cpu"
-    device = choose_device(args.device)
+    device = device_from_args(args)
     model = load_model(args.cp_path, args.model, device)
     if models.encoder_domain(model.config["model"]) != "speech":
         raise UserError(f"embed.py needs a speech model; this checkpoint holds {model.config['model']}")

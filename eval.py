@@ -15,7 +15,15 @@ import models
 import plots
 import speech_data
 from scoring import embed_matrices, evaluate_scores, run_image_eval, score_trials, write_score_file
-from utils import ArgumentParser, UserError, choose_device, cli, format_metrics_table, load_checkpoint, str2bool
+from utils import (
+    ArgumentParser,
+    UserError,
+    add_device_flags,
+    cli,
+    device_from_args,
+    format_metrics_table,
+    load_checkpoint,
+)
 
 EXAMPLE = """examples:
   python eval.py --data-path /data/test/ --model resnet --cp-path cp/checkpoint_10ep.pt --out-path scores.out
@@ -38,10 +46,7 @@ def build_parser():
     p.add_argument(
         "--min-frames", type=int, default=100, help="speech: shorter utterances are tiled to this length (default 100)"
     )
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
-    p.add_argument("--no-cuda", action="store_true", help="seed spelling of --device cpu")
-    p.add_argument("--cuda", type=str2bool, default=None, help="seed spelling: True/False")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    add_device_flags(p)
     p.add_argument("--plot", action="store_true", help="also write DET curves and score histograms (PNG)")
     return p
 
@@ -120,9 +125,7 @@ def eval_speech(args, model, device, out_path):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.no_cuda or args.cuda is False:
-        args.device = args.device or "cpu"
-    device = choose_device(args.device)
+    device = device_from_args(args)
     out_path = resolve_out_path(args.out_path)
     if args.plot and out_path is None:
         raise UserError("--plot writes its PNGs beside the score file: give --out-path too")

@@ -94,6 +94,21 @@ def choose_device(name=None, cuda_flag=None):
     return device
 
 
+def add_device_flags(parser):
+    """The device flags every script shares: --device, the seed's --no-cuda and --cuda True/False, --amp."""
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
+    parser.add_argument("--no-cuda", action="store_true", help="seed spelling of --device cpu")
+    parser.add_argument("--cuda", type=str2bool, default=None, help="seed spelling: True/False")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+
+
+def device_from_args(args):
+    """The device that add_device_flags' flags ask for (--no-cuda / --cuda False mean the CPU)."""
+    if args.no_cuda or args.cuda is False:
+        args.device = args.device or "cpu"
+    return choose_device(args.device)
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices) from one integer."""
     random.seed(seed)
