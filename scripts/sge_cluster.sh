@@ -24,14 +24,11 @@
 # Exit status: 0 ok, 1 failure, 3 the scheduler cannot be installed here (not root and no
 # password-less sudo, no apt-get, or apt-get fails); tests skip on 3.
 set -euo pipefail
+LOG_NAME=sge_cluster
 
-if [[ $(id -u) -ne 0 ]]; then
-	if ! sudo -n true 2>/dev/null; then
-		echo "$(basename "$0"): needs root or password-less sudo" >&2
-		exit 3
-	fi
-	exec sudo -E "$0" "$@"
-fi
+# shellcheck source=scripts/cluster_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
+become_root "$@"
 
 export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
 DIR=${E2E_SGE_DIR:-/tmp/e2e-sge}
@@ -41,42 +38,17 @@ QUEUE=e2e.q
 COMMON=$SGE_ROOT/$SGE_CELL/common
 QMASTER_PID=/var/spool/gridengine/qmaster/qmaster.pid
 
-log() { echo "sge_cluster: $*" >&2; }
-
 ensure_packages() {
 	if command -v sge_qmaster >/dev/null && command -v sge_execd >/dev/null &&
 		command -v qsub >/dev/null; then
 		return
 	fi
-	local pkgs=(gridengine-master gridengine-exec gridengine-client) p
-	log "installing ${pkgs[*]}"
-	command -v apt-get >/dev/null || {
-		log "no apt-get here; install ${pkgs[*]} by hand"
-		exit 3
-	}
+	local p
 	for p in gridengine-common gridengine-client gridengine-master gridengine-exec; do
 		printf '%s shared/gridengineconfig boolean true\n%s shared/gridenginecell string default\n%s shared/gridenginemaster string %s\n' \
 			"$p" "$p" "$p" "$HOST"
 	done | debconf-set-selections
-	export DEBIAN_FRONTEND=noninteractive
-	if ! apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null; then
-		apt-get update -qq >/dev/null 2>&1 || true
-		apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null || {
-			log "cannot install ${pkgs[*]}"
-			exit 3
-		}
-	fi
-}
-
-# Print the pid from a pid file when that process is alive (not a zombie) and runs the named program.
-alive_pid() {
-	local pidfile=$1 name=$2 pid stat
-	[[ -r $pidfile ]] || return 1
-	pid=$(tr -dc '0-9' 2>/dev/null <"$pidfile")
-	[[ -n $pid ]] || return 1
-	stat=$(ps -o stat= -p "$pid" 2>/dev/null) || return 1
-	[[ $stat != Z* && $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]] || return 1
-	echo "$pid"
+	apt_install gridengine-master gridengine-exec gridengine-client
 }
 
 # The execd spools under the name it resolves for itself (here "localhost"), so look in every folder.
@@ -90,8 +62,6 @@ execd_pidfile() {
 	done
 	return 1
 }
-
-mark_started() { echo "$1 $2" >>"$DIR/started.list"; }
 
 # Run a qconf command quietly (it reports success on stderr); show its output only when it fails.
 quiet() {
@@ -234,25 +204,7 @@ start() {
 	exit 1
 }
 
-# Stop in reverse start order; wait for each to exit (SIGKILL after 30 s).
-stop() {
-	local list=$DIR/started.list name pidfile pid i
-	[[ -s $list ]] || {
-		log "nothing started by this script is recorded in $list"
-		return 0
-	}
-	tac "$list" | while read -r name pidfile; do
-		pid=$(alive_pid "$pidfile" "$name") || continue
-		kill -TERM "$pid"
-		for ((i = 0; i < 60; i++)); do
-			alive_pid "$pidfile" "$name" >/dev/null || break
-			sleep 0.5
-		done
-		alive_pid "$pidfile" "$name" >/dev/null && kill -KILL "$pid"
-		log "stopped $name (pid $pid)"
-	done
-	rm -f "$list"
-}
+stop() { stop_started 30; }
 
 status() {
 	local line
@@ -264,12 +216,4 @@ status() {
 	return 1
 }
 
-case ${1:-} in
-start) start ;;
-stop) stop ;;
-status) status ;;
-*)
-	echo "usage: $0 {start|stop|status}" >&2
-	exit 2
-	;;
-esac
+dispatch "$@"

@@ -24,14 +24,11 @@
 # Exit status: 0 ok, 1 failure, 3 the scheduler cannot be installed here (not root and no
 # password-less sudo, no apt-get, or apt-get fails); tests skip on 3.
 set -euo pipefail
+LOG_NAME=slurm_cluster
 
-if [[ $(id -u) -ne 0 ]]; then
-	if ! sudo -n true 2>/dev/null; then
-		echo "$(basename "$0"): needs root or password-less sudo" >&2
-		exit 3
-	fi
-	exec sudo -E "$0" "$@"
-fi
+# shellcheck source=scripts/cluster_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
+become_root "$@"
 
 DIR=${E2E_SLURM_DIR:-/tmp/e2e-slurm}
 GPUS=${E2E_SLURM_GPUS:-2}
@@ -41,41 +38,13 @@ MARKER="# written by e2e-verification scripts/slurm_cluster.sh"
 NODE=$(hostname -s)
 PARTITION=e2e
 
-log() { echo "slurm_cluster: $*" >&2; }
-
 ensure_packages() {
 	if command -v slurmctld >/dev/null && command -v slurmd >/dev/null &&
 		command -v sbatch >/dev/null && command -v munged >/dev/null; then
 		return
 	fi
-	local pkgs=(slurm-wlm munge)
-	log "installing ${pkgs[*]}"
-	command -v apt-get >/dev/null || {
-		log "no apt-get here; install ${pkgs[*]} by hand"
-		exit 3
-	}
-	export DEBIAN_FRONTEND=noninteractive
-	if ! apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null; then
-		apt-get update -qq >/dev/null 2>&1 || true
-		apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null || {
-			log "cannot install ${pkgs[*]}"
-			exit 3
-		}
-	fi
+	apt_install slurm-wlm munge
 }
-
-# Print the pid from a pid file when that process is alive (not a zombie) and runs the named program.
-alive_pid() {
-	local pidfile=$1 name=$2 pid stat
-	[[ -r $pidfile ]] || return 1
-	pid=$(tr -dc '0-9' 2>/dev/null <"$pidfile")
-	[[ -n $pid ]] || return 1
-	stat=$(ps -o stat= -p "$pid" 2>/dev/null) || return 1
-	[[ $stat != Z* && $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]] || return 1
-	echo "$pid"
-}
-
-mark_started() { echo "$1 $2" >>"$DIR/started.list"; }
 
 start_munge() {
 	if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -186,25 +155,7 @@ start() {
 	printf 'node=%s\npartition=%s\njobcomp=%s\nlogdir=%s\n' "$NODE" "$PARTITION" "$DIR/jobcomp.log" "$DIR"
 }
 
-# Stop in reverse start order; wait for each to exit (SIGKILL after 20 s).
-stop() {
-	local list=$DIR/started.list name pidfile pid i
-	[[ -s $list ]] || {
-		log "nothing started by this script is recorded in $list"
-		return 0
-	}
-	tac "$list" | while read -r name pidfile; do
-		pid=$(alive_pid "$pidfile" "$name") || continue
-		kill -TERM "$pid"
-		for ((i = 0; i < 40; i++)); do
-			alive_pid "$pidfile" "$name" >/dev/null || break
-			sleep 0.5
-		done
-		alive_pid "$pidfile" "$name" >/dev/null && kill -KILL "$pid"
-		log "stopped $name (pid $pid)"
-	done
-	rm -f "$list"
-}
+stop() { stop_started 20; }
 
 status() {
 	local state
@@ -217,12 +168,4 @@ status() {
 	[[ $state == idle || $state == mixed || $state == allocated ]]
 }
 
-case ${1:-} in
-start) start ;;
-stop) stop ;;
-status) status ;;
-*)
-	echo "usage: $0 {start|stop|status}" >&2
-	exit 2
-	;;
-esac
+dispatch "$@"
