@@ -43,6 +43,21 @@ def pair_chunk(distance, device, chunk_elements=None):
     return max(1, budget // (hidden * len(distance.heads)))
 
 
+def _mean_probability(distance, halves, left_index, right_index, amp):
+    """Same-class probability averaged over the heads, for the pairs (left[left_index], right[right_index]).
+
+    `halves` are the heads' `split_first_layer` outputs; the indices pick rows (a tensor for aligned
+    trials, or broadcasting slices for a block of all pairs).
+    """
+    device = halves[0][0].device
+    with _autocast(device, amp):
+        probs = [
+            torch.sigmoid(head.tail(left[left_index] + right[right_index]).float())
+            for head, (left, right) in zip(distance.heads, halves)
+        ]
+    return torch.stack(probs).mean(0)
+
+
 @torch.no_grad()
 def score_trials(distance, emb, idx_a, idx_b, amp=False, chunk_elements=None):
     """Scores of the trials (emb[idx_a[k]], emb[idx_b[k]]) -> {'e2e', 'cos', 'fus'} float32 tensors (trials,).
@@ -61,12 +76,7 @@ def score_trials(distance, emb, idx_a, idx_b, amp=False, chunk_elements=None):
     for start in range(0, len(idx_a), step):
         part = slice(start, start + step)
         a, b = idx_a[part], idx_b[part]
-        with _autocast(device, amp):
-            probs = [
-                torch.sigmoid(head.tail(left[a] + right[b]).float())
-                for head, (left, right) in zip(distance.heads, halves)
-            ]
-        e2e[part] = torch.stack(probs).mean(0)
+        e2e[part] = _mean_probability(distance, halves, a, b, amp)
         cos[part] = (norm[a] * norm[b]).sum(1)
     return {"e2e": e2e, "cos": cos, "fus": fuse(e2e, cos)}
 
@@ -95,13 +105,9 @@ def score_all_pairs(distance, emb, labels, amp=False, chunk_elements=None, progr
         rows = max(1, min(cols, budget // cols))
         stop, count = row + rows, rows * cols - rows * (rows - 1) // 2
         mask = torch.ones(rows, cols, dtype=torch.bool, device=device).triu_()
-        with _autocast(device, amp):
-            probs = [
-                torch.sigmoid(head.tail(left[row:stop, None] + right[None, row + 1 :]).float())
-                for head, (left, right) in zip(distance.heads, halves)
-            ]
         part = slice(done, done + count)
-        e2e[part] = torch.stack(probs).mean(0)[mask]
+        block_rows, block_cols = (slice(row, stop), None), (None, slice(row + 1, None))
+        e2e[part] = _mean_probability(distance, halves, block_rows, block_cols, amp)[mask]
         cos[part] = (norm[row:stop] @ norm[row + 1 :].t())[mask]
         same[part] = (labels[row:stop, None] == labels[None, row + 1 :])[mask]
         bar.update(count)

@@ -20,8 +20,8 @@ from train_loop import TrainLoop, noam_factor  # noqa: F401  (noam_factor re-exp
 from utils import (
     ArgumentParser,
     UserError,
-    choose_device,
     cli,
+    device_from_args,
     git_commit,
     seed_everything,
     str2bool,
@@ -219,8 +219,6 @@ def resolve_defaults(args, argv):
         raise UserError(f"--checkpoint-path {args.checkpoint_path} is a file, not a folder")
     if not 0 <= args.dropout_prob < 1:
         raise UserError(f"--dropout-prob must be in [0, 1), got {args.dropout_prob}")
-    if args.cuda is False or args.no_cuda:
-        args.device = args.device or "cpu"
     return args
 
 
@@ -311,7 +309,7 @@ def init_distributed(args):
     if world_size <= 1:
         return 0, 1, None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = choose_device("cpu" if args.cuda is False or args.no_cuda else args.device)
+    device = device_from_args(args)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -322,7 +320,7 @@ def init_distributed(args):
 def run(args, argv=None, device=None, rank=0, world_size=1):
     """Train as the parsed `args` say; returns (trainer, model, datasets)."""
     resolve_defaults(args, argv)
-    device = device or choose_device(args.device)
+    device = device or device_from_args(args)
     if args.model is None:
         args.model = DOMAIN_DEFAULTS[args.domain]["model"]
     args.record = {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))}

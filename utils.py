@@ -79,10 +79,8 @@ def write_json(path, obj):
 # ----------------------------------------------------------------------------- devices and seeds
 
 
-def choose_device(name=None, cuda_flag=None):
-    """Pick the torch device: `name` if given, else cuda when present; `cuda_flag=False` forces the CPU."""
-    if cuda_flag is False and name is None:
-        return torch.device("cpu")
+def choose_device(name=None):
+    """Pick the torch device: `name` if given, else cuda when present."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
