@@ -15,10 +15,10 @@ import h5py
 from tqdm import tqdm
 
 import data_load
-import models
 import speech_data
-from eval import checked_features, load_model
+from checkpoints import load_model
 from scoring import embed_matrices
+from tasks import task_for_model
 from utils import (
     ArgumentParser,
     UserError,
@@ -84,7 +84,7 @@ def write_embeddings(model, path, utts, out_dir, device, min_frames=50, amp=Fals
     if bad:
         raise UserError(f"utterance ids cannot hold '/' (HDF5 names): {', '.join(bad[:3])}")
     paths = [os.path.join(out_dir, f"embeddings.{ext}") for ext in ("ark", "scp", "h5")]
-    features = checked_features(path, utts, model.config["encoder_args"].get("ncoef"))
+    features = speech_data.checked_features(path, utts, model.config["encoder_args"].get("ncoef"))
     with contextlib.ExitStack() as stack:
         ark_tmp, h5_tmp = (stack.enter_context(atomic_path(p)) for p in (paths[0], paths[2]))
         ark = speech_data.ArkWriter(stack.enter_context(open(ark_tmp, "wb")), paths[0])
@@ -114,8 +114,7 @@ def main(argv=None):
         raise UserError(f"--min-frames must be >= 1, got {args.min_frames}")
     device = device_from_args(args)
     model = load_model(args.cp_path, args.model, device)
-    if models.encoder_domain(model.config["model"]) != "speech":
-        raise UserError(f"embed.py needs a speech model; this checkpoint holds {model.config['model']}")
+    task_for_model(model.config["model"]).require_recordings("embed.py", model.config["model"])
     utts, utt2spk = select_utterances(args.data, args.utt2spk)
     os.makedirs(args.out_path, exist_ok=True)
     paths = write_embeddings(model, args.data, utts, args.out_path, device, args.min_frames, args.amp, utt2spk)

@@ -8,21 +8,14 @@ and writes one trial per line plus a JSON of the metrics beside it.
 import argparse
 import os
 
-import numpy as np
-
-import data_load
-import models
-import plots
-import speech_data
-from scoring import embed_matrices, evaluate_scores, run_image_eval, score_trials, write_score_file
+from checkpoints import load_model
+from tasks import task_for_model
 from utils import (
     ArgumentParser,
     UserError,
     add_device_flags,
     cli,
     device_from_args,
-    format_metrics_table,
-    load_checkpoint,
 )
 
 EXAMPLE = """examples:
@@ -51,17 +44,6 @@ def build_parser():
     return p
 
 
-def load_model(cp_path, model_name, device):
-    """The Verifier stored in a checkpoint (weights-only load), in eval mode on `device`."""
-    state = load_checkpoint(cp_path)
-    config = state["model_config"]
-    if model_name is not None and model_name != config["model"]:
-        raise UserError(f"--model {model_name} does not match the checkpoint, which holds a {config['model']} model")
-    model = models.build_model(config)
-    model.load_state_dict(state["model_state"])
-    return model.to(device).eval()
-
-
 def resolve_out_path(out_path):
     if out_path is None:
         return None
@@ -75,54 +57,6 @@ def resolve_out_path(out_path):
     return out_path
 
 
-def checked_features(path, wanted, ncoef):
-    """(utt, (ncoef, frames)) matrices of `path`, refusing NaN / Inf and a coefficient count the model does not take."""
-    for utt, mat in speech_data.iter_features(path, wanted):
-        if ncoef is not None and mat.shape[1] != ncoef:
-            raise UserError(
-                f"utterance {utt} of {path} has {mat.shape[1]} coefficients per frame; the model takes {ncoef}"
-            )
-        if not np.isfinite(mat).all():
-            raise UserError(f"utterance {utt} of {path} holds NaN or Inf values")
-        yield utt, mat.T
-
-
-def eval_speech(args, model, device, out_path):
-    """Embed every utterance named by the trials once (whole, tiled to --min-frames) and score the trials."""
-    if models.encoder_domain(model.config["model"]) != "speech":
-        raise UserError(f"--test-data needs a speech model; this checkpoint holds {model.config['model']}")
-    if args.min_frames < 1:
-        raise UserError(f"--min-frames must be >= 1, got {args.min_frames}")
-    if args.trials_path:
-        enroll, test, target = speech_data.read_trials(args.trials_path)
-    elif args.spk2utt:
-        enroll, test, target = speech_data.all_pairs_trials(args.spk2utt)
-    else:
-        raise UserError("speech evaluation needs --trials-path (or --spk2utt to score all pairs)")
-    if target.all() or not target.any():
-        raise UserError("the trials need at least one target and one non-target pair to compute metrics")
-    wanted = list(dict.fromkeys([*enroll, *test]))
-    items = checked_features(args.test_data, wanted, model.config["encoder_args"].get("ncoef"))
-    ids, emb = embed_matrices(model, items, device, args.min_frames, args.amp, progress=True, total=len(wanted))
-    index = {utt: i for i, utt in enumerate(ids)}
-    idx_a = np.fromiter((index[u] for u in enroll), dtype=np.int64, count=len(enroll))
-    idx_b = np.fromiter((index[u] for u in test), dtype=np.int64, count=len(test))
-    scores = score_trials(model.distance, emb, idx_a, idx_b, amp=args.amp)
-    metrics = evaluate_scores(scores, target)
-    summary = {"trials": len(target), "targets": int(target.sum()), "utterances": len(ids), "metrics": metrics}
-    if out_path:
-        write_score_file(out_path, enroll, test, scores, target, metrics=summary)
-    if out_path and args.plot:
-        plots.write_plots(out_path, scores, target, metrics)
-    print(f"{len(target)} trials ({summary['targets']} target) over {len(ids)} utterances")
-    print(format_metrics_table(metrics))
-    if out_path:
-        print(f"scores: {out_path}  metrics: {out_path}.json")
-    if out_path and args.plot:
-        print(f"plots: {out_path}.<scorer>_det.png and {out_path}.<scorer>_hist.png")
-    return scores, target, metrics
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = device_from_args(args)
@@ -130,15 +64,7 @@ def main(argv=None):
     if args.plot and out_path is None:
         raise UserError("--plot writes its PNGs beside the score file: give --out-path too")
     model = load_model(args.cp_path, args.model, device)
-    if args.test_data is not None:
-        scores, target, _ = eval_speech(args, model, device, out_path)
-    else:
-        if models.encoder_domain(model.config["model"]) != "image":
-            raise UserError("this checkpoint holds a speech model: give --test-data and --trials-path")
-        dataset = data_load.load_images(args.data_path, "test")
-        if args.batch_size <= 0:
-            raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
-        run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, verbose=True, plot=args.plot)
+    task_for_model(model.config["model"]).evaluate(model, args, device, out_path)
     return 0
 
 

@@ -17,6 +17,7 @@ import nevergrad as ng
 
 import models
 import train
+from tasks import task_for_args
 from utils import UserError, write_json
 
 LOG_NAME = "hp_trials.jsonl"
@@ -55,6 +56,7 @@ SPEECH_SPACE = {
     "softmax": ["choice", ["softmax", "am_softmax"]],
     "max_gnorm": ["ordered", [10.0, 20.0, 50.0]],
 }
+SPACES = {"image": IMAGE_SPACE, "speech": SPEECH_SPACE}  # by task name
 SCHEDULE_ONLY = {"warmup": "noam", "patience": "plateau"}  # searched only under that LR schedule
 RPROJ_FRACTIONS = [-1, 0.3, 0.5, 0.8]  # of the learned distance's input, 2 x embedding size; -1 = off
 
@@ -111,16 +113,15 @@ def resolve_base(argv):
     search_all = args.model == "all"
     if search_all:
         args.model = None
-    train.resolve_defaults(args, argv)
-    search_models = models.encoder_names(args.domain) if search_all else None
+    args = train.resolve_defaults(args, argv)
+    task = task_for_args(args)
+    search_models = models.encoder_names(task.name) if search_all else None
     for flag in ("data_path", "valid_data_path", "train_hdf_file", "valid_hdf_file"):
         path = getattr(args, flag)
         if path is not None and path != "digits" and not os.path.exists(path):
             raise UserError(f"--{flag.replace('_', '-')} {path} does not exist")
-    if args.domain == "speech" and not args.valid_hdf_file:
-        raise UserError("a search scores trials on validation data: give --valid-hdf-file")
-    if args.domain == "image" and not (args.digits or args.valid_data_path):
-        raise UserError("a search scores trials on validation data: give --valid-data-path")
+    if not task.has_validation(args):
+        raise UserError(f"a search scores trials on validation data: give {task.valid_flag}")
     return args, search_models
 
 
@@ -131,7 +132,7 @@ def space_spec(args, search_models=None, rproj=False, only=None):
     model with `--model all`, the rproj fraction with `--rproj`, and with `only` (the submit fields)
     just what a submit script can pass.
     """
-    table = SPEECH_SPACE if args.domain == "speech" else IMAGE_SPACE
+    table = SPACES[task_for_args(args).name]
     spec = {k: v for k, v in table.items() if SCHEDULE_ONLY.get(k, args.lr_schedule) == args.lr_schedule}
     if search_models:
         spec["model"] = ["choice", list(search_models)]
@@ -212,8 +213,9 @@ def submit_args(values):
 
 
 def train_objective(args, argv):
-    """Train through train.run; returns the best validation EERs {'e2e', 'cos'}, the objective being e2e."""
-    trainer, _, _ = train.run(args, argv)
+    """Train through train.build and train.fit; returns the best validation EERs {'e2e', 'cos'}, the objective
+    being e2e."""
+    trainer = train.fit(train.build(args, argv)).trainer
     best = {k: float(v) for k, v in trainer.best.items()}
     if not math.isfinite(best["e2e"]):
         raise UserError("training ended with no validation EER (is there validation data?)")

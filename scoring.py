@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import atomic_write, compute_metrics, write_json
+from metrics import compute_metrics
+from utils import atomic_write, write_json
 
 SCORERS = ("e2e", "cos", "fus")
 # Hidden activations held at once when scoring pairs: 16 MB blocks in fp32 on the CPU (cache-sized,
@@ -37,46 +38,39 @@ def embed_loader(model, loader, device, amp=False, progress=False, desc="embeddi
 
 
 def pair_chunk(distance, device, chunk_elements=None):
-    """Pairs scored at once: `chunk_elements` (default by device) hidden activations over all heads."""
-    hidden = distance.heads[0].first.out_features
+    """Pairs scored at once: `chunk_elements` (default by device) pair activations over all heads."""
     budget = chunk_elements or (GPU_PAIR_ELEMENTS if device.type == "cuda" else CPU_PAIR_ELEMENTS)
-    return max(1, budget // (hidden * len(distance.heads)))
+    return max(1, budget // distance.pair_width)
 
 
-def _mean_probability(distance, halves, left_index, right_index, amp):
-    """Same-class probability averaged over the heads, for the pairs (left[left_index], right[right_index]).
-
-    `halves` are the heads' `split_first_layer` outputs; the indices pick rows (a tensor for aligned
-    trials, or broadcasting slices for a block of all pairs).
-    """
-    device = halves[0][0].device
+def _mean_probability(distance, projected, index_a, index_b, amp):
+    """Same-class probability averaged over the heads, for the pairs (index_a, index_b) of projected
+    embeddings (tensors for aligned trials, or broadcasting slices for a block of all pairs)."""
+    device = distance.heads[0].first.weight.device
     with _autocast(device, amp):
-        probs = [
-            torch.sigmoid(head.tail(left[left_index] + right[right_index]).float())
-            for head, (left, right) in zip(distance.heads, halves)
-        ]
-    return torch.stack(probs).mean(0)
+        logits = distance.projected_logits(projected, index_a, index_b)
+    return torch.sigmoid(logits.float()).mean(0)
 
 
 @torch.no_grad()
 def score_trials(distance, emb, idx_a, idx_b, amp=False, chunk_elements=None):
     """Scores of the trials (emb[idx_a[k]], emb[idx_b[k]]) -> {'e2e', 'cos', 'fus'} float32 tensors (trials,).
 
-    The first discriminator layer is applied once per embedding (split form), so a trial costs one
-    addition plus the small rest of the MLP.
+    The learned distance projects every embedding once (its fast form), so a trial costs O(hidden)
+    elementwise work plus the small rest of the MLP.
     """
     distance.eval()
     device = emb.device
     idx_a = torch.as_tensor(idx_a, dtype=torch.long, device=device)
     idx_b = torch.as_tensor(idx_b, dtype=torch.long, device=device)
-    halves = [head.split_first_layer(emb) for head in distance.heads]
+    projected = distance.project(emb)
     norm = F.normalize(emb, dim=1)
     step = pair_chunk(distance, device, chunk_elements)
     e2e, cos = torch.empty(len(idx_a), device=device), torch.empty(len(idx_a), device=device)
     for start in range(0, len(idx_a), step):
         part = slice(start, start + step)
         a, b = idx_a[part], idx_b[part]
-        e2e[part] = _mean_probability(distance, halves, a, b, amp)
+        e2e[part] = _mean_probability(distance, projected, a, b, amp)
         cos[part] = (norm[a] * norm[b]).sum(1)
     return {"e2e": e2e, "cos": cos, "fus": fuse(e2e, cos)}
 
@@ -91,7 +85,7 @@ def score_all_pairs(distance, emb, labels, amp=False, chunk_elements=None, progr
     """
     distance.eval()
     device, n = emb.device, len(emb)
-    halves = [head.split_first_layer(emb) for head in distance.heads]
+    projected = distance.project(emb)
     norm = F.normalize(emb, dim=1)
     labels = labels.to(device)
     budget = pair_chunk(distance, device, chunk_elements)
@@ -107,7 +101,7 @@ def score_all_pairs(distance, emb, labels, amp=False, chunk_elements=None, progr
         mask = torch.ones(rows, cols, dtype=torch.bool, device=device).triu_()
         part = slice(done, done + count)
         block_rows, block_cols = (slice(row, stop), None), (None, slice(row + 1, None))
-        e2e[part] = _mean_probability(distance, halves, block_rows, block_cols, amp)[mask]
+        e2e[part] = _mean_probability(distance, projected, block_rows, block_cols, amp)[mask]
         cos[part] = (norm[row:stop] @ norm[row + 1 :].t())[mask]
         same[part] = (labels[row:stop, None] == labels[None, row + 1 :])[mask]
         bar.update(count)
@@ -142,34 +136,45 @@ def write_score_file(path, enroll, test, scores, target, metrics=None, chunk=1_0
         write_json(path + ".json", metrics)
 
 
-def run_image_eval(model, dataset, device, batch_size, out_path=None, amp=False, verbose=True, plot=False):
-    """All-pairs evaluation of an image dataset: prints and returns {scorer: metrics}; optional score file
-    (and, with `plot`, DET curves and score histograms beside it)."""
-    from torch.utils.data import DataLoader
+def report_trials(scores, target, enroll, test, out_path=None, extra=None, plot=False, verbose=True, line=None):
+    """Metrics of scored trials, printed as a table; with `out_path` the score file, its JSON summary and
+    (with `plot`) DET curves and histograms beside it. Returns {scorer: metrics}.
 
-    from utils import format_metrics_table
+    `extra` adds counts to the summary (e.g. {'items': N}); `line` is the first printed line, a format
+    string over the summary's counts (trials, targets and those of `extra`).
+    """
+    from metrics import format_metrics_table
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    emb, labels = embed_loader(model, loader, device, amp=amp, progress=verbose)
-    scores, target = score_all_pairs(model.distance, emb, labels, amp=amp, progress=verbose)
     metrics = evaluate_scores(scores, target)
-    n = len(emb)
-    summary = {"trials": int(target.numel()), "targets": int(target.sum()), "items": n, "metrics": metrics}
+    target_count = int(target.sum())
+    summary = {"trials": len(target), "targets": target_count, **(extra or {}), "metrics": metrics}
     if out_path:
-        enroll, test = np.triu_indices(n, 1)
         write_score_file(out_path, enroll, test, scores, target, metrics=summary)
     if out_path and plot:
         import plots
 
         plots.write_plots(out_path, scores, target, metrics)
     if verbose:
-        print(f"{n} test items, {summary['trials']} trials ({summary['targets']} target)")
+        print((line or "{trials} trials ({targets} target)").format(**summary))
         print(format_metrics_table(metrics))
         if out_path:
             print(f"scores: {out_path}  metrics: {out_path}.json")
         if out_path and plot:
             print(f"plots: {out_path}.<scorer>_det.png and {out_path}.<scorer>_hist.png")
     return metrics
+
+
+def run_image_eval(model, dataset, device, batch_size, out_path=None, amp=False, verbose=True, plot=False):
+    """All-pairs evaluation of an image dataset: prints and returns {scorer: metrics}; optional score file
+    (and, with `plot`, DET curves and score histograms beside it)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    emb, labels = embed_loader(model, loader, device, amp=amp, progress=verbose)
+    scores, target = score_all_pairs(model.distance, emb, labels, amp=amp, progress=verbose)
+    enroll, test = np.triu_indices(len(emb), 1)
+    line = "{items} test items, {trials} trials ({targets} target)"
+    return report_trials(scores, target, enroll, test, out_path, {"items": len(emb)}, plot, verbose, line)
 
 
 def _tile_to(x, min_frames):

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,9 @@ from torch.utils.data import DataLoader
 
 import data_load
 import models
-from train_loop import TrainLoop, noam_factor  # noqa: F401  (noam_factor re-exported for tests)
+from losses import HEADS
+from tasks import task_for_args, task_for_model
+from train_loop import TrainConfig, TrainLoop, noam_factor  # noqa: F401  (noam_factor re-exported for tests)
 from utils import (
     ArgumentParser,
     UserError,
@@ -32,25 +35,6 @@ from utils import (
 EXAMPLE = """example:
   python train.py --checkpoint-path cp --data-path /data/cifar --valid-data-path /data/cifar \\
       --model resnet --batch-size 128 --lr 1e-2 --epochs 600 --softmax am_softmax --smoothing 0.05"""
-
-# Defaults that differ between the image and the speech recipes of the seed (None on the parser).
-DOMAIN_DEFAULTS = {
-    "image": {"lr": 0.1, "l2": 5e-4, "valid_batch_size": 16, "max_gnorm": 0.0, "epochs": 500, "model": "resnet"},
-    "speech": {"lr": 0.001, "l2": 1e-5, "valid_batch_size": 64, "max_gnorm": 10.0, "epochs": 500, "model": "TDNN"},
-}
-# The digits demo: the seed README's CIFAR-10 settings for the heads, sized to finish in about a minute.
-DIGITS_DEFAULTS = {
-    "epochs": 20,
-    "batch_size": 100,
-    "lr": 0.05,
-    "softmax": "am_softmax",
-    "smoothing": 0.05,
-    "hidden_size": 350,
-    "n_hidden": 3,
-    "dropout_prob": 0.01,
-    "checkpoint_path": "runs/digits",
-    "keep_checkpoints": 1,
-}
 
 
 def positive(kind):
@@ -110,7 +94,7 @@ def build_parser(add_help=True):
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="encoder: " + ", ".join(models.encoder_names()))
-    m.add_argument("--softmax", choices=("softmax", "am_softmax"), default="softmax", help="classification head")
+    m.add_argument("--softmax", choices=tuple(HEADS), default="softmax", help="classification head")
     m.add_argument("--margin", type=non_negative(float), default=0.35, help="AM-softmax margin m (default 0.35)")
     m.add_argument("--scale", type=positive(float), default=30.0, help="AM-softmax scale s (default 30)")
     m.add_argument("--latent-size", type=positive(int), default=256, help="speech: classification projection size")
@@ -191,28 +175,30 @@ def extended_parser(description, epilog):
 
 
 def resolve_defaults(args, argv):
-    """Fill the domain-dependent defaults and check combinations the parser cannot."""
-    args.domain = "speech" if args.train_hdf_file else "image"
+    """A resolved copy of parsed `args`: the task's defaults filled in, combinations checked.
+
+    `argv` tells which flags were typed (the digits demo overrides only the others). The parsed
+    namespace is left as it is; everything after this works from the copy.
+    """
+    args = argparse.Namespace(**vars(args))
     if args.model is not None and args.model not in models.encoder_names():
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models.encoder_names())}")
-    if args.model is not None and models.encoder_domain(args.model) != args.domain:
-        raise UserError(
-            f"--model {args.model} is a {models.encoder_domain(args.model)} model but the data is "
-            f"{args.domain} ({'--train-hdf-file' if args.domain == 'speech' else '--data-path'})"
-        )
-    args.digits = args.domain == "image" and args.data_path is None
-    for key, value in DOMAIN_DEFAULTS[args.domain].items():
+    task = task_for_args(args)
+    args.domain = task.name
+    if args.model is not None:
+        model_task = task_for_model(args.model)
+        if model_task is not task:
+            raise UserError(
+                f"--model {args.model} is a {model_task.name} model but the data is {task.name} ({task.data_flag})"
+            )
+    for key, value in task.defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.digits:
-        given = {a.split("=")[0] for a in (argv or [])}
-        for key, value in DIGITS_DEFAULTS.items():
-            if "--" + key.replace("_", "-") not in given:
-                setattr(args, key, value)
+    task.resolve(args, {a.split("=")[0] for a in (argv or [])})
     if args.lr_schedule == "auto":
-        args.lr_schedule = "noam" if args.domain == "speech" else "plateau"
+        args.lr_schedule = task.lr_schedule
     if args.workers is None:
-        args.workers = 4 if args.domain == "speech" else 0
+        args.workers = task.workers
     if args.checkpoint_path is None:
         args.checkpoint_path = os.getcwd()
     if os.path.exists(args.checkpoint_path) and not os.path.isdir(args.checkpoint_path):
@@ -220,21 +206,6 @@ def resolve_defaults(args, argv):
     if not 0 <= args.dropout_prob < 1:
         raise UserError(f"--dropout-prob must be in [0, 1), got {args.dropout_prob}")
     return args
-
-
-def build_data(args):
-    """Datasets for the run: (train, valid or None, n_classes, encoder_args)."""
-    if args.domain == "speech":
-        return data_load.speech_training_sets(args)
-    train = data_load.load_images(args.data_path, "train")
-    valid = None
-    if args.digits:
-        valid = data_load.load_images(None, "valid")
-    elif args.valid_data_path:
-        valid = data_load.load_images(args.valid_data_path, "valid")
-    shape = train.image_shape
-    n_classes = int(train.labels.max()) + 1
-    return train, valid, n_classes, {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
 
 
 def model_config(args, n_classes, encoder_args):
@@ -254,10 +225,11 @@ def model_config(args, n_classes, encoder_args):
     }
 
 
-def make_loaders(args, train, valid, device, rank=0, world_size=1):
-    group = args.samples_per_class
-    groups_per_batch = args.batch_size if args.domain == "speech" else max(1, args.batch_size // group)
-    sampler = data_load.GroupBatchSampler(train.labels, group, groups_per_batch, args.seed, rank, world_size)
+def make_loaders(args, task, train, valid, device, rank=0, world_size=1):
+    """Training batches of `task.groups_per_batch` class groups (see data_load.GroupBatchSampler), and validation."""
+    sampler = data_load.GroupBatchSampler(
+        train.labels, args.samples_per_class, task.groups_per_batch(args), args.seed, rank, world_size
+    )
     common = {"num_workers": args.workers, "pin_memory": device.type == "cuda", "persistent_workers": args.workers > 0}
     if args.workers > 0:
         common["prefetch_factor"] = 4
@@ -285,11 +257,10 @@ def make_optimizer(args, model):
     return opt, sched
 
 
-def prepare_model(args, model, device, world_size=1):
-    """Move the model to `device` (channels_last for image encoders on CUDA), optionally compile its
-    encoder in place (state_dict keys unchanged), and wrap it in DistributedDataParallel when
-    several processes train."""
-    memory_format = torch.channels_last if device.type == "cuda" and args.domain == "image" else None
+def prepare_model(args, task, model, device, world_size=1):
+    """Move the model to `device` (in the task's memory format), optionally compile its encoder in place
+    (state_dict keys unchanged), and wrap it in DistributedDataParallel when several processes train."""
+    memory_format = task.memory_format(device)
     model = model.to(device, memory_format=memory_format) if memory_format else model.to(device)
     if args.compile:
         model.encoder.compile()
@@ -317,29 +288,48 @@ def init_distributed(args):
     return rank, world_size, device
 
 
-def run(args, argv=None, device=None, rank=0, world_size=1):
-    """Train as the parsed `args` say; returns (trainer, model, datasets)."""
-    resolve_defaults(args, argv)
+@dataclass
+class Run:
+    """A training run put together by `build`: everything `fit` and the callers need."""
+
+    args: argparse.Namespace  # the resolved arguments
+    task: object
+    trainer: TrainLoop
+    model: torch.nn.Module
+    datasets: tuple
+    writer: object = None
+    rank: int = 0
+
+
+def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, datasets=None):
+    """Resolve the arguments and build data, model, optimiser and loop (resuming when asked); -> Run.
+
+    `datasets`, when given, replaces the task's (train, valid, n_classes, encoder_args) (benches and
+    tests feed data from memory). Nothing is written yet: outputs start in `fit`, once data, model
+    and checkpoint all check out.
+    """
+    args = resolve_defaults(args, argv)
+    task = task_for_args(args)
     device = device or device_from_args(args)
     if args.model is None:
-        args.model = DOMAIN_DEFAULTS[args.domain]["model"]
-    args.record = {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))}
-    if rank == 0 and args.verbose > 0:
+        args.model = task.defaults["model"]
+    record = {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))}
+    if rank == 0 and args.verbose > 0 and announce:
         print(f"e2e-verification {git_commit()}  device {device}", flush=True)
-        print(json.dumps(args.record, sort_keys=True), flush=True)
+        print(json.dumps(record, sort_keys=True), flush=True)
     use_deterministic_algorithms()
     seed_everything(args.seed)
-    train, valid, n_classes, encoder_args = build_data(args)
-    model = prepare_model(args, models.build_model(model_config(args, n_classes, encoder_args)), device, world_size)
-    train_loader, valid_loader = make_loaders(args, train, valid, device, rank, world_size)
+    train, valid, n_classes, encoder_args = datasets or task.datasets(args)
+    model = models.build_model(model_config(args, n_classes, encoder_args))
+    model = prepare_model(args, task, model, device, world_size)
+    train_loader, valid_loader = make_loaders(args, task, train, valid, device, rank, world_size)
     optimizer, scheduler = make_optimizer(args, model)
     writer = None
     if args.logdir and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(args.logdir)
-    args.truncate = args.domain == "speech"
-    args.progress = args.verbose > 0 and sys.stderr.isatty()
+    cfg = TrainConfig.from_args(args, progress=args.verbose > 0 and sys.stderr.isatty(), record=record)
     trainer = TrainLoop(
         model,
         optimizer,
@@ -348,42 +338,48 @@ def run(args, argv=None, device=None, rank=0, world_size=1):
         train_loader,
         valid_loader,
         device,
-        args,
+        cfg,
         writer=writer,
         rank=rank,
+        crop=task.training_crop,
     )
     if args.checkpoint_epoch is not None:
         trainer.load(trainer.checkpoint_file(args.checkpoint_epoch))
-    if rank == 0:  # outputs start once the data, model and checkpoint all check out
-        os.makedirs(args.checkpoint_path, exist_ok=True)
-    if rank == 0 and not args.no_cp:
-        write_json(os.path.join(args.checkpoint_path, "args.json"), args.record)
+    return Run(args, task, trainer, model, (train, valid), writer, rank)
+
+
+def fit(run):
+    """Train a built run to its last epoch; writes args.json, checkpoints and logs (rank 0)."""
+    if run.rank == 0:
+        os.makedirs(run.args.checkpoint_path, exist_ok=True)
+    if run.rank == 0 and not run.args.no_cp:
+        write_json(os.path.join(run.args.checkpoint_path, "args.json"), run.trainer.cfg.record)
     try:
-        trainer.fit()
+        run.trainer.fit()
     finally:
-        if writer is not None:
-            writer.close()
-    return trainer, model, (train, valid)
+        if run.writer is not None:
+            run.writer.close()
+    return run
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv  # resolve_defaults reads which flags were given
-    args = build_parser().parse_args(argv)
-    rank, world_size, device = init_distributed(args)
+    parsed = build_parser().parse_args(argv)
+    rank, world_size, device = init_distributed(parsed)
     try:
-        trainer, model, _ = run(args, argv, device, rank, world_size)
+        run = fit(build(parsed, argv, device, rank, world_size))
         if world_size > 1:
             dist.barrier()
     finally:
         if world_size > 1:
             dist.destroy_process_group()
-    model = model.module if world_size > 1 else model
-    if args.digits and rank == 0:
+    model = run.model.module if world_size > 1 else run.model
+    test = run.task.final_test(run.args) if rank == 0 else None
+    if test is not None:
         from scoring import run_image_eval
 
-        test = data_load.load_images(None, "test")
-        out = os.path.join(args.checkpoint_path, "test_scores.txt")
-        run_image_eval(model, test, trainer.device, args.valid_batch_size, out, args.amp, verbose=True)
+        out = os.path.join(run.args.checkpoint_path, "test_scores.txt")
+        run_image_eval(model, test, run.trainer.device, run.args.valid_batch_size, out, run.args.amp, verbose=True)
     return 0
 
 

@@ -7,6 +7,7 @@ best validation e2e EER, is written to --out-file as one number (temporary name,
 failure exits non-zero and writes nothing.
 """
 
+import argparse
 import os
 import sys
 
@@ -22,20 +23,18 @@ EXAMPLE = """example (one trial, as run_hp_slurm.sh starts it):
 def build_parser():
     p = train.extended_parser(__doc__, EXAMPLE)
     p.add_argument("--out-file", default="objective.txt", help="where the objective goes (default objective.txt)")
-    p.set_defaults(n_frames=800)  # the seed's train_hp.py default
+    # The seed's train_hp.py frame default; checkpoints only when validation improves (and at the end).
+    p.set_defaults(n_frames=800, save_every=sys.maxsize)
     return p
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    for key, value in vars(args).items():
-        if value == "None":
-            setattr(args, key, None)
+    parsed = build_parser().parse_args(argv)
+    args = argparse.Namespace(**{k: None if v == "None" else v for k, v in vars(parsed).items()})
     out_folder = os.path.dirname(os.path.abspath(args.out_file))
     if not os.path.isdir(out_folder):
         raise UserError(f"--out-file folder does not exist: {out_folder}")
-    args.save_every = sys.maxsize  # checkpoint only when validation improves (and at the end), as the seed
     if args.logdir and args.cp_name:
         args.logdir = os.path.join(args.logdir, os.path.splitext(args.cp_name)[0])
     best = hp_space.train_objective(args, argv)

@@ -8,16 +8,45 @@ N repeats bit for bit what an uninterrupted run does from there (on the same dev
 import math
 import os
 import time
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_weights, save_checkpoint
 from losses import label_smoothing_ce, pair_loss
 from scoring import embed_loader, evaluate_scores, score_all_pairs
-from utils import UserError, load_checkpoint, save_checkpoint, seed_everything
+from utils import UserError, seed_everything
 
 HISTORY_KEYS = ("train_loss", "ce_loss", "bin_loss", "e2e_eer", "cos_eer", "fus_eer", "lr")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the training loop reads, built once from the resolved arguments (`from_args`)."""
+
+    epochs: int
+    checkpoint_path: str
+    seed: int = 1
+    smoothing: float = 0.0
+    ablation: bool = False
+    amp: bool = False
+    max_gnorm: float = 0.0
+    cp_name: str | None = None
+    save_every: int = 1
+    keep_checkpoints: int = 0
+    no_cp: bool = False
+    valid_max_items: int | None = None
+    verbose: int = 1
+    progress: bool = False
+    record: dict = field(default_factory=dict)  # the run's arguments, stored in every checkpoint
+
+    @classmethod
+    def from_args(cls, args, **overrides):
+        """The fields of this config taken from a namespace (extra attributes are ignored)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **overrides})
 
 
 def noam_factor(warmup):
@@ -64,10 +93,24 @@ def validate(model, loader, device, amp=False, progress=False, max_items=None):
 
 
 class TrainLoop:
-    """Fits a Verifier; see `fit`. `scheduler_kind` is 'noam' (stepped per batch) or 'plateau' (per epoch)."""
+    """Fits a Verifier; see `fit`. `scheduler_kind` is 'noam' (stepped per batch) or 'plateau' (per epoch).
+
+    `cfg` is a TrainConfig; `crop` (the task's training-time crop) maps each input batch before the step.
+    """
 
     def __init__(
-        self, model, optimizer, scheduler, scheduler_kind, train_loader, valid_loader, device, cfg, writer=None, rank=0
+        self,
+        model,
+        optimizer,
+        scheduler,
+        scheduler_kind,
+        train_loader,
+        valid_loader,
+        device,
+        cfg,
+        writer=None,
+        rank=0,
+        crop=None,
     ):
         self.model = model
         self.raw_model = model.module if hasattr(model, "module") else model
@@ -80,6 +123,7 @@ class TrainLoop:
         self.cfg = cfg
         self.writer = writer
         self.rank = rank
+        self.crop = crop
         self.epoch = 0
         self.total_iters = 0
         self.history = {k: [] for k in HISTORY_KEYS}
@@ -95,7 +139,7 @@ class TrainLoop:
 
     def state(self):
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "model_config": self.raw_model.config,
             "model_state": self.raw_model.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -132,15 +176,7 @@ class TrainLoop:
     def load(self, path):
         """Restore everything from a checkpoint written by `save` (weights-only load)."""
         state = load_checkpoint(path, map_location=self.device)
-        if state["model_config"]["model"] != self.raw_model.config["model"]:
-            raise UserError(
-                f"{path} holds a {state['model_config']['model']} model, not {self.raw_model.config['model']}"
-            )
-        try:
-            self.raw_model.load_state_dict(state["model_state"])
-        except RuntimeError as err:
-            reason = str(err).splitlines()[0]
-            raise UserError(f"{path} does not fit the model built from these flags: {reason}") from None
+        load_weights(self.raw_model, state, path)
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
         self.epoch = state["epoch"]
@@ -156,10 +192,8 @@ class TrainLoop:
         cfg = self.cfg
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        if cfg.truncate:
-            frames = x.shape[-1]
-            keep = int(torch.randint(max(1, frames // 4), frames + 1, ()).item())
-            x = x[..., :keep]
+        if self.crop is not None:
+            x = self.crop(x)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             logits, pair_logits, same = self.model(x, y)
         ce = label_smoothing_ce(logits.float(), y, cfg.smoothing)

@@ -12,9 +12,10 @@ import argparse
 import benchlib
 import torch
 
+from metrics import compute_metrics
 from models.verifier import LearnedDistance
 from scoring import pair_chunk, score_all_pairs
-from utils import cli, compute_metrics
+from utils import cli
 
 EXAMPLE = """example:
   python bench/allpairs.py --device cpu --n 2000

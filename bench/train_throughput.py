@@ -17,14 +17,9 @@ import torch
 
 import data_load
 import data_prep
-import models
 import train
-from train_loop import TrainLoop
+from tasks import task_for_model
 from utils import cli
-
-# (batch size, speech frames) per device type: the issue's GPU settings, small enough for a CPU.
-SIZES = {"cuda": {"TDNN": (24, 800), "resnet": (128, 0)}, "cpu": {"TDNN": (4, 200), "resnet": (32, 0)}}
-
 
 EXAMPLE = """example:
   python bench/train_throughput.py --device cpu
@@ -40,35 +35,30 @@ def endless(loader):
         epoch += 1
 
 
-def make_speech_hdf5(folder, speakers, utts, n_frames, ncoef):
-    """Random features -> Kaldi ark/scp -> data_prep.py -> train.hdf in `folder`; -> its path."""
-    benchlib.make_kaldi_features(folder, speakers, utts, 2 * n_frames, ncoef)
-    scp = os.path.join(folder, "feats.scp")
-    data_prep.main(["--path-to-data", scp, "--data-info-path", folder, "--out-path", folder, "--out-name", "train.hdf"])
-    return os.path.join(folder, "train.hdf")
+def make_speech_hdf5(folder, speakers_flag=None):
+    """A writer of random features -> Kaldi ark/scp -> data_prep.py -> train.hdf in `folder` (the task calls it)."""
+
+    def make(speakers, utts, n_frames, ncoef):
+        benchlib.make_kaldi_features(folder, speakers_flag or speakers, utts, 2 * n_frames, ncoef)
+        scp = os.path.join(folder, "feats.scp")
+        flags = ["--path-to-data", scp, "--data-info-path", folder, "--out-path", folder, "--out-name", "train.hdf"]
+        data_prep.main(flags)
+        return os.path.join(folder, "train.hdf")
+
+    return make
 
 
-def build_trainer(flags, device, image_path):
-    """train.py's own pieces for `flags`: -> (TrainLoop, train loader)."""
+def build_trainer(flags, device):
+    """train.py's own builder for `flags`: -> (TrainLoop, loader). With no data flag, CIFAR-shaped noise in memory."""
     args = train.build_parser().parse_args(flags)
-    train.resolve_defaults(args, flags)
-    if args.domain == "speech":
-        train_set, _, n_classes, encoder_args = train.build_data(args)
-    elif image_path:
-        train_set = data_load.load_images(image_path, "train")
-        n_classes, shape = int(train_set.labels.max()) + 1, train_set.image_shape
-        encoder_args = {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
-    else:
+    datasets = None
+    if not args.train_hdf_file and not args.data_path:
         images, labels = torch.randn(5000, 3, 32, 32), torch.arange(5000) % 10
-        train_set = data_load.TensorImages(images, labels, pad=4, flip=True, name="cifar-shaped")
-        n_classes, encoder_args = 10, {"in_channels": 3, "stem": "cifar"}
-    model = models.build_model(train.model_config(args, n_classes, encoder_args))
-    model = train.prepare_model(args, model, device)
-    loader, _ = train.make_loaders(args, train_set, None, device)
-    optimizer, scheduler = train.make_optimizer(args, model)
-    args.truncate, args.progress, args.record = False, False, {}
-    trainer = TrainLoop(model, optimizer, scheduler, args.lr_schedule, loader, None, device, args)
-    return trainer, loader
+        noise = data_load.TensorImages(images, labels, pad=4, flip=True, name="cifar-shaped")
+        datasets = (noise, None, 10, {"in_channels": 3, "stem": "cifar"})
+    run = train.build(args, flags, device, announce=False, datasets=datasets)
+    run.trainer.valid_loader = None
+    return run.trainer, run.trainer.train_loader
 
 
 def steps_per_second(trainer, batches, device, warmup, steps):
@@ -96,7 +86,7 @@ def loader_rate(batches, count):
 
 def measure(flags, device, args):
     """Throughput of one model and precision: -> (loader alone, training on the loader, in memory) samples/s."""
-    trainer, loader = build_trainer(flags, device, args.image_path)
+    trainer, loader = build_trainer(flags, device)
     batches = endless(loader)
     next(batches)  # start the workers
     alone = loader_rate(batches, max(args.steps, 20))
@@ -139,16 +129,14 @@ def run(args, device, folder):
     precisions = (args.precisions or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
     args.steps = args.steps or (200 if device.type == "cuda" else 3)
     for name in args.models.split(","):
-        batch, n_frames = SIZES[device.type]["TDNN" if models.encoder_domain(name) == "speech" else "resnet"]
+        task = task_for_model(name)
+        batch, n_frames = task.bench_sizes(device)
         batch, n_frames = args.batch_size or batch, args.n_frames or n_frames
         flags = ["--model", name, "--batch-size", str(batch), "--device", str(device), "--checkpoint-path", folder]
-        flags += ["--no-cp"]
-        if models.encoder_domain(name) == "speech":
-            speakers = args.speakers or max(10, batch * 25 // 4)  # 25 batches an epoch
-            hdf5 = make_speech_hdf5(folder, speakers, 20, n_frames, 30)
-            flags += ["--train-hdf-file", hdf5, "--n-frames", str(n_frames), "--ncoef", "30"]
-        elif args.image_path:
-            flags += ["--data-path", args.image_path]
+        flags += [
+            "--no-cp",
+            *task.bench_flags(batch, n_frames, args.image_path, make_speech_hdf5(folder, args.speakers)),
+        ]
         flags += ["--workers", str(args.workers)] if args.workers is not None else []
         flags += ["--compile"] if args.compile else []
         rates = {}

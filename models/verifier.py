@@ -4,21 +4,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses import HEADS, AMSoftmax, batch_pairs
+from losses import batch_pairs, build_head
+
+
+def _mlp_tail(in_features, hidden_size, n_hidden, dropout_prob):
+    """Layers after a head's pair representation: (n_hidden - 1) x [Linear -> LeakyReLU(0.1)], Dropout, Linear(-> 1)."""
+    layers = []
+    for _ in range(n_hidden - 1):
+        layers += [nn.Linear(in_features, hidden_size), nn.LeakyReLU(0.1, inplace=True)]
+        in_features = hidden_size
+    layers += [nn.Dropout(dropout_prob), nn.Linear(in_features, 1)]
+    return nn.Sequential(*layers)
 
 
 class DistanceHead(nn.Module):
-    """One discriminator MLP on a pair of embeddings; returns a logit (same class vs not).
+    """One discriminator MLP on the concatenated pair [a; b] (the research code's learned distance).
 
-    Layout (seed): optional random projection of the concatenated pair [a; b] to `rproj_size`,
-    Linear -> LeakyReLU(0.1), (n_hidden - 1) x [Linear -> LeakyReLU(0.1)], Dropout, Linear(-> 1).
-    The projection is a fixed buffer unless `trainable_rproj` (what the seed code really did,
-    through a `require_grad` typo).
+    Layout (seed): optional random projection of [a; b] to `rproj_size`, Linear -> LeakyReLU(0.1),
+    (n_hidden - 1) x [Linear -> LeakyReLU(0.1)], Dropout, Linear(-> 1). The projection is a fixed
+    buffer unless `trainable_rproj` (what the seed code really did, through a `require_grad` typo).
+    With `normalize`, a and b are L2-normalised first.
+
+    Fast form: the first layer splits into a left and a right half, each applied once per embedding
+    (`project`), so a pair costs one addition (`combine`) plus the small rest of the MLP (`tail`).
     """
 
-    def __init__(self, emb_size, hidden_size, n_hidden, dropout_prob, rproj_size=0, trainable_rproj=False):
+    pair_features = "concat"
+
+    def __init__(
+        self, emb_size, hidden_size, n_hidden, dropout_prob, rproj_size=0, trainable_rproj=False, normalize=False
+    ):
         super().__init__()
         self.emb_size = emb_size
+        self.normalize = normalize
         in_features = 2 * emb_size
         if rproj_size > 0:
             proj = torch.randn(rproj_size, in_features)
@@ -31,42 +49,99 @@ class DistanceHead(nn.Module):
         else:
             self.proj = None
         self.first = nn.Linear(in_features, hidden_size)
-        layers = []
-        for _ in range(n_hidden - 1):
-            layers += [nn.Linear(hidden_size, hidden_size), nn.LeakyReLU(0.1, inplace=True)]
-        layers += [nn.Dropout(dropout_prob), nn.Linear(hidden_size, 1)]
-        self.rest = nn.Sequential(*layers)
+        self.rest = _mlp_tail(hidden_size, hidden_size, n_hidden, dropout_prob)
+
+    @property
+    def pair_width(self):
+        """Activations held per pair by `combine` (what bounds the scoring block size)."""
+        return self.first.out_features
+
+    def _input(self, emb):
+        return F.normalize(emb, dim=-1) if self.normalize else emb
 
     def forward(self, a, b):
-        """(pairs, emb), (pairs, emb) -> logits (pairs,), from the concatenated pair."""
-        pair = torch.cat([a, b], dim=1)
+        """(pairs, emb), (pairs, emb) -> logits (pairs,): the naive per-pair form."""
+        pair = torch.cat([self._input(a), self._input(b)], dim=1)
         if self.proj is not None:
             pair = pair @ self.proj.t()
         return self.tail(self.first(pair))
 
     def split_first_layer(self, emb):
-        """Project every embedding once through each half of the first layer.
-
-        (n, emb) -> (n, hidden) for the left slot (bias included) and for the right slot, so that
-        `first([a; b]) == left[a] + right[b]` and a pair costs one addition instead of a matmul.
-        """
+        """(n, emb) -> (n, hidden) for the left slot (bias included) and for the right slot, so that
+        `first([a; b]) == left[a] + right[b]`."""
         weight = self.first.weight
         if self.proj is not None:
             weight = weight @ self.proj
+        emb = self._input(emb)
         left = F.linear(emb, weight[:, : self.emb_size], self.first.bias)
         right = F.linear(emb, weight[:, self.emb_size :])
         return left, right
 
-    def tail(self, hidden):
-        """Everything after the first linear layer: (..., hidden) -> logits (...).
+    def project(self, emb):
+        """Per-embedding work, done once for N embeddings: (n, emb) -> an opaque tuple for `combine`."""
+        return self.split_first_layer(emb)
 
-        `hidden` is overwritten (activations run in place: all-pairs scoring holds large blocks).
+    def combine(self, projected, index_a, index_b):
+        """First-layer outputs of the pairs (projected[index_a], projected[index_b]).
+
+        Indices are tensors (aligned trials) or broadcasting slices (a block of all pairs); the result,
+        (..., pair_width), is a fresh tensor that `tail` may overwrite.
         """
+        left, right = projected
+        return left[index_a] + right[index_b]
+
+    def tail(self, hidden):
+        """Everything after the first layer: (..., pair_width) -> logits (...). `hidden` is overwritten
+        (activations run in place: all-pairs scoring holds large blocks)."""
         return self.rest(F.leaky_relu(hidden, 0.1, inplace=True)).squeeze(-1)
 
 
+class SymmetricDistanceHead(DistanceHead):
+    """An order-invariant discriminator on relations between the two embeddings.
+
+    P = U normalize(e) (Linear emb -> hidden, once per embedding); a pair is represented by
+    [P_a * P_b, |P_a - P_b|] (2 x hidden), then LeakyReLU and the same MLP tail as the concatenated
+    head. score(a, b) == score(b, a) exactly (both features are symmetric in floating point), the
+    head sees only where the two embeddings agree or differ, not where they sit, and a pair costs
+    O(hidden) elementwise work plus the tail.
+    """
+
+    pair_features = "sym"
+
+    def __init__(self, emb_size, hidden_size, n_hidden, dropout_prob, rproj_size=0, trainable_rproj=False, **_):
+        nn.Module.__init__(self)
+        if rproj_size > 0:
+            raise ValueError("--rproj-size applies to the concatenated pair only (--pair-features concat)")
+        self.emb_size = emb_size
+        self.normalize = True
+        self.proj = None
+        self.first = nn.Linear(emb_size, hidden_size)
+        self.rest = _mlp_tail(2 * hidden_size, hidden_size, n_hidden, dropout_prob)
+
+    @property
+    def pair_width(self):
+        return 2 * self.first.out_features
+
+    @staticmethod
+    def _relation(pa, pb):
+        return torch.cat([pa * pb, (pa - pb).abs()], dim=-1)
+
+    def forward(self, a, b):
+        return self.tail(self._relation(self.first(self._input(a)), self.first(self._input(b))))
+
+    def project(self, emb):
+        return self.first(self._input(emb))
+
+    def combine(self, projected, index_a, index_b):
+        return self._relation(projected[index_a], projected[index_b])
+
+
+# --pair-features: how a head represents a pair; each class owns its naive and its projected form.
+PAIR_FEATURES = {"concat": DistanceHead, "sym": SymmetricDistanceHead}
+
+
 class LearnedDistance(nn.Module):
-    """An ensemble of `ndiscriminators` DistanceHeads; scores are the mean sigmoid output."""
+    """An ensemble of `ndiscriminators` heads; its score is the mean sigmoid output, its logit the mean logit."""
 
     def __init__(
         self,
@@ -77,24 +152,37 @@ class LearnedDistance(nn.Module):
         ndiscriminators=1,
         rproj_size=0,
         trainable_rproj=False,
+        pair_features="concat",
+        normalize=False,
     ):
         super().__init__()
+        head = PAIR_FEATURES[pair_features]
+        self.pair_features = pair_features
         self.heads = nn.ModuleList(
-            DistanceHead(emb_size, hidden_size, n_hidden, dropout_prob, rproj_size, trainable_rproj)
+            head(emb_size, hidden_size, n_hidden, dropout_prob, rproj_size, trainable_rproj, normalize=normalize)
             for _ in range(ndiscriminators)
         )
 
     def forward(self, a, b):
-        """(pairs, emb) x 2 -> logits (n_heads, pairs)."""
+        """(pairs, emb) x 2 -> logits (n_heads, pairs), each pair through the naive form."""
         return torch.stack([head(a, b) for head in self.heads])
 
+    @property
+    def pair_width(self):
+        """Activations per pair over all heads in the projected form."""
+        return sum(head.pair_width for head in self.heads)
+
+    def project(self, emb):
+        """(n, emb) -> the heads' per-embedding projections, for `projected_logits`."""
+        return [head.project(emb) for head in self.heads]
+
+    def projected_logits(self, projected, index_a, index_b):
+        """Logits (n_heads, ...) of the pairs (index_a, index_b) of projected embeddings (see DistanceHead.combine)."""
+        return torch.stack([head.tail(head.combine(p, index_a, index_b)) for head, p in zip(self.heads, projected)])
+
     def pair_logits(self, emb, idx_a, idx_b):
-        """Logits (n_heads, pairs) of the pairs (emb[idx_a], emb[idx_b]), through the split first layer."""
-        outs = []
-        for head in self.heads:
-            left, right = head.split_first_layer(emb)
-            outs.append(head.tail(left[idx_a] + right[idx_b]))
-        return torch.stack(outs)
+        """Logits (n_heads, pairs) of the pairs (emb[idx_a], emb[idx_b]), through the projected form."""
+        return self.projected_logits(self.project(emb), idx_a, idx_b)
 
     def score(self, a, b):
         """(pairs, emb) x 2 -> probability of same class (pairs,), averaged over heads."""
@@ -105,7 +193,8 @@ class Verifier(nn.Module):
     """Encoder + classification head + learned distance, rebuilt from `config` alone.
 
     `config` keys: model, encoder_args (dict), n_classes, softmax, margin, scale, hidden_size,
-    n_hidden, dropout_prob, ndiscriminators, rproj_size, trainable_rproj.
+    n_hidden, dropout_prob, ndiscriminators, rproj_size, trainable_rproj, and (absent in older
+    checkpoints) pair_features, distance_norm, detach_distance.
     """
 
     def __init__(self, config):
@@ -115,10 +204,9 @@ class Verifier(nn.Module):
         self.config = dict(config)
         self.encoder = create_encoder(config["model"], **config.get("encoder_args", {}))
         cls_size = self.encoder.latent_size
-        if config["softmax"] == "am_softmax":
-            self.classifier = AMSoftmax(cls_size, config["n_classes"], config["margin"], config["scale"])
-        else:
-            self.classifier = HEADS[config["softmax"]](cls_size, config["n_classes"])
+        self.classifier = build_head(
+            config["softmax"], cls_size, config["n_classes"], config.get("margin", 0.35), config.get("scale", 30.0)
+        )
         self.distance = LearnedDistance(
             self.encoder.embedding_size,
             config["hidden_size"],
@@ -127,7 +215,10 @@ class Verifier(nn.Module):
             config["ndiscriminators"],
             config["rproj_size"],
             config.get("trainable_rproj", False),
+            config.get("pair_features", "concat"),  # checkpoints from before the variants are concat
+            config.get("distance_norm", False),
         )
+        self.detach_distance = config.get("detach_distance", False)
 
     def forward(self, x, labels=None):
         """Input batch -> (embedding (batch, emb), classification input (batch, latent)).
@@ -140,7 +231,8 @@ class Verifier(nn.Module):
             return emb, latent
         logits = self.classifier(latent, labels)
         idx_a, idx_b, same = batch_pairs(labels)
-        return logits, self.distance.pair_logits(emb, idx_a, idx_b), same
+        pair_input = emb.detach() if self.detach_distance else emb
+        return logits, self.distance.pair_logits(pair_input, idx_a, idx_b), same
 
     def embed(self, x):
         """Input batch -> verification embedding (batch, emb)."""

@@ -25,7 +25,7 @@ def test_allpairs_split_matches_concatenated(bench, capsys):
 
 
 def test_metrics_agree_with_roc_curve(bench, capsys):
-    assert bench("metrics").main(["--device", "cpu", "--n", "20000", "--decimals", "2", "--repeats", "1"]) == 0
+    assert bench("metric_speed").main(["--device", "cpu", "--n", "20000", "--decimals", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert float(re.search(r"\|difference\| (\S+)\)", out).group(1)) < 1e-9
     assert "vs bare argsort" in out and "vs roc_curve" in out

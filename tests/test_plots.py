@@ -12,7 +12,7 @@ from tiny_data import make_image_tree, run_on_terminal, write_checkpoint, write_
 
 import eval as eval_script
 import plots
-from utils import compute_metrics, roc_points
+from metrics import compute_metrics, roc_points
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORERS = ("e2e", "cos", "fus")

@@ -17,8 +17,9 @@ import data_prep
 import embed
 import eval as eval_script
 import train
+from checkpoints import load_checkpoint
 from scoring import embed_matrices
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 NCOEF = 30
 
@@ -185,7 +186,7 @@ def voxceleb_train_argv(speech_set, cp, logdir):
 
 def test_seed_voxceleb_lr_is_a_noam_scale():
     args = train.build_parser().parse_args(["--train-hdf-file", "x.hdf", "--lr", "1.5", "--warmup", "2000"])
-    train.resolve_defaults(args, [])
+    args = train.resolve_defaults(args, [])
     model = torch.nn.Linear(2, 2)
     opt, sched = train.make_optimizer(args, model)
     assert args.lr_schedule == "noam" and opt.param_groups[0]["nesterov"]

@@ -10,7 +10,7 @@ from tiny_data import make_image_tree
 
 import eval as eval_script
 import train
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_same_seed_same_weights_with_two_threads(tmp_path):
     for run in range(2):
         argv = ["--epochs", "1", "--no-cp", "--verbose", "0", "--checkpoint-path", str(tmp_path / str(run))]
         args = train.build_parser().parse_args(argv)
-        _, model, _ = train.run(args, argv)
+        model = train.fit(train.build(args, argv)).model
         weights.append(model.state_dict())
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name

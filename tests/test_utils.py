@@ -7,17 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from utils import (
-    UserError,
-    atomic_write,
-    compute_auc,
-    compute_eer,
-    compute_metrics,
-    compute_mindcf,
-    load_checkpoint,
-    save_checkpoint,
-    str2bool,
-)
+from checkpoints import load_checkpoint, save_checkpoint
+from metrics import compute_auc, compute_eer, compute_metrics, compute_mindcf
+from utils import UserError, atomic_write, str2bool
 
 
 def sklearn_eer(scores, labels):
@@ -69,7 +61,7 @@ def test_metrics_accept_tensors_and_agree_with_arrays(device):
 def test_gpu_branch_of_the_counts_equals_the_numpy_branch(dtype):
     # The torch ops that sort scores on a GPU, run here on CPU tensors, against the numpy sort the
     # CPU uses (a packed int64 value sort for float32); signed zeros and ties included.
-    import utils
+    import metrics
 
     rng = np.random.default_rng(3)
     for decimals in (0, 2, None):
@@ -77,13 +69,13 @@ def test_gpu_branch_of_the_counts_equals_the_numpy_branch(dtype):
         scores = rng.normal(labels.astype(float), 1.0)
         scores = (np.round(scores, decimals) if decimals is not None else scores).astype(dtype)
         scores[:50] = np.where(rng.random(50) < 0.5, -0.0, 0.0)
-        want = utils._numpy_counts(scores, labels)
-        got = utils._torch_counts(torch.from_numpy(scores), torch.from_numpy(labels))
+        want = metrics._numpy_counts(scores, labels)
+        got = metrics._torch_counts(torch.from_numpy(scores), torch.from_numpy(labels))
         for w, g in zip(want, got):
             np.testing.assert_array_equal(g.numpy(), w)
         n_tar, n_non = int(labels.sum()), int((~labels).sum())
-        eer = utils._eer(*want, n_tar, n_non)
-        assert utils._eer(*got, n_tar, n_non) == eer and abs(eer - sklearn_eer(scores, labels)) < 1e-12
+        eer = metrics._eer(*want, n_tar, n_non)
+        assert metrics._eer(*got, n_tar, n_non) == eer and abs(eer - sklearn_eer(scores, labels)) < 1e-12
 
 
 def test_metric_edge_cases():

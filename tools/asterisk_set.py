@@ -22,7 +22,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import speech_data
-from utils import UserError, cli, compute_eer
+from metrics import compute_eer
+from utils import UserError, cli
 
 SOUNDS = "/usr/share/asterisk/sounds"
 

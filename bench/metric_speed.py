@@ -1,4 +1,4 @@
-"""Verification metrics from one sort (utils.compute_metrics) against sklearn's roc_curve and a bare argsort.
+"""Verification metrics from one sort (metrics.compute_metrics) against sklearn's roc_curve and a bare argsort.
 
 compute_metrics returns the EER, minDCF at p_target 0.01 and 0.05 and the AUC of N scores; the
 baselines are sklearn.metrics.roc_curve alone (what an EER computed through sklearn starts with)
@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-from utils import cli, compute_metrics
+from metrics import compute_metrics
+from utils import cli
 
 EXAMPLE = """example:
-  python bench/metrics.py --device cpu --n 10000000
-  python bench/metrics.py --device cuda --n 50000000 --no-sklearn"""
+  python bench/metric_speed.py --device cpu --n 10000000
+  python bench/metric_speed.py --device cuda --n 50000000 --no-sklearn"""
 
 
 def sklearn_eer(scores, labels):

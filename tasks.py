@@ -1,0 +1,192 @@
+"""The two domains as task objects: what differs between image and speech verification lives here only.
+
+A task owns, for its domain: the defaults of the flags whose meaning differs, the datasets for
+training / validation / test and the encoder arguments they imply, what `--batch-size` counts,
+the training-time crop, and evaluation (all pairs of a test set, or a trials file). Scripts ask
+`task_for_args(args)` or `task_for_model(name)` once and call its methods; nothing else branches
+on the domain.
+"""
+
+import numpy as np
+import torch
+
+import data_load
+import models
+import speech_data
+from utils import UserError
+
+# The digits demo: the seed README's CIFAR-10 settings for the heads, sized to finish in about a minute.
+DIGITS_DEFAULTS = {
+    "epochs": 20,
+    "batch_size": 100,
+    "lr": 0.05,
+    "softmax": "am_softmax",
+    "smoothing": 0.05,
+    "hidden_size": 350,
+    "n_hidden": 3,
+    "dropout_prob": 0.01,
+    "checkpoint_path": "runs/digits",
+    "keep_checkpoints": 1,
+}
+
+
+class ImageTask:
+    """Images: CIFAR-10, Fashion-MNIST IDX, image folders or the bundled digits; every test pair is a trial."""
+
+    name = "image"
+    defaults = {"lr": 0.1, "l2": 5e-4, "valid_batch_size": 16, "max_gnorm": 0.0, "epochs": 500, "model": "resnet"}
+    lr_schedule = "plateau"
+    workers = 0
+    data_flag = "--data-path"
+    valid_flag = "--valid-data-path"
+
+    def resolve(self, args, given):
+        """Domain defaults into the resolved namespace `args`; `given` = the flags typed on the command line."""
+        args.digits = args.data_path is None
+        if args.digits:
+            for key, value in DIGITS_DEFAULTS.items():
+                if "--" + key.replace("_", "-") not in given:
+                    setattr(args, key, value)
+
+    def has_validation(self, args):
+        return bool(args.digits or args.valid_data_path)
+
+    def datasets(self, args):
+        """(train, valid or None, n_classes, encoder_args) for a run."""
+        train = data_load.load_images(args.data_path, "train")
+        valid = None
+        if args.digits:
+            valid = data_load.load_images(None, "valid")
+        elif args.valid_data_path:
+            valid = data_load.load_images(args.valid_data_path, "valid")
+        shape = train.image_shape
+        n_classes = int(train.labels.max()) + 1
+        return train, valid, n_classes, {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
+
+    def groups_per_batch(self, args):
+        """--batch-size counts images: that many items, in groups of --samples-per-class."""
+        return max(1, args.batch_size // args.samples_per_class)
+
+    def training_crop(self, x):
+        """Images train at full size."""
+        return x
+
+    def memory_format(self, device):
+        """channels_last suits convolutions on images on CUDA."""
+        return torch.channels_last if device.type == "cuda" else None
+
+    def final_test(self, args):
+        """The dataset the demo scores after training (the held-out digits), or None."""
+        return data_load.load_images(None, "test") if args.digits else None
+
+    def evaluate(self, model, args, device, out_path):
+        """eval.py for images: all pairs of the test images (--data-path, default the held-out digits)."""
+        from scoring import run_image_eval
+
+        if args.test_data is not None or args.trials_path is not None:
+            raise UserError(f"--test-data needs a speech model; this checkpoint holds {model.config['model']}")
+        if args.batch_size <= 0:
+            raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
+        dataset = data_load.load_images(args.data_path, "test")
+        return run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, verbose=True, plot=args.plot)
+
+    def require_recordings(self, script, model_name):
+        """Refuse scripts that take speech recordings (embed.py)."""
+        raise UserError(f"{script} needs a speech model; this checkpoint holds {model_name}")
+
+    def bench_flags(self, batch, n_frames, image_path, make_hdf5):
+        """train.py flags for a throughput bench: the given images, or none (CIFAR-shaped noise in memory)."""
+        return ["--data-path", image_path] if image_path else []
+
+    def bench_sizes(self, device):
+        """(batch size, frames) of the throughput bench on this device type."""
+        return (128, 0) if device.type == "cuda" else (32, 0)
+
+
+class SpeechTask:
+    """Speech: a speaker HDF5 from data_prep.py for training; a Kaldi trials file (or all pairs) for testing."""
+
+    name = "speech"
+    defaults = {"lr": 0.001, "l2": 1e-5, "valid_batch_size": 64, "max_gnorm": 10.0, "epochs": 500, "model": "TDNN"}
+    lr_schedule = "noam"
+    workers = 4
+    data_flag = "--train-hdf-file"
+    valid_flag = "--valid-hdf-file"
+
+    def resolve(self, args, given):
+        args.digits = False
+
+    def has_validation(self, args):
+        return bool(args.valid_hdf_file)
+
+    def datasets(self, args):
+        return data_load.speech_training_sets(args)
+
+    def groups_per_batch(self, args):
+        """--batch-size counts speakers: groups of --samples-per-class utterances each (the seed's meaning)."""
+        return args.batch_size
+
+    def training_crop(self, x):
+        """The seed's random truncation: every batch is cut to a random length in [frames/4, frames]."""
+        frames = x.shape[-1]
+        keep = int(torch.randint(max(1, frames // 4), frames + 1, ()).item())
+        return x[..., :keep]
+
+    def memory_format(self, device):
+        return None
+
+    def final_test(self, args):
+        return None
+
+    def evaluate(self, model, args, device, out_path):
+        """eval.py for speech: embed every utterance the trials name once (whole, tiled to --min-frames), score."""
+        from scoring import embed_matrices, report_trials, score_trials
+
+        if args.test_data is None:
+            raise UserError("this checkpoint holds a speech model: give --test-data and --trials-path")
+        if args.min_frames < 1:
+            raise UserError(f"--min-frames must be >= 1, got {args.min_frames}")
+        if args.trials_path:
+            enroll, test, target = speech_data.read_trials(args.trials_path)
+        elif args.spk2utt:
+            enroll, test, target = speech_data.all_pairs_trials(args.spk2utt)
+        else:
+            raise UserError("speech evaluation needs --trials-path (or --spk2utt to score all pairs)")
+        if target.all() or not target.any():
+            raise UserError("the trials need at least one target and one non-target pair to compute metrics")
+        wanted = list(dict.fromkeys([*enroll, *test]))
+        items = speech_data.checked_features(args.test_data, wanted, model.config["encoder_args"].get("ncoef"))
+        ids, emb = embed_matrices(model, items, device, args.min_frames, args.amp, progress=True, total=len(wanted))
+        index = {utt: i for i, utt in enumerate(ids)}
+        idx_a = np.fromiter((index[u] for u in enroll), dtype=np.int64, count=len(enroll))
+        idx_b = np.fromiter((index[u] for u in test), dtype=np.int64, count=len(test))
+        scores = score_trials(model.distance, emb, idx_a, idx_b, amp=args.amp)
+        line = "{trials} trials ({targets} target) over {utterances} utterances"
+        return report_trials(scores, target, enroll, test, out_path, {"utterances": len(ids)}, args.plot, line=line)
+
+    def require_recordings(self, script, model_name):
+        return None
+
+    def bench_flags(self, batch, n_frames, image_path, make_hdf5):
+        """train.py flags for a throughput bench: `make_hdf5(speakers, utts, frames, ncoef)` writes the data."""
+        speakers = max(10, batch * 25 // 4)  # 25 batches an epoch
+        hdf5 = make_hdf5(speakers, 20, n_frames, 30)
+        return ["--train-hdf-file", hdf5, "--n-frames", str(n_frames), "--ncoef", "30"]
+
+    def bench_sizes(self, device):
+        return (24, 800) if device.type == "cuda" else (4, 200)
+
+
+TASKS = {task.name: task for task in (ImageTask(), SpeechTask())}
+
+
+def task_for_args(args):
+    """The task of a training command line: speech when a training HDF5 is given, else images."""
+    return TASKS["speech" if args.train_hdf_file else "image"]
+
+
+def task_for_model(name):
+    """The task of a registered encoder."""
+    if name not in models.encoder_names():
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(models.encoder_names())}")
+    return TASKS[models.encoder_domain(name)]
