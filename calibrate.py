@@ -1,0 +1,102 @@
+"""Fit score calibration (and fusion) on development trials: scores -> log-likelihood ratios.
+
+Reads a development score file written by eval.py, fits llr = a * score + b for each scorer and
+llr = w . scores + b for each fusion (prior-weighted logistic regression at --p-target), prints the
+development Cllr, minCllr, actDCF and minDCF before and after, and writes the parameters as JSON,
+which calibration.load_calibration / apply_calibration apply to evaluation scores. Calibrated
+columns are named cal_<scorer> and cal_<a>+<b>.
+"""
+
+import argparse
+import os
+
+from calibration import apply_calibration, fit_calibration, read_score_file
+from metrics import compute_mindcf, llr_metrics
+from utils import ArgumentParser, UserError, cli, write_json
+
+EXAMPLE = """examples:
+  python calibrate.py --scores dev/scores.out --out dev/calibration.json
+  python calibrate.py --scores dev/scores.out --out cal.json --p-target 0.05 --scorers cos --fuse e2e_logit,cos"""
+NOT_LLR_LIKE = ("e2e", "fus")  # a probability and an uncalibrated fusion: not calibrated unless asked for
+
+
+def build_parser():
+    p = ArgumentParser(
+        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument("--scores", required=True, help="development score file written by eval.py")
+    p.add_argument("--out", required=True, help="calibration parameters (JSON), written atomically")
+    p.add_argument("--p-target", type=float, default=0.01, help="target prior the fit aims at (default 0.01)")
+    p.add_argument(
+        "--scorers", nargs="+", default=None, help="score columns to calibrate alone (default all but e2e and fus)"
+    )
+    p.add_argument(
+        "--fuse",
+        nargs="*",
+        default=None,
+        metavar="A,B",
+        help="comma-separated columns to fuse, one group per value (default e2e_logit,cos when both exist; "
+        "--fuse with no value: no fusion)",
+    )
+    return p
+
+
+def choose_columns(names, scorers, fuse):
+    """(scorers, fusions) asked for, or the defaults, checked against the score file's column names."""
+    if scorers is None:
+        scorers = [name for name in names if name not in NOT_LLR_LIKE]
+    if fuse is None:
+        fusions = [["e2e_logit", "cos"]] if {"e2e_logit", "cos"} <= set(names) else []
+    else:
+        fusions = [group.split(",") for group in fuse]
+    for name in list(scorers) + [n for group in fusions for n in group]:
+        if name not in names:
+            raise UserError(f"the score file has no column {name!r} (it has: {', '.join(names)})")
+    if not scorers and not fusions:
+        raise UserError("nothing to calibrate: give --scorers or --fuse")
+    return list(dict.fromkeys(scorers)), fusions
+
+
+def report(columns, labels, p_target):
+    """{column: {cllr, min_cllr, act_dcf_<p>, min_dcf_<p>}} at p_target (unit costs)."""
+    out = {}
+    for name, values in columns.items():
+        metrics = llr_metrics(values, labels, p_targets=(p_target,))
+        metrics[f"min_dcf_{p_target:g}"] = compute_mindcf(values, labels, p_target)
+        out[name] = metrics
+    return out
+
+
+def format_report(title, results):
+    """An aligned text table of report()'s results under a title line."""
+    names = list(next(iter(results.values())))
+    width = max(8, *(len(k) for k in results)) + 2
+    rows = [title, f"{'scorer':<{width}}" + "".join(f"{n:>14}" for n in names)]
+    for scorer, metrics in results.items():
+        rows.append(f"{scorer:<{width}}" + "".join(f"{metrics[n]:>14.4f}" for n in names))
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not 0.0 < args.p_target < 1.0:
+        raise UserError(f"--p-target must lie strictly between 0 and 1, got {args.p_target}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output folder does not exist: {out_dir}")
+    columns, labels, _, _ = read_score_file(args.scores)
+    scorers, fusions = choose_columns(list(columns), args.scorers, args.fuse)
+    params = fit_calibration(columns, labels, args.p_target, fusions=fusions, scorers=scorers)
+    before = report({name: columns[name] for name in scorers}, labels, args.p_target)
+    after = report(apply_calibration(params, columns), labels, args.p_target)
+    print(f"{len(labels)} development trials ({int(labels.sum())} targets), p_target {args.p_target:g}")
+    if before:
+        print(format_report("before (raw scores read as LLRs):", before))
+    print(format_report("after calibration:", after))
+    write_json(args.out, {**params, "dev_scores": args.scores, "dev_metrics": {**before, **after}})
+    print(f"calibration: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
