@@ -1,5 +1,7 @@
 """Classification heads, label smoothing and the pair loss of the learned distance."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,12 +15,18 @@ class AMSoftmax(nn.Module):
     (plain scaled cosines), which is what inference and accuracy want.
     """
 
+    takes_margin = True  # built with the run's --margin and --scale (see build_head)
+
     def __init__(self, in_features, n_classes, margin=0.35, scale=30.0):
         super().__init__()
         self.margin = margin
         self.scale = scale
         self.weight = nn.Parameter(torch.empty(n_classes, in_features))
         nn.init.kaiming_normal_(self.weight)
+
+    def set_margin(self, value):
+        """Change the margin m (the training loop's margin schedule calls this each epoch)."""
+        self.margin = float(value)
 
     def forward(self, embeddings, labels=None):
         """(batch, in_features), (batch,) -> logits (batch, n_classes)."""
@@ -29,8 +37,52 @@ class AMSoftmax(nn.Module):
         return self.scale * cos
 
 
+class AAMSoftmax(nn.Module):
+    """Additive angular margin softmax head (ArcFace): `s * cos(theta + m)` for the label, `s * cos(theta)` elsewhere.
+
+    theta is the angle between the L2-normalised embedding and class weight. Where theta + m would
+    pass pi, cos(theta + m) stops decreasing in theta; there (cos(theta) <= cos(pi - m)) the target
+    logit is `s * (cos(theta) - m * sin(m))` instead, the fallback of the common implementations
+    (InsightFace's `easy_margin=False`, pytorch-metric-learning's ArcFaceLoss). With `labels=None` the
+    margin is left out (plain scaled cosines), as in AMSoftmax. The margin arithmetic runs in float32.
+    """
+
+    takes_margin = True  # built with the run's --margin and --scale (see build_head)
+
+    def __init__(self, in_features, n_classes, margin=0.2, scale=30.0):
+        super().__init__()
+        self.margin = float(margin)
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(n_classes, in_features))
+        nn.init.kaiming_normal_(self.weight)
+
+    def set_margin(self, value):
+        """Change the margin m in radians (the training loop's margin schedule calls this each epoch)."""
+        self.margin = float(value)
+
+    def forward(self, embeddings, labels=None):
+        """(batch, in_features), (batch,) -> logits (batch, n_classes)."""
+        cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1))
+        cos = cos.float().clamp(-1.0, 1.0)
+        if labels is None:
+            return self.scale * cos
+        target = cos.gather(1, labels.unsqueeze(1))
+        # sin(theta) >= 0 for theta in [0, pi]. The root's gradient grows as 1 / sin(theta); the floor bounds it
+        # near |cos| = 1 (the clamp above already stops the gradient at exactly 1).
+        sin = (1.0 - target.square()).clamp(min=1e-7).sqrt()
+        m = self.margin
+        shifted = torch.where(
+            target > math.cos(math.pi - m),
+            target * math.cos(m) - sin * math.sin(m),
+            target - m * math.sin(m),
+        )
+        return self.scale * cos.scatter(1, labels.unsqueeze(1), shifted)
+
+
 class SoftmaxHead(nn.Module):
     """Plain softmax head: a linear layer (with bias) on the L2-normalised embedding, as in the seed."""
+
+    takes_margin = False
 
     def __init__(self, in_features, n_classes):
         super().__init__()
@@ -43,7 +95,16 @@ class SoftmaxHead(nn.Module):
         return self.linear(F.normalize(embeddings, dim=1))
 
 
-HEADS = {"am_softmax": AMSoftmax, "softmax": SoftmaxHead}
+# The classification heads by --softmax name: a new head is one class (with `takes_margin`) and one entry.
+HEADS = {"am_softmax": AMSoftmax, "aam_softmax": AAMSoftmax, "softmax": SoftmaxHead}
+
+
+def build_head(name, in_features, n_classes, margin=0.35, scale=30.0):
+    """The classification head registered as `name`; margin heads get `margin` and `scale`."""
+    cls = HEADS[name]
+    if cls.takes_margin:
+        return cls(in_features, n_classes, margin=margin, scale=scale)
+    return cls(in_features, n_classes)
 
 
 def label_smoothing_ce(logits, labels, smoothing):

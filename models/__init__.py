@@ -6,7 +6,7 @@ A new encoder is one file here plus one `@register_encoder` line; scripts never 
 import importlib
 
 ENCODERS = {}
-_MODULES = ("resnet", "vgg", "densenet", "tdnn", "resnet_speech")
+_MODULES = ("resnet", "vgg", "densenet", "tdnn", "resnet_speech", "ecapa_tdnn", "resnet34")
 
 
 def register_encoder(name, domain):
