@@ -1,12 +1,15 @@
 """Speech features (Kaldi scp/ark, a Kaldi wav.scp or a folder of wav files) -> the training HDF5.
 
 The HDF5 holds one group per speaker and one float32 dataset per utterance shaped (ncoef, frames);
-see speech_data.py for the layout and the MFCC settings of the Kaldi-free front end.
+see speech_data.py for the layout and frontend.py for the settings of the Kaldi-free front end (MFCC
+or log-mel filterbanks), which is recorded in the file. Audio can be speed-perturbed and copied with
+added noise or reverberation (augment.py).
 """
 
 import argparse
 import os
 
+import augment
 import speech_data
 from utils import ArgumentParser, UserError, cli
 
@@ -17,7 +20,12 @@ EPILOG = """example (the seed's command line, Kaldi features):
 
 example (no Kaldi: MFCC from a wav.scp, features also exported for eval.py):
   python data_prep.py --wav-scp data/test/wav.scp --out-path data/ --out-name test.hdf \\
-      --write-kaldi-feats data/test_feats/"""
+      --write-kaldi-feats data/test_feats/
+
+example (80 log-mel filterbanks, speed perturbation, one noisy or reverberant copy per utterance):
+  python data_prep.py --wav-scp data/train/wav.scp --out-path data/ --out-name train_aug.hdf \\
+      --feature fbank --num-mel-bins 80 --speed-perturb --noise-dir musan/noise \\
+      --rir-dir RIRS_NOISES/simulated_rirs --snr-range 0 15 --augment-copies 1 --seed 0"""
 
 
 def build_parser():
@@ -73,7 +81,7 @@ def build_parser():
         help="subtract each utterance's mean (per-utterance CMN); off by default, as in the seed, "
         "so the HDF5 matches the features eval.py reads",
     )
-    wav = parser.add_argument_group("Kaldi-free front end (MFCC with kaldi-native-fbank)")
+    wav = parser.add_argument_group("Kaldi-free front end (MFCC or filterbanks with kaldi-native-fbank)")
     source = wav.add_mutually_exclusive_group()
     source.add_argument(
         "--wav-scp",
@@ -91,8 +99,69 @@ def build_parser():
         "--ncoef",
         type=int,
         default=None,
-        help="MFCC coefficients (= mel bins) of the wav front end (default 30); with Kaldi features, "
+        help="MFCC coefficients of the wav front end (default 30; as many mel bins unless --num-mel-bins); "
+        "with Kaldi features, "
         "the width every matrix must have (default: that of the first one)",
+    )
+    wav.add_argument(
+        "--feature",
+        choices=("mfcc", "fbank"),
+        default=None,
+        help="mfcc: Kaldi VoxCeleb MFCC; fbank: Kaldi log mel filterbank energies, same frames and band (default mfcc)",
+    )
+    wav.add_argument(
+        "--num-mel-bins",
+        type=int,
+        default=None,
+        metavar="N",
+        help="mel filterbank channels (default: --ncoef for mfcc, 80 for fbank, where it is the feature width)",
+    )
+    wav.add_argument(
+        "--sample-rate",
+        type=int,
+        default=None,
+        metavar="HZ",
+        help="resample every file to this rate in Hz (scipy resample_poly); default: the first file's rate, "
+        "and a file at another rate is refused",
+    )
+    aug = parser.add_argument_group("augmentation of the audio (all off by default)")
+    aug.add_argument(
+        "--speed-perturb",
+        action="store_true",
+        help="add copies at speeds 0.9 and 1.1 (pitch and tempo, as sox speed) as new speakers "
+        "sp0.9-<spk> and sp1.1-<spk>, utterances sp0.9-<utt>, sp1.1-<utt> (default: off)",
+    )
+    aug.add_argument(
+        "--noise-dir",
+        default=None,
+        metavar="DIR",
+        help="wav files of noise (searched recursively, e.g. MUSAN) added to copies at a random SNR (default: none)",
+    )
+    aug.add_argument(
+        "--snr-range",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="signal-to-noise ratio of the noisy copies in dB, drawn uniformly (default 0 15)",
+    )
+    aug.add_argument(
+        "--rir-dir",
+        default=None,
+        metavar="DIR",
+        help="wav files of room impulse responses (searched recursively, e.g. RIRS_NOISES) to reverberate "
+        "copies with (default: none)",
+    )
+    aug.add_argument(
+        "--augment-copies",
+        type=int,
+        default=None,
+        metavar="N",
+        help="noisy or reverberant copies per utterance (and per speed copy), each drawing noise or reverb "
+        "with equal odds when both folders are given; same speaker, id <utt>-noise<k> / <utt>-reverb<k> (default 1)",
+    )
+    aug.add_argument(
+        "--seed", type=int, default=0, help="seed of the augmentation draws, per utterance and copy (default 0)"
     )
     return parser
 
@@ -102,12 +171,59 @@ def _folder_of(path):
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
+AUDIO_ONLY = ("feature", "num_mel_bins", "sample_rate", "speed_perturb", "noise_dir", "snr_range", "rir_dir",
+              "augment_copies")  # fmt: skip
+
+
+def check_flags(args):
+    """Refuse flag values out of range and audio flags given with Kaldi features."""
+    for name in ("ncoef", "num_mel_bins", "sample_rate", "augment_copies"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not (args.wav_scp or args.wav_dir):
+        given = [name for name in AUDIO_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} works on audio: give --wav-scp or --wav-dir")
+    if not (args.noise_dir or args.rir_dir):
+        if args.augment_copies is not None:
+            raise UserError("--augment-copies needs --noise-dir or --rir-dir")
+    if args.snr_range is not None and not args.noise_dir:
+        raise UserError("--snr-range needs --noise-dir")
+
+
+def feature_width(args):
+    """(kind, n_coef, num_mel_bins) of the wav front end from --feature, --ncoef and --num-mel-bins."""
+    kind = args.feature or "mfcc"
+    if kind == "mfcc":
+        ncoef = 30 if args.ncoef is None else args.ncoef
+        if args.num_mel_bins is not None and args.num_mel_bins < ncoef:
+            raise UserError(f"--num-mel-bins {args.num_mel_bins} is below the {ncoef} MFCC coefficients (--ncoef)")
+        return kind, ncoef, args.num_mel_bins
+    bins = 80 if args.num_mel_bins is None else args.num_mel_bins
+    if args.ncoef is not None and args.ncoef != bins:
+        raise UserError(f"with --feature fbank the width is --num-mel-bins ({bins}); drop --ncoef {args.ncoef}")
+    return kind, bins, bins
+
+
+def wav_source(args, wavs, utt2spk):
+    """The wav feature source with every copy listed, and {utt: spk} of its entries, copies included."""
+    speeds = augment.SPEEDS if args.speed_perturb else ()
+    augmenter = None
+    if args.noise_dir or args.rir_dir:
+        snr = (0.0, 15.0) if args.snr_range is None else args.snr_range
+        copies = 1 if args.augment_copies is None else args.augment_copies
+        augmenter = augment.Augmenter(args.noise_dir, args.rir_dir, snr, copies, args.seed)
+    entries, wav_utt2spk = augment.expand(wavs, utt2spk, speeds, augmenter)
+    kind, ncoef, bins = feature_width(args)
+    return speech_data.WavFeatures(entries, kind, ncoef, bins, args.sample_rate), wav_utt2spk
+
+
 def primary_data(args):
-    """The main feature source and its (spk2utt, utt2spk), from --wav-scp, --wav-dir or --path-to-data."""
+    """The main feature source, its (spk2utt, utt2spk) and {utt: spk} of the wav entries and copies ({} for Kaldi)."""
     if args.wav_scp or args.wav_dir:
         if args.path_to_data:
             raise UserError("give --path-to-data (Kaldi features) or --wav-scp/--wav-dir (audio), not both")
-        ncoef = 30 if args.ncoef is None else args.ncoef
         if args.wav_dir:
             if args.spk2utt or args.utt2spk or args.data_info_path:
                 raise UserError("--wav-dir takes speakers from its sub-folder names; drop the spk2utt/utt2spk flags")
@@ -117,11 +233,12 @@ def primary_data(args):
             wavs = speech_data.read_wav_scp(args.wav_scp)
             info_dir = args.data_info_path or _folder_of(args.wav_scp)
             info = speech_data.speaker_info(info_dir, args.spk2utt, args.utt2spk)
-        return speech_data.WavMfcc(wavs, ncoef), info
+        source, wav_utt2spk = wav_source(args, wavs, info[1])
+        return source, info, wav_utt2spk
     path = args.path_to_data or "./data/"
     source = speech_data.KaldiFeatures(speech_data.list_scp_files(path))
     info = speech_data.speaker_info(args.data_info_path or _folder_of(path), args.spk2utt, args.utt2spk)
-    return source, info
+    return source, info, {}
 
 
 def more_data(args):
@@ -137,9 +254,8 @@ def more_data(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.ncoef is not None and args.ncoef < 1:
-        raise UserError(f"--ncoef must be positive, got {args.ncoef}")
-    source, info = primary_data(args)
+    check_flags(args)
+    source, info, wav_utt2spk = primary_data(args)
     sources = [source]
     extra = more_data(args)
     if extra is not None:
@@ -149,6 +265,11 @@ def main(argv=None):
     speakers = speech_data.kept_speakers(spk2utt, args.min_recordings)
     if not speakers:
         raise UserError(f"no speaker has at least {args.min_recordings} recordings")
+    below = len(spk2utt) - len(speakers)
+    if wav_utt2spk:  # --min-recordings counted the original recordings; copies follow their speaker
+        if args.speed_perturb:
+            speakers |= {f"sp{speed}-{spk}" for speed in augment.SPEEDS for spk in speakers}
+        utt2spk = {**utt2spk, **wav_utt2spk}
     os.makedirs(args.out_path, exist_ok=True)
     out_file = os.path.join(args.out_path, args.out_name)
     ncoef = args.ncoef if source.kind == "kaldi-feats" else None
@@ -157,14 +278,17 @@ def main(argv=None):
     )
     print(
         f"wrote {out_file}: {counts['written']} utterances of {counts['speakers']} speakers "
-        f"({len(spk2utt) - len(speakers)} speakers below --min-recordings)"
+        f"({below} speakers below --min-recordings)"
     )
     listed = sum(spk in speakers for spk in utt2spk.values())
     counts["listed in utt2spk but without features"] = listed - counts["written"] - counts["skipped: empty"]
-    for key in sorted(k for k in counts if k not in ("written", "speakers") and counts[k]):
+    for key in sorted(k for k in counts if k.startswith(("skipped", "listed")) and counts[k]):
         print(f"  {key}: {counts[key]}")
+    if getattr(source, "resampled", 0):
+        print(f"  resampled to {source.sample_rate} Hz: {source.resampled} utterances")
     if args.write_kaldi_feats:
-        print(f"wrote {os.path.join(args.write_kaldi_feats, 'feats.scp')} (+ feats.ark, utt2spk, spk2utt)")
+        recorded = ", frontend.json" if counts["front end recorded"] else ""
+        print(f"wrote {os.path.join(args.write_kaldi_feats, 'feats.scp')} (+ feats.ark, utt2spk, spk2utt{recorded})")
     return 0
 
 

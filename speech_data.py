@@ -1,4 +1,4 @@
-"""Speech data: Kaldi data-dir files, Kaldi features, a Kaldi-compatible MFCC front end and the training HDF5.
+"""Speech data: Kaldi data-dir files, Kaldi features, wav feature sources and the training HDF5.
 
 Feature matrices follow Kaldi's axis order, (frames, ncoef), everywhere in this module except inside
 the HDF5 file, which stores each utterance transposed as (ncoef, frames) so a loader can crop along
@@ -6,38 +6,23 @@ the last axis; the loader adds the channel axis of the seed's [1, ncoef, T] layo
 """
 
 import contextlib
+import dataclasses
 import os
 import struct
-import wave
 from collections import Counter
 
 import h5py
-import kaldi_native_fbank as knf
 import kaldiio
 import numpy as np
 from tqdm import tqdm
 
+import frontend
+from augment import Augmenter, speed_perturb
+from frontend import FrontEnd, read_wav
 from utils import UserError, atomic_path, atomic_write
 
 HDF5_FORMAT_VERSION = 1
 TARGET_LABELS = {"target": True, "tgt": True, "nontarget": False, "nontgt": False}
-
-# The MFCC front end is the one of Kaldi's egs/voxceleb/v2 conf/mfcc.conf, at the file's own sample
-# rate: 25 ms frames every 10 ms, `--num-mel-bins=30 --num-ceps=30 --low-freq=20 --high-freq=-400`
-# (400 Hz below Nyquist: 7600 Hz at 16 kHz, 3600 Hz at 8 kHz) and `--snip-edges=false`. Everything
-# else keeps Kaldi's defaults (povey window, pre-emphasis 0.97, C0 replaced by log energy, lifter 22)
-# except dither, which is 0 so that the same file always gives the same features.
-MFCC_CONFIG = {
-    "frame_length_ms": 25.0,
-    "frame_shift_ms": 10.0,
-    "low_freq": 20.0,
-    "high_freq": -400.0,
-    "snip_edges": False,
-    "dither": 0.0,
-}
-
-SOX_HINT = "convert it with sox, e.g. `sox IN -b 16 -e signed-integer -c 1 OUT.wav`"
-
 
 # ----------------------------------------------------------------------------- Kaldi text tables
 
@@ -268,6 +253,7 @@ class KaldiFeatures:
     """Feature matrices listed in Kaldi scp files, read one utterance at a time as float32 (frames, ncoef)."""
 
     kind = "kaldi-feats"
+    front_end = None  # computed elsewhere: unknown
 
     def __init__(self, scp_paths):
         self.entries = []
@@ -304,26 +290,53 @@ class KaldiFeatures:
         self._handles.clear()
 
 
-class WavMfcc:
-    """16-bit PCM wav files turned into MFCC matrices, float32 (frames, ncoef), one file at a time."""
+class WavFeatures:
+    """16-bit PCM wav files turned into features, float32 (frames, n_coef), one file (or copy) at a time.
 
-    kind = "wav-mfcc"
+    `entries` are (utt, (path, speed, augmentation plan or None)) as augment.expand makes them. With
+    `sample_rate` None every file must share the first file's rate; with a rate, every file is resampled
+    to it. Speed perturbation and noise / reverberation are applied at that rate, before the features.
+    `front_end` (without CMN, which write_training_data applies) is known once the rate is.
+    """
 
-    def __init__(self, wavs, ncoef=30):
-        self.entries = list(wavs.items())
-        self.ncoef = ncoef
+    def __init__(self, entries, kind="mfcc", n_coef=30, num_mel_bins=None, sample_rate=None):
+        self.entries = list(entries.items())
+        self.kind = f"wav-{kind}"
+        self._settings = (kind, n_coef, num_mel_bins)
         self.sample_rate = None
+        self.front_end = None
+        self.resample = sample_rate is not None
+        self.resampled = 0
+        if sample_rate is not None:
+            self._set_rate(sample_rate)
 
-    def load(self, path):
-        """MFCC of one file; every file of a run must share one sample rate."""
+    def _set_rate(self, rate):
+        """Fix the sample rate, and with it the front end."""
+        kind, n_coef, bins = self._settings
+        self.sample_rate = int(rate)
+        if kind == "mfcc":
+            self.front_end = FrontEnd.mfcc(n_coef, rate, num_mel_bins=bins)
+        else:
+            self.front_end = FrontEnd.fbank(bins, rate)
+
+    def load(self, spec):
+        """Features of one entry: read, resample if asked, speed-perturb, add noise or reverb, then compute."""
+        path, speed, plan = spec
         samples, rate = read_wav(path)
         if self.sample_rate is None:
-            self.sample_rate = rate
+            self._set_rate(rate)
         elif rate != self.sample_rate:
-            raise UserError(
-                f"{path} is sampled at {rate} Hz, earlier files at {self.sample_rate} Hz; resample with sox"
-            )
-        return compute_mfcc(samples, rate, self.ncoef)
+            if not self.resample:
+                raise UserError(
+                    f"{path} is sampled at {rate} Hz, earlier files at {self.sample_rate} Hz; resample with sox "
+                    "or give --sample-rate"
+                )
+            samples = frontend.resample(samples, rate, self.sample_rate)
+            self.resampled += 1
+        samples = speed_perturb(samples, speed)
+        if plan is not None and len(samples):
+            samples = Augmenter.apply(samples, self.sample_rate, plan)
+        return self.front_end.frames(samples)
 
     def close(self):
         """Nothing to release."""
@@ -361,44 +374,13 @@ def wav_dir_entries(folder):
 # ----------------------------------------------------------------------------- audio and MFCC
 
 
-def read_wav(path):
-    """Read a mono 16-bit PCM wav with the stdlib; returns (samples float32 on the int16 scale, rate in Hz)."""
-    try:
-        with wave.open(path, "rb") as handle:
-            channels, width, rate = handle.getnchannels(), handle.getsampwidth(), handle.getframerate()
-            data = handle.readframes(handle.getnframes())
-    except (wave.Error, EOFError) as err:
-        raise UserError(f"{path} is not a 16-bit PCM wav file ({err}); {SOX_HINT}") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
-    if width != 2 or channels != 1:
-        raise UserError(f"{path} has {channels} channel(s) of {8 * width}-bit samples, not mono 16-bit; {SOX_HINT}")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32), rate
-
-
 def compute_mfcc(samples, rate, ncoef=30):
-    """Kaldi-compatible MFCC (see MFCC_CONFIG; num_mel_bins = num_ceps = ncoef) of int16-scale samples.
+    """Kaldi-compatible MFCC (FrontEnd.mfcc: num_mel_bins = num_ceps = ncoef) of int16-scale samples at `rate`.
 
     Returns float32 (frames, ncoef) with Kaldi's snip-edges=false count, frames = (samples + shift // 2) // shift
     for a 10 ms shift (80 samples at 8 kHz, 160 at 16 kHz), so 0 frames for fewer than shift / 2 samples.
     """
-    opts = knf.MfccOptions()
-    opts.frame_opts.samp_freq = float(rate)
-    opts.frame_opts.frame_length_ms = MFCC_CONFIG["frame_length_ms"]
-    opts.frame_opts.frame_shift_ms = MFCC_CONFIG["frame_shift_ms"]
-    opts.frame_opts.snip_edges = MFCC_CONFIG["snip_edges"]
-    opts.frame_opts.dither = MFCC_CONFIG["dither"]
-    opts.mel_opts.num_bins = ncoef
-    opts.mel_opts.low_freq = MFCC_CONFIG["low_freq"]
-    opts.mel_opts.high_freq = MFCC_CONFIG["high_freq"]
-    opts.num_ceps = ncoef
-    mfcc = knf.OnlineMfcc(opts)
-    mfcc.accept_waveform(float(rate), np.ascontiguousarray(samples, dtype=np.float32))
-    mfcc.input_finished()
-    frames = mfcc.num_frames_ready
-    if frames == 0:
-        return np.zeros((0, ncoef), dtype=np.float32)
-    return np.stack([mfcc.get_frame(i) for i in range(frames)]).astype(np.float32)
+    return FrontEnd.mfcc(ncoef, rate).frames(samples)
 
 
 def mean_normalize(feats):
@@ -488,15 +470,21 @@ def write_training_data(out_file, sources, utt2spk, speakers, cmn=False, kaldi_d
                 counts["written"] += 1
         if not written:
             raise UserError("no utterance was written: check that the features and utt2spk share ids")
-        _set_root_attrs(h5, ncoef, sources, cmn)
+        front_end = _set_root_attrs(h5, ncoef, sources, cmn)
     if kaldi_dir:
         write_speaker_tables(kaldi_dir, written)
+        frontend.write_frontend_json(kaldi_dir, front_end)
+    counts["front end recorded"] = front_end is not None
     counts["speakers"] = len(set(written.values()))
     return counts
 
 
 def _set_root_attrs(h5, ncoef, sources, cmn):
-    """Record what a reader needs to trust the file: feature width, layout version and provenance."""
+    """Record what a reader needs to trust the file: feature width, layout version, provenance, front end.
+
+    The front end (a JSON string in attrs["frontend"]) is recorded only when every source computed its
+    features here from audio with one front end; features read from Kaldi have none. Returns it or None.
+    """
     h5.attrs["ncoef"] = int(ncoef)
     h5.attrs["format_version"] = HDF5_FORMAT_VERSION
     h5.attrs["layout"] = "group per speaker; dataset per utterance, float32 (ncoef, frames)"
@@ -505,3 +493,21 @@ def _set_root_attrs(h5, ncoef, sources, cmn):
     rates = {source.sample_rate for source in sources if source.sample_rate}
     if len(rates) == 1:
         h5.attrs["sample_rate"] = rates.pop()
+    front_ends = {source.front_end for source in sources}
+    if len(front_ends) != 1 or None in front_ends:
+        return None
+    front_end = dataclasses.replace(front_ends.pop(), cmn=bool(cmn))
+    h5.attrs[frontend.HDF5_ATTR] = front_end.to_json()
+    return front_end
+
+
+def checked_features(path, wanted, ncoef):
+    """(utt, (ncoef, frames)) matrices of `path`, refusing NaN / Inf and a coefficient count the model does not take."""
+    for utt, mat in iter_features(path, wanted):
+        if ncoef is not None and mat.shape[1] != ncoef:
+            raise UserError(
+                f"utterance {utt} of {path} has {mat.shape[1]} coefficients per frame; the model takes {ncoef}"
+            )
+        if not np.isfinite(mat).all():
+            raise UserError(f"utterance {utt} of {path} holds NaN or Inf values")
+        yield utt, mat.T

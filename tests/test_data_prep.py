@@ -1,5 +1,7 @@
 """data_prep.py and speech_data.py: Kaldi sets written with kaldiio, real wav files, and the Asterisk prompts."""
 
+import hashlib
+import json
 import os
 import struct
 import wave
@@ -232,4 +234,100 @@ def test_asterisk_subset_end_to_end(tmp_path, capsys):
 def test_help_ends_with_an_example(capsys):
     with pytest.raises(SystemExit):
         data_prep.main(["--help"])
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].strip().startswith("--write-kaldi-feats")
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-1].strip().startswith("--") and any(line.startswith("example") for line in lines[-4:])
+
+
+# sha256 of the datasets (name, shape, dtype, bytes) and of the exported ark, taken with the MFCC-only
+# data_prep.py before fbank, augmentation and the recorded front end were added: the default path must
+# stay bit for bit the same. (A new kaldi-native-fbank release may change the numbers themselves.)
+GOLDEN = {
+    "scp": "66521915f79230b34ed1624c3bb462f358081a5fc4e8e0c14af26bd3acb9f91f",
+    "dir_cmn_23": "023937b7d8f30ebfc693a32be492472ded36e9ac7a7dcfa6f52c41b856ff2840",
+    "sine_16k": "95308bebbc8958d27aa512b8990e9f8ebb6ffcfd6d14fb6a6ae68eedf5f992a8",
+    "ark": "fe57ff3adf483717811845995e0424a2b8aa070af7ad3de61463de556c72e841",
+}
+GOLDEN_PROMPTS = {
+    spk: [f"{folder}/{name}.wav" for name in ("activated", "calling", "cancelled", "digits/1")]
+    for spk, folder in (("allison", "en_US_f_Allison"), ("june", "fr_CA_f_June"), ("carlo", "it_IT_m_Carlo"))
+}
+
+
+def hash_hdf(path):
+    """sha256 over every dataset's group/name, shape, dtype and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    with h5py.File(path, "r") as h5:
+        for spk in sorted(h5):
+            for utt in sorted(h5[spk]):
+                array = h5[spk][utt][()]
+                digest.update(f"{spk}/{utt}{array.shape}{array.dtype}".encode())
+                digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@asterisk
+def test_mfcc_output_is_unchanged_bit_for_bit(tmp_path):
+    with open(tmp_path / "wav.scp", "w") as scp, open(tmp_path / "utt2spk", "w") as u2s:
+        for spk, names in sorted(GOLDEN_PROMPTS.items()):
+            for name in names:
+                utt = f"{spk}-{name.split('/')[-1]}"
+                scp.write(f"{utt} {asterisk_set.SOUNDS}/{name}\n")
+                u2s.write(f"{utt} {spk}\n")
+            os.makedirs(tmp_path / "dir" / spk)
+            for name in names:
+                os.symlink(f"{asterisk_set.SOUNDS}/{name}", tmp_path / "dir" / spk / name.replace("/", "_"))
+    out = ["--out-path", str(tmp_path)]
+    data_prep.main(["--wav-scp", str(tmp_path / "wav.scp"), *out, "--out-name", "a.hdf",
+                    "--write-kaldi-feats", str(tmp_path / "ka")])  # fmt: skip
+    data_prep.main(["--wav-dir", str(tmp_path / "dir"), *out, "--out-name", "b.hdf", "--cmn", "--ncoef", "23"])
+    t = np.arange(40000) / 16000
+    sig = (3000 * np.sin(2 * np.pi * 310 * t) + 300 * np.random.default_rng(5).standard_normal(40000)).astype("<i2")
+    os.makedirs(tmp_path / "gen" / "s")
+    with wave.open(str(tmp_path / "gen" / "s" / "x.wav"), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(16000)
+        handle.writeframes(sig.tobytes())
+    data_prep.main(["--wav-dir", str(tmp_path / "gen"), *out, "--out-name", "c.hdf"])
+    hashes = {name: hash_hdf(tmp_path / f"{name[0]}.hdf") for name in ("a", "b", "c")}
+    assert [hashes["a"], hashes["b"], hashes["c"]] == [GOLDEN["scp"], GOLDEN["dir_cmn_23"], GOLDEN["sine_16k"]]
+    assert hashlib.sha256((tmp_path / "ka" / "feats.ark").read_bytes()).hexdigest() == GOLDEN["ark"]
+    _, attrs = read_hdf(tmp_path / "b.hdf")
+    assert attrs["source"] == "wav-mfcc" and attrs["ncoef"] == 23 and bool(attrs["cmn"])
+
+
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_fbank_front_end(tmp_path, rate):
+    for spk, seed in (("alice", 0), ("bob", 1)):
+        os.makedirs(tmp_path / "wavs" / spk)
+        write_wav(tmp_path / "wavs" / spk / "0.wav", rate, rate + 123, seed=seed)
+    argv = ["--wav-dir", str(tmp_path / "wavs"), "--out-path", str(tmp_path), "--feature", "fbank"]
+    data_prep.main(argv)
+    groups, attrs = read_hdf(tmp_path / "train.hdf")
+    frames = (rate + 123 + rate // 200) // (rate // 100)
+    assert groups["alice"]["alice-0"].shape == (80, frames) and attrs["ncoef"] == 80
+    assert attrs["source"] == "wav-fbank"
+    recorded = json.loads(attrs["frontend"])
+    assert recorded["kind"] == "fbank" and recorded["num_mel_bins"] == 80 and recorded["sample_rate"] == rate
+    data_prep.main([*argv, "--num-mel-bins", "40", "--out-name", "f40.hdf"])
+    assert read_hdf(tmp_path / "f40.hdf")[0]["bob"]["bob-0"].shape == (40, frames)
+    with pytest.raises(UserError, match="width is --num-mel-bins"):
+        data_prep.main([*argv, "--ncoef", "30"])
+    with pytest.raises(UserError, match="--num-mel-bins 20 is below the 30 MFCC"):
+        data_prep.main([*argv[:-2], "--num-mel-bins", "20"])
+    data_prep.main([*argv[:-2], "--num-mel-bins", "40", "--out-name", "m.hdf"])
+    groups, attrs = read_hdf(tmp_path / "m.hdf")
+    assert groups["bob"]["bob-0"].shape == (30, frames) and json.loads(attrs["frontend"])["num_mel_bins"] == 40
+
+
+def test_mixed_rates_need_sample_rate(tmp_path, capsys):
+    os.makedirs(tmp_path / "wavs" / "s")
+    write_wav(tmp_path / "wavs" / "s" / "a.wav", 8000, 8000, seed=0)
+    write_wav(tmp_path / "wavs" / "s" / "b.wav", 16000, 16000, seed=1)
+    argv = ["--wav-dir", str(tmp_path / "wavs"), "--out-path", str(tmp_path)]
+    with pytest.raises(UserError, match="b.wav is sampled at 16000 Hz, earlier files at 8000 Hz.*--sample-rate"):
+        data_prep.main(argv)
+    data_prep.main([*argv, "--sample-rate", "8000"])
+    assert "resampled to 8000 Hz: 1 utterances" in capsys.readouterr().out
+    groups, attrs = read_hdf(tmp_path / "train.hdf")
+    assert attrs["sample_rate"] == 8000 and groups["s"]["s-b"].shape == (30, 100)
