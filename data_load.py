@@ -240,6 +240,57 @@ def load_images(path, split):
     )
 
 
+def parse_classes(spec):
+    """A class list `SPEC` ('0-4', '0,2,7', '0-3,8') -> sorted unique ints; UserError when malformed."""
+    classes = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if hi else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+            classes.update(range(first, last + 1))
+    except ValueError:
+        raise UserError(f"bad class list {spec!r}: expected indices and ranges such as 0-4 or 0,2,7") from None
+    return sorted(classes)
+
+
+class ClassSubset(Dataset):
+    """The items of `dataset` whose class is in `classes`, relabelled 0..len(classes)-1 in that order.
+
+    Used for open-set protocols: train on some classes, validate or test on others. `labels` are
+    the new labels; items of other classes are never indexed.
+    """
+
+    def __init__(self, dataset, classes):
+        present = set(np.unique(dataset.labels).tolist())
+        missing = [c for c in classes if c not in present]
+        if missing:
+            raise UserError(f"{dataset.name}: no items of class {missing[0]} (classes present: 0-{max(present)})")
+        new_label = {c: i for i, c in enumerate(classes)}
+        self.indices = np.flatnonzero(np.isin(dataset.labels, classes))
+        self.labels = np.array([new_label[int(c)] for c in dataset.labels[self.indices]], dtype=np.int64)
+        self.original_labels = np.asarray(dataset.labels)[self.indices]
+        self.dataset = dataset
+        self.name = f"{dataset.name}[classes {','.join(map(str, classes))}]"
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        x, _ = self.dataset[int(self.indices[index])]
+        return x, int(self.labels[index])
+
+    @property
+    def image_shape(self):
+        return self.dataset.image_shape
+
+
+def select_classes(dataset, spec):
+    """`dataset` restricted to the classes of `spec` (see parse_classes), or unchanged when `spec` is None."""
+    return dataset if spec is None else ClassSubset(dataset, parse_classes(spec))
+
+
 def image_stem(image_shape):
     """'imagenet' stem for inputs of 64 pixels and more (Mini-ImageNet), else the CIFAR stem."""
     return "imagenet" if min(image_shape[1:]) >= 64 else "cifar"

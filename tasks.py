@@ -53,12 +53,13 @@ class ImageTask:
 
     def datasets(self, args):
         """(train, valid or None, n_classes, encoder_args) for a run."""
-        train = data_load.load_images(args.data_path, "train")
+        train = data_load.select_classes(data_load.load_images(args.data_path, "train"), args.classes)
         valid = None
+        valid_classes = args.valid_classes or args.classes
         if args.digits:
-            valid = data_load.load_images(None, "valid")
+            valid = data_load.select_classes(data_load.load_images(None, "valid"), valid_classes)
         elif args.valid_data_path:
-            valid = data_load.load_images(args.valid_data_path, "valid")
+            valid = data_load.select_classes(data_load.load_images(args.valid_data_path, "valid"), valid_classes)
         shape = train.image_shape
         n_classes = int(train.labels.max()) + 1
         return train, valid, n_classes, {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
@@ -67,9 +68,13 @@ class ImageTask:
         """--batch-size counts images: that many items, in groups of --samples-per-class."""
         return max(1, args.batch_size // args.samples_per_class)
 
-    def training_crop(self, x):
-        """Images train at full size."""
-        return x
+    def training_transform(self, args):
+        """Images train at full size (their augmentation lives in the datasets): no batch transform."""
+        return None
+
+    def frontend(self, args):
+        """Images carry no feature front end."""
+        return None
 
     def memory_format(self, device):
         """channels_last suits convolutions on images on CUDA."""
@@ -77,7 +82,9 @@ class ImageTask:
 
     def final_test(self, args):
         """The dataset the demo scores after training (the held-out digits), or None."""
-        return data_load.load_images(None, "test") if args.digits else None
+        if not args.digits:
+            return None
+        return data_load.select_classes(data_load.load_images(None, "test"), args.test_classes)
 
     def evaluate(self, model, args, device, out_path):
         """eval.py for images: all pairs of the test images (--data-path, default the held-out digits)."""
@@ -87,7 +94,7 @@ class ImageTask:
             raise UserError(f"--test-data needs a speech model; this checkpoint holds {model.config['model']}")
         if args.batch_size <= 0:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
-        dataset = data_load.load_images(args.data_path, "test")
+        dataset = data_load.select_classes(data_load.load_images(args.data_path, "test"), args.classes)
         return run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, verbose=True, plot=args.plot)
 
     def require_recordings(self, script, model_name):
@@ -115,22 +122,47 @@ class SpeechTask:
 
     def resolve(self, args, given):
         args.digits = False
+        if args.classes or args.valid_classes or args.test_classes:
+            raise UserError(
+                "--classes, --valid-classes and --test-classes select image classes; for speakers use "
+                "the data (e.g. tools/asterisk_set.py --fold)"
+            )
 
     def has_validation(self, args):
         return bool(args.valid_hdf_file)
 
     def datasets(self, args):
-        return data_load.speech_training_sets(args)
+        train, valid, n_classes, encoder_args = data_load.speech_training_sets(args)
+        if args.channels is not None:
+            encoder_args = {**encoder_args, "channels": args.channels}
+        return train, valid, n_classes, encoder_args
 
     def groups_per_batch(self, args):
         """--batch-size counts speakers: groups of --samples-per-class utterances each (the seed's meaning)."""
         return args.batch_size
 
-    def training_crop(self, x):
-        """The seed's random truncation: every batch is cut to a random length in [frames/4, frames]."""
-        frames = x.shape[-1]
-        keep = int(torch.randint(max(1, frames // 4), frames + 1, ()).item())
-        return x[..., :keep]
+    def training_transform(self, args):
+        """The seed's random truncation of every batch to [frames/4, frames], then SpecAugment with --specaug."""
+        specaug = None
+        if args.specaug:
+            from augment import SpecAugment
+
+            specaug = SpecAugment()
+
+        def transform(x):
+            frames = x.shape[-1]
+            keep = int(torch.randint(max(1, frames // 4), frames + 1, ()).item())
+            x = x[..., :keep]
+            return specaug(x) if specaug is not None else x
+
+        return transform
+
+    def frontend(self, args):
+        """The feature settings data_prep.py recorded in the training HDF5 (a dict), or None for Kaldi features."""
+        from frontend import read_frontend
+
+        found = read_frontend(args.train_hdf_file)
+        return found.to_dict() if found is not None else None
 
     def memory_format(self, device):
         return None

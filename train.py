@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 import data_load
 import models
 from losses import HEADS
+from models.verifier import PAIR_FEATURES
 from tasks import task_for_args, task_for_model
 from train_loop import TrainConfig, TrainLoop, noam_factor  # noqa: F401  (noam_factor re-exported for tests)
 from utils import (
@@ -92,6 +93,22 @@ def build_parser(add_help=True):
         default=3000,
         help="validation items scored all-pairs each epoch (default 3000)",
     )
+    d.add_argument(
+        "--classes",
+        default=None,
+        help="images: train (and by default validate) on these classes only, e.g. 0-4 or 0,2,7; relabelled in order",
+    )
+    d.add_argument(
+        "--valid-classes",
+        default=None,
+        help="images: validate (select models) on these classes, e.g. held-out ones (default: --classes)",
+    )
+    d.add_argument(
+        "--test-classes",
+        default=None,
+        help="digits demo: classes of the final test (default: --valid-classes, else --classes, else all)",
+    )
+    d.add_argument("--specaug", action="store_true", help="speech: SpecAugment time and frequency masks in training")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="encoder: " + ", ".join(models.encoder_names()))
     m.add_argument("--softmax", choices=tuple(HEADS), default="softmax", help="classification head")
@@ -104,6 +121,20 @@ def build_parser(add_help=True):
     m.add_argument("--ndiscriminators", type=positive(int), default=1, help="learned-distance heads, averaged")
     m.add_argument("--rproj-size", type=int, default=-1, help="fixed random projection of each pair (<= 0: off)")
     m.add_argument("--trainable-rproj", action="store_true", help="train the projection (what the seed code did)")
+    m.add_argument(
+        "--pair-features",
+        choices=tuple(PAIR_FEATURES),
+        default="concat",
+        help="how the learned distance sees a pair: concat = [a; b] (research code, default); sym = "
+        "[Pa*Pb, |Pa-Pb|] of normalised embeddings, order-invariant",
+    )
+    m.add_argument("--distance-norm", action="store_true", help="L2-normalise embeddings before a concat distance")
+    m.add_argument(
+        "--detach-distance", action="store_true", help="the pair loss trains the distance only, not the encoder"
+    )
+    m.add_argument(
+        "--channels", type=positive(int), default=None, help="speech encoders with a width (ECAPA_TDNN: 512 or 1024)"
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument(
         "--batch-size",
@@ -139,6 +170,12 @@ def build_parser(add_help=True):
     o.add_argument("--warmup", type=positive(int), default=4000, help="noam warmup steps (default 4000)")
     o.add_argument("--patience", type=non_negative(int), default=10, help="plateau epochs before halving the LR")
     o.add_argument("--smoothing", type=non_negative(float), default=0.2, help="label smoothing (default 0.2)")
+    o.add_argument(
+        "--margin-warmup-epochs",
+        type=non_negative(int),
+        default=0,
+        help="raise the softmax margin linearly from 0 to --margin over these epochs (default 0: fixed margin)",
+    )
     o.add_argument("--ablation", action="store_true", help="drop the classification loss (learned distance only)")
     o.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     o.add_argument("--compile", action="store_true", help="torch.compile the encoder (off by default)")
@@ -205,6 +242,10 @@ def resolve_defaults(args, argv):
         raise UserError(f"--checkpoint-path {args.checkpoint_path} is a file, not a folder")
     if not 0 <= args.dropout_prob < 1:
         raise UserError(f"--dropout-prob must be in [0, 1), got {args.dropout_prob}")
+    if args.pair_features != "concat" and args.rproj_size > 0:
+        raise UserError("--rproj-size projects the concatenated pair: it needs --pair-features concat")
+    if args.test_classes is None:
+        args.test_classes = args.valid_classes or args.classes
     return args
 
 
@@ -222,6 +263,9 @@ def model_config(args, n_classes, encoder_args):
         "ndiscriminators": args.ndiscriminators,
         "rproj_size": max(args.rproj_size, 0),
         "trainable_rproj": args.trainable_rproj,
+        "pair_features": args.pair_features,
+        "distance_norm": args.distance_norm,
+        "detach_distance": args.detach_distance,
     }
 
 
@@ -320,7 +364,12 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
     use_deterministic_algorithms()
     seed_everything(args.seed)
     train, valid, n_classes, encoder_args = datasets or task.datasets(args)
-    model = models.build_model(model_config(args, n_classes, encoder_args))
+    config = model_config(args, n_classes, encoder_args)
+    config["frontend"] = task.frontend(args)
+    try:
+        model = models.build_model(config)
+    except TypeError as err:
+        raise UserError(f"--model {args.model} does not take these settings: {err}") from None
     model = prepare_model(args, task, model, device, world_size)
     train_loader, valid_loader = make_loaders(args, task, train, valid, device, rank, world_size)
     optimizer, scheduler = make_optimizer(args, model)
@@ -341,7 +390,7 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
         cfg,
         writer=writer,
         rank=rank,
-        crop=task.training_crop,
+        crop=task.training_transform(args),
     )
     if args.checkpoint_epoch is not None:
         trainer.load(trainer.checkpoint_file(args.checkpoint_epoch))

@@ -33,6 +33,7 @@ class TrainConfig:
     ablation: bool = False
     amp: bool = False
     max_gnorm: float = 0.0
+    margin_warmup_epochs: int = 0
     cp_name: str | None = None
     save_every: int = 1
     keep_checkpoints: int = 0
@@ -216,10 +217,19 @@ class TrainLoop:
         n_heads = pair_logits.shape[0]
         return loss.item(), ce.item(), bce.item() / n_heads, float(gnorm)
 
+    def set_margin(self):
+        """The margin schedule: the head's margin rises linearly from 0 to the configured one over
+        cfg.margin_warmup_epochs epochs (a function of the epoch alone, so a resumed run agrees)."""
+        head = self.raw_model.classifier
+        if self.cfg.margin_warmup_epochs > 0 and hasattr(head, "set_margin"):
+            full = self.raw_model.config["margin"]
+            head.set_margin(full * min(1.0, self.epoch / self.cfg.margin_warmup_epochs))
+
     def train_epoch(self):
         seed_everything(self.cfg.seed * 100_003 + self.epoch)
         sampler = self.train_loader.batch_sampler
         sampler.set_epoch(self.epoch)
+        self.set_margin()
         self.model.train()
         totals = [0.0, 0.0, 0.0]
         n = 0

@@ -32,7 +32,15 @@ def cli(main, argv=None):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors, so `cli` prints one line (no usage block) and exits 2."""
+    """argparse whose errors are UserErrors, so `cli` prints one line (no usage block) and exits 2.
+
+    Abbreviated flags are off: `--epoch 1` is an error, not a silent `--epochs 1` (and the digits demo,
+    which reads which flags were typed, would not see it).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")

@@ -15,7 +15,7 @@ import torch
 from metrics import compute_metrics
 from models.verifier import LearnedDistance
 from scoring import pair_chunk, score_all_pairs
-from utils import cli
+from utils import ArgumentParser, cli
 
 EXAMPLE = """example:
   python bench/allpairs.py --device cpu --n 2000
@@ -39,7 +39,7 @@ def concatenated_all_pairs(distance, emb, amp=False):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--n", type=int, default=None, help="embeddings (default 2000 on the CPU, 10000 on a GPU)")

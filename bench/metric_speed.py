@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from metrics import compute_metrics
-from utils import cli
+from utils import ArgumentParser, cli
 
 EXAMPLE = """example:
   python bench/metric_speed.py --device cpu --n 10000000
@@ -30,7 +30,7 @@ def sklearn_eer(scores, labels):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--n", type=int, default=10_000_000, help="scores (default 10,000,000)")

@@ -14,7 +14,7 @@ import kaldiio
 import torch
 
 import data_prep
-from utils import cli
+from utils import ArgumentParser, cli
 
 EXAMPLE = """example:
   python bench/prep_throughput.py --speakers 100 --utts 20 --frames 400"""
@@ -35,7 +35,7 @@ def parse_matrices(scp):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--speakers", type=int, default=100, help="speakers (default 100)")

@@ -19,7 +19,7 @@ import data_load
 import data_prep
 import train
 from tasks import task_for_model
-from utils import cli
+from utils import ArgumentParser, cli
 
 EXAMPLE = """example:
   python bench/train_throughput.py --device cpu
@@ -101,7 +101,7 @@ def measure(flags, device, args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--models", default="TDNN,resnet", help="comma-separated encoders (default TDNN,resnet)")

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import speech_data
 from metrics import compute_eer
-from utils import UserError, cli
+from utils import ArgumentParser, UserError, cli
 
 SOUNDS = "/usr/share/asterisk/sounds"
 
@@ -193,7 +193,7 @@ def stats_cosine_eer(wav_paths, speakers, ncoef=30):
 
 def build_parser():
     """The command line of the Asterisk set builder."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python tools/asterisk_set.py --out data/asterisk --max-per-speaker 40 --seed 1",
