@@ -62,7 +62,10 @@ class ImageTask:
             valid = data_load.select_classes(data_load.load_images(args.valid_data_path, "valid"), valid_classes)
         shape = train.image_shape
         n_classes = int(train.labels.max()) + 1
-        return train, valid, n_classes, {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
+        encoder_args = {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
+        if args.width is not None:
+            encoder_args["width"] = args.width
+        return train, valid, n_classes, encoder_args
 
     def groups_per_batch(self, args):
         """--batch-size counts images: that many items, in groups of --samples-per-class."""

@@ -135,6 +135,7 @@ def build_parser(add_help=True):
     m.add_argument(
         "--channels", type=positive(int), default=None, help="speech encoders with a width (ECAPA_TDNN: 512 or 1024)"
     )
+    m.add_argument("--width", type=positive(int), default=None, help="image resnet: first-stage channels (default 64)")
     o = p.add_argument_group("optimisation")
     o.add_argument(
         "--batch-size",

@@ -43,18 +43,21 @@ def make_stem(stem, in_channels, width):
 
 @register_encoder("resnet", "image")
 class ResNet18(nn.Module):
-    """Pre-activation ResNet-18 [2,2,2,2]: (batch, C, H, W) -> 512-d embedding, global average pooled."""
+    """Pre-activation ResNet-18 [2,2,2,2]: (batch, C, H, W) -> 8*width-d embedding, global average pooled.
 
-    def __init__(self, in_channels=3, stem="cifar", blocks=(2, 2, 2, 2)):
+    `width` is the first stage's channels (64, the standard ResNet-18; smaller for quick CPU studies).
+    """
+
+    def __init__(self, in_channels=3, stem="cifar", blocks=(2, 2, 2, 2), width=64):
         super().__init__()
-        self.stem = make_stem(stem, in_channels, 64)
-        stages, in_planes = [], 64
-        for planes, n_blocks, stride in zip((64, 128, 256, 512), blocks, (1, 2, 2, 2)):
+        self.stem = make_stem(stem, in_channels, width)
+        stages, in_planes = [], width
+        for planes, n_blocks, stride in zip((width, 2 * width, 4 * width, 8 * width), blocks, (1, 2, 2, 2)):
             for i in range(n_blocks):
                 stages.append(PreActBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.stages = nn.Sequential(*stages)
-        self.embedding_size = self.latent_size = 512
+        self.embedding_size = self.latent_size = 8 * width
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

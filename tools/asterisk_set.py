@@ -132,10 +132,27 @@ def materialise(prompts, wav_dir, jobs=2):
     return [prompt for prompt in prompts if prompt["seconds"] >= MIN_SECONDS]
 
 
-def split(prompts, n_test_speakers, valid_fraction, rng):
-    """Assign each prompt a set: held-out `test` speakers, and train/valid utterances of the other speakers."""
+def fold_speakers(speakers, fold):
+    """The 2 held-out speakers of fold `fold` (0..n-1) of sorted `speakers`: the fold-th and the next (cyclically),
+    so every speaker is held out in two of the n folds and every fold has non-target trials."""
+    if not 0 <= fold < len(speakers):
+        raise UserError(f"--fold must be in 0..{len(speakers) - 1} ({len(speakers)} speakers), got {fold}")
+    return {speakers[fold], speakers[(fold + 1) % len(speakers)]}
+
+
+def split(prompts, n_test_speakers, valid_fraction, rng, test_speakers=None):
+    """Assign each prompt a set: held-out `test` speakers (`test_speakers`, or `n_test_speakers` drawn at
+    random), and train/valid utterances of the other speakers."""
     speakers = sorted({p["spk"] for p in prompts})
-    test = set(rng.sample(speakers, n_test_speakers)) if len(speakers) >= n_test_speakers + 2 else set()
+    if test_speakers is not None:
+        unknown = sorted(set(test_speakers) - set(speakers))
+        if unknown:
+            raise UserError(f"unknown test speaker {unknown[0]}; speakers: {', '.join(speakers)}")
+        if len(speakers) - len(test_speakers) < 2:
+            raise UserError("at least 2 speakers must remain for training")
+        test = set(test_speakers)
+    else:
+        test = set(rng.sample(speakers, n_test_speakers)) if len(speakers) >= n_test_speakers + 2 else set()
     for spk in speakers:
         own = [p for p in prompts if p["spk"] == spk]
         if spk in test:
@@ -214,6 +231,17 @@ def build_parser():
         help="speakers held out for test, when at least 2 remain for training (default 2)",
     )
     parser.add_argument(
+        "--test-speakers",
+        default=None,
+        help="comma-separated speakers to hold out for test (overrides --n-test-speakers)",
+    )
+    parser.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="hold out the fold-th and the next speaker in sorted order (0..6): 7 folds cover every speaker twice",
+    )
+    parser.add_argument(
         "--valid-fraction",
         type=float,
         default=0.1,
@@ -236,8 +264,13 @@ def main(argv=None):
         raise UserError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     rng = random.Random(args.seed)
     prompts = subsample(scan_prompts(args.sounds), args.max_per_speaker, rng)
+    test_speakers = args.test_speakers.split(",") if args.test_speakers else None
+    if args.fold is not None:
+        test_speakers = sorted(fold_speakers(sorted({p["spk"] for p in prompts}), args.fold))
+    if test_speakers is not None:  # checked before any file is written
+        split([dict(p) for p in prompts], args.n_test_speakers, args.valid_fraction, random.Random(0), test_speakers)
     prompts = materialise(prompts, os.path.join(args.out, "wav"), args.jobs)
-    split(prompts, args.n_test_speakers, args.valid_fraction, rng)
+    split(prompts, args.n_test_speakers, args.valid_fraction, rng, test_speakers)
     write_data_dir(os.path.join(args.out, "all"), prompts)
     for name in ("train", "valid", "test"):
         subset = [p for p in prompts if p["set"] == name]
