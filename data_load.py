@@ -183,27 +183,90 @@ def load_cifar_split(folder, split):
     return TensorImages(x, data.targets, pad=4 if train else 0, flip=train, name=f"cifar10/{split}")
 
 
-class FolderImages(Dataset):
-    """An image-folder tree (one sub-folder per class, e.g. Mini-ImageNet 84x84), decoded lazily."""
+def _image_size(path):
+    """(width, height) of an image file after decoding all of it, or the reason it cannot be decoded (str)."""
+    from PIL import Image
 
-    def __init__(self, folder, train):
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return str(err) or type(err).__name__
+
+
+def check_image_files(paths, folder, skip_bad=False):
+    """Decode every image of a folder tree once; -> (indices of the usable `paths`, (width, height)).
+
+    An image folder must hold decodable images of one size (they are batched together). Files that do
+    not decode (corrupt, empty, not an image) and images of another size than most are refused with
+    one UserError naming one of them, or, with `skip_bad`, left out with one warning line on stderr.
+    Decoding runs in threads (PIL releases the GIL while it decodes).
+    """
+    import sys
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        found = list(pool.map(_image_size, paths, chunksize=64))
+    sizes = Counter(s for s in found if isinstance(s, tuple))
+    if not sizes:
+        raise UserError(f"no image under {folder} can be decoded (e.g. {paths[0]}: {found[0]})")
+    common = sizes.most_common(1)[0][0]
+    broken = [i for i, s in enumerate(found) if not isinstance(s, tuple)]
+    odd = [i for i, s in enumerate(found) if isinstance(s, tuple) and s != common]
+    size = f"{common[0]}x{common[1]}"
+    if (broken or odd) and not skip_bad:
+        if broken:
+            i = broken[0]
+            what = f"{len(broken)} image file(s) cannot be decoded, e.g. {paths[i]} ({found[i]})"
+        else:
+            i = odd[0]
+            what = f"images differ in size: {sizes[common]} are {size} but {len(odd)} are not, e.g. {paths[i]}"
+            what += f" ({found[i][0]}x{found[i][1]})"
+        raise UserError(f"{folder}: {what}; fix or remove them, or pass --skip-bad-images to leave them out")
+    if broken or odd:
+        print(
+            f"warning: {folder}: left out {len(broken)} image(s) that cannot be decoded and {len(odd)} not "
+            f"{size} (--skip-bad-images)",
+            file=sys.stderr,
+            flush=True,
+        )
+    bad = set(broken) | set(odd)
+    return [i for i in range(len(paths)) if i not in bad], common
+
+
+class FolderImages(Dataset):
+    """An image-folder tree (one sub-folder per class, e.g. Mini-ImageNet 84x84), decoded lazily.
+
+    Every file is decoded once when the dataset is built (check_image_files), so a corrupt file or an
+    image of another size is reported before training, not in the middle of an epoch.
+    """
+
+    def __init__(self, folder, train, skip_bad=False):
         from torchvision import datasets, transforms
 
         steps = [transforms.ToTensor(), transforms.Normalize(*IMAGENET_STATS)]
         if train:
             steps = [transforms.RandomHorizontalFlip()] + steps
         self.folder = datasets.ImageFolder(folder, transform=transforms.Compose(steps))
+        keep, (width, height) = check_image_files([p for p, _ in self.folder.samples], folder, skip_bad)
+        self.folder.samples = [self.folder.samples[i] for i in keep]
+        self.folder.imgs = self.folder.samples
+        self.folder.targets = [t for _, t in self.folder.samples]
         self.labels = np.asarray(self.folder.targets, dtype=np.int64)
         self.train = train
         self.name = folder
-        first = self.folder[0][0]
-        self._shape = tuple(first.shape)
+        self._shape = (3, height, width)  # ImageFolder's loader converts every image to RGB
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, index):
-        x, y = self.folder[index]
+        try:
+            x, y = self.folder[index]
+        except OSError as err:  # the file changed after the dataset was built
+            raise UserError(f"cannot read image {self.folder.samples[index][0]}: {err}") from None
         if self.train:
             h, w = x.shape[1:]
             padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
@@ -216,8 +279,12 @@ class FolderImages(Dataset):
         return self._shape
 
 
-def load_images(path, split):
-    """The dataset an image path names, for `split` in {'train', 'valid', 'test'}; None means digits."""
+def load_images(path, split, skip_bad=False):
+    """The dataset an image path names, for `split` in {'train', 'valid', 'test'}; None means digits.
+
+    `skip_bad`: an image folder's undecodable files and images of another size are left out (with a
+    warning) instead of refused.
+    """
     if path is None or path == DIGITS:
         return load_digits_split(split)
     path = os.path.expanduser(path)
@@ -230,7 +297,7 @@ def load_images(path, split):
     subdirs = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
     if subdirs and not any(d.startswith("cifar-10") for d in subdirs):
         try:
-            return FolderImages(path, train=split == "train")
+            return FolderImages(path, train=split == "train", skip_bad=skip_bad)
         except (FileNotFoundError, RuntimeError) as err:
             raise UserError(f"cannot read image folders under {path}: {err}") from None
     raise UserError(
@@ -286,14 +353,87 @@ class ClassSubset(Dataset):
         return self.dataset.image_shape
 
 
-def select_classes(dataset, spec):
-    """`dataset` restricted to the classes of `spec` (see parse_classes), or unchanged when `spec` is None."""
-    return dataset if spec is None else ClassSubset(dataset, parse_classes(spec))
+def select_classes(dataset, spec, items_per_class=None, seed=0):
+    """`dataset` restricted to the classes of `spec` (see parse_classes; None keeps all) and, with
+    `items_per_class`, to that many items of each class (a seeded, deterministic draw)."""
+    if spec is None and items_per_class is None:
+        return dataset
+    classes = parse_classes(spec) if spec is not None else sorted(np.unique(dataset.labels).tolist())
+    subset = ClassSubset(dataset, classes)
+    if items_per_class is not None:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(
+            np.concatenate(
+                [rng.permutation(np.flatnonzero(subset.labels == c))[:items_per_class] for c in range(len(classes))]
+            )
+        )
+        subset.indices, subset.labels = subset.indices[keep], subset.labels[keep]
+        subset.original_labels = subset.original_labels[keep]
+        subset.name += f"[{items_per_class} per class]"
+    return subset
 
 
 def image_stem(image_shape):
     """'imagenet' stem for inputs of 64 pixels and more (Mini-ImageNet), else the CIFAR stem."""
     return "imagenet" if min(image_shape[1:]) >= 64 else "cifar"
+
+
+def check_image_shape(dataset, channels, what, source="the model takes"):
+    """Refuse images whose channel count differs from `channels` (e.g. RGB validation for a grayscale model).
+
+    `what` names the images ('validation', 'test'); `source` says where `channels` comes from.
+    """
+    found = dataset.image_shape[0]
+    if found != channels:
+        raise UserError(f"{what} images ({dataset.name}) have {found} channel(s) but {source} {channels}")
+
+
+class ItemSubset(Dataset):
+    """The items `indices` of `dataset` (labels unchanged), e.g. a capped validation set."""
+
+    def __init__(self, dataset, indices, name):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(dataset.labels)[self.indices]
+        self.name = name
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[int(self.indices[index])]
+
+    @property
+    def image_shape(self):
+        return self.dataset.image_shape
+
+
+def interleaved_order(labels):
+    """Item indices with the classes interleaved: the first item of every class (in class order), then the
+    second of every class, ...; so any prefix is spread over as many classes as it can be."""
+    labels = np.asarray(labels)
+    by_class = np.argsort(labels, kind="stable")
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[by_class] = np.arange(len(labels)) - np.searchsorted(labels[by_class], labels[by_class], side="left")
+    return np.lexsort((labels, rank))
+
+
+def validation_subset(dataset, max_items):
+    """The validation set a run scores: at most `max_items` items drawn round-robin over the classes
+    (interleaved_order; kept in dataset order), checked to hold two classes and a target pair.
+
+    Deterministic and decided before training, so the model-selection EER always covers many classes.
+    """
+    if max_items is not None and len(dataset) > max_items:
+        keep = np.sort(interleaved_order(dataset.labels)[:max_items])
+        dataset = ItemSubset(dataset, keep, f"{dataset.name}[first {max_items} items over the classes]")
+    counts = np.bincount(np.asarray(dataset.labels))
+    if (counts > 0).sum() < 2 or counts.max() < 2:
+        raise UserError(
+            f"the validation set {dataset.name} ({len(dataset)} items, {(counts > 0).sum()} classes) needs at "
+            "least two classes and one class with two items to score target and non-target pairs"
+        )
+    return dataset
 
 
 # ----------------------------------------------------------------------------- speech: speaker HDF5

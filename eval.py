@@ -32,6 +32,9 @@ def build_parser():
     p.add_argument(
         "--classes", default=None, help="images: score only the test items of these classes, e.g. 5-9 or 0,2,7"
     )
+    p.add_argument(
+        "--items-per-class", type=int, default=None, help="images: score at most this many items of each class"
+    )
     p.add_argument("--test-data", default=None, help="speech: feats.scp (or a folder holding one) or an HDF5 file")
     p.add_argument("--trials-path", default=None, help="speech: trials file, lines 'enroll test target|nontarget'")
     p.add_argument("--spk2utt", default=None, help="speech without trials: score all pairs of these utterances")

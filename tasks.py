@@ -53,7 +53,8 @@ class ImageTask:
 
     def datasets(self, args):
         """(train, valid or None, n_classes, encoder_args) for a run."""
-        train = data_load.select_classes(data_load.load_images(args.data_path, "train"), args.classes)
+        train = data_load.load_images(args.data_path, "train")
+        train = data_load.select_classes(train, args.classes, args.items_per_class)
         valid = None
         valid_classes = args.valid_classes or args.classes
         if args.digits:
@@ -97,7 +98,8 @@ class ImageTask:
             raise UserError(f"--test-data needs a speech model; this checkpoint holds {model.config['model']}")
         if args.batch_size <= 0:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
-        dataset = data_load.select_classes(data_load.load_images(args.data_path, "test"), args.classes)
+        dataset = data_load.load_images(args.data_path, "test")
+        dataset = data_load.select_classes(dataset, args.classes, args.items_per_class)
         return run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, verbose=True, plot=args.plot)
 
     def require_recordings(self, script, model_name):
@@ -125,7 +127,7 @@ class SpeechTask:
 
     def resolve(self, args, given):
         args.digits = False
-        if args.classes or args.valid_classes or args.test_classes:
+        if args.classes or args.valid_classes or args.test_classes or args.items_per_class:
             raise UserError(
                 "--classes, --valid-classes and --test-classes select image classes; for speakers use "
                 "the data (e.g. tools/asterisk_set.py --fold)"

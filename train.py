@@ -108,6 +108,12 @@ def build_parser(add_help=True):
         default=None,
         help="digits demo: classes of the final test (default: --valid-classes, else --classes, else all)",
     )
+    d.add_argument(
+        "--items-per-class",
+        type=positive(int),
+        default=None,
+        help="images: train on at most this many items of each class (a seeded draw; default all)",
+    )
     d.add_argument("--specaug", action="store_true", help="speech: SpecAugment time and frequency masks in training")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="encoder: " + ", ".join(models.encoder_names()))

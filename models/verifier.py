@@ -99,11 +99,11 @@ class DistanceHead(nn.Module):
 class SymmetricDistanceHead(DistanceHead):
     """An order-invariant discriminator on relations between the two embeddings.
 
-    P = U normalize(e) (Linear emb -> hidden, once per embedding); a pair is represented by
-    [P_a * P_b, |P_a - P_b|] (2 x hidden), then LeakyReLU and the same MLP tail as the concatenated
-    head. score(a, b) == score(b, a) exactly (both features are symmetric in floating point), the
-    head sees only where the two embeddings agree or differ, not where they sit, and a pair costs
-    O(hidden) elementwise work plus the tail.
+    P = U normalize(e) (Linear emb -> ceil(hidden/2), once per embedding); a pair is represented by
+    [P_a * P_b, |P_a - P_b|] (about `hidden` values, as wide as the concatenated head's first layer),
+    then LeakyReLU and the same MLP tail. score(a, b) == score(b, a) exactly (both features are
+    symmetric in floating point), the head sees only where the two embeddings agree or differ, not
+    where they sit, and a pair costs O(hidden) elementwise work plus the tail.
     """
 
     pair_features = "sym"
@@ -115,8 +115,9 @@ class SymmetricDistanceHead(DistanceHead):
         self.emb_size = emb_size
         self.normalize = True
         self.proj = None
-        self.first = nn.Linear(emb_size, hidden_size)
-        self.rest = _mlp_tail(2 * hidden_size, hidden_size, n_hidden, dropout_prob)
+        half = (hidden_size + 1) // 2
+        self.first = nn.Linear(emb_size, half)
+        self.rest = _mlp_tail(2 * half, hidden_size, n_hidden, dropout_prob)
 
     @property
     def pair_width(self):
@@ -124,7 +125,13 @@ class SymmetricDistanceHead(DistanceHead):
 
     @staticmethod
     def _relation(pa, pb):
-        return torch.cat([pa * pb, (pa - pb).abs()], dim=-1)
+        """[pa * pb, |pa - pb|] along the last axis (broadcasting), written into one fresh tensor."""
+        shape = torch.broadcast_shapes(pa.shape, pb.shape)
+        half = shape[-1]
+        out = torch.empty(*shape[:-1], 2 * half, dtype=torch.result_type(pa, pb), device=pa.device)
+        torch.mul(pa, pb, out=out[..., :half])
+        torch.sub(pa, pb, out=out[..., half:]).abs_()
+        return out
 
     def forward(self, a, b):
         return self.tail(self._relation(self.first(self._input(a)), self.first(self._input(b))))
