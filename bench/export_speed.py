@@ -1,0 +1,116 @@
+"""Embedding speed of the exported encoder: onnxruntime (CPU) against the PyTorch model it was exported from.
+
+For each encoder (default a TDNN on batches of 32 x 30 coefficients x 300 frames, and the image
+ResNet-18 on batches of 64 x 3 x 32 x 32), a randomly initialised model is exported with export.py's
+own code to a temporary folder, then the same batch is embedded by PyTorch (eval mode, no_grad) and
+by an onnxruntime session with the same number of threads. Prints the parity of the two outputs and
+the time ratio (PyTorch time over onnxruntime time: above 1 means onnxruntime is faster).
+"""
+
+import argparse
+import os
+import tempfile
+
+import benchlib
+import numpy as np
+import torch
+
+import export
+import models
+from utils import ArgumentParser, UserError, cli
+
+EXAMPLE = """example:
+  python bench/export_speed.py --threads 2
+  python bench/export_speed.py --models TDNN --speech-batch 8 --frames 1000"""
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--models", nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"
+    )
+    p.add_argument("--speech-batch", type=int, default=32, help="speech batch size (default 32)")
+    p.add_argument("--frames", type=int, default=300, help="frames per speech input (default 300)")
+    p.add_argument("--ncoef", type=int, default=30, help="coefficients per frame (default 30)")
+    p.add_argument("--image-batch", type=int, default=64, help="image batch size (default 64)")
+    p.add_argument("--image-size", type=int, default=32, help="image height = width in pixels (default 32)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    benchlib.add_device_args(p)
+    p.set_defaults(device="cpu")
+    return p
+
+
+def session(path, threads):
+    """An onnxruntime CPU session with `threads` intra-op threads (one inter-op thread, as torch's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def bench_encoder(name, args, device, folder):
+    """Export `name`, time PyTorch and onnxruntime on one batch; print parity and the ratio line."""
+    domain = models.encoder_domain(name)
+    if domain == "speech":
+        encoder_args = {"ncoef": args.ncoef}
+        batch, shape = args.speech_batch, f"{args.ncoef} x {args.frames} frames"
+    else:
+        encoder_args = {"in_channels": 3, "stem": "cifar" if args.image_size < 64 else "imagenet"}
+        batch, shape = args.image_batch, f"3 x {args.image_size} x {args.image_size}"
+    config = {
+        "model": name,
+        "encoder_args": encoder_args,
+        "n_classes": 10,
+        "softmax": "softmax",
+        "hidden_size": 64,
+        "n_hidden": 1,
+        "dropout_prob": 0.25,
+        "ndiscriminators": 1,
+        "rproj_size": 0,
+    }
+    torch.manual_seed(0)
+    model = models.build_model(config).to(device).eval()
+    spec = export.input_spec(model, args.image_size)
+    out = os.path.join(folder, name)
+    os.makedirs(out)
+    export.export_model(model, out, spec, args.opset, "torchscript")
+    sess = session(os.path.join(out, "encoder.onnx"), torch.get_num_threads())
+    x = export.example_features(spec, batch=batch, frames=args.frames, seed=3)
+    feed = {"features": x.numpy()}
+
+    def run_torch():
+        with torch.no_grad():
+            return model.embed(x).numpy()
+
+    times = benchlib.best_times(
+        {"onnxruntime": lambda: sess.run(None, feed)[0], "pytorch": run_torch}, device, args.repeats
+    )
+    (ort_s, got), (torch_s, ref) = times["onnxruntime"], times["pytorch"]
+    diff = float(np.abs(got - ref).max())
+    rel = diff / max(float(np.abs(ref).max()), 1e-30)
+    print(f"{name}: batch {batch} x {shape}; max |onnxruntime - PyTorch| {diff:.2e} (relative {rel:.2e})")
+    print(benchlib.ratio_line(f"{name} embedding, onnxruntime", ort_s, "PyTorch", torch_s))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = benchlib.setup(args)
+    if device.type != "cpu":
+        raise UserError("this bench compares CPU inference: onnxruntime is installed as its CPU build")
+    unknown = [name for name in args.models if name not in models.encoder_names()]
+    if unknown:
+        raise UserError(f"unknown encoder(s) {', '.join(unknown)}; known: {', '.join(models.encoder_names())}")
+    import onnxruntime
+
+    print(benchlib.describe(device) + f"; onnxruntime {onnxruntime.__version__} ({torch.get_num_threads()} threads)")
+    with tempfile.TemporaryDirectory(prefix="bench_export.") as folder:
+        for name in args.models:
+            bench_encoder(name, args, device, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
