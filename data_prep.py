@@ -252,6 +252,48 @@ def more_data(args):
     return source, speech_data.speaker_info(info_dir, args.more_spk2utt, args.more_utt2spk)
 
 
+def _info_files(info_dir, spk2utt, utt2spk):
+    """The speaker tables speech_data.speaker_info reads for these flags (explicit files, else those in info_dir)."""
+    found = []
+    for given, name in ((spk2utt, "spk2utt"), (utt2spk, "utt2spk")):
+        if given is None and info_dir is not None and os.path.isfile(os.path.join(info_dir, name)):
+            given = os.path.join(info_dir, name)
+        if given is not None:
+            found.append(given)
+    return found
+
+
+def input_files(args, sources):
+    """Every file this run reads: feature scp files and their arks, wav.scp, and the speaker tables."""
+    files = []
+    for source in sources:
+        for _, spec in source.entries if source.kind == "kaldi-feats" else ():
+            files += [spec.scp, speech_data.ark_location(spec.rxfilename)[0]]
+    if args.wav_scp:
+        files.append(args.wav_scp)
+    if not args.wav_dir:
+        data = args.wav_scp or args.path_to_data or "./data/"
+        files += _info_files(args.data_info_path or _folder_of(data), args.spk2utt, args.utt2spk)
+    if args.path_to_more_data:
+        more_dir = args.more_data_info_path or _folder_of(args.path_to_more_data)
+        files += _info_files(more_dir, args.more_spk2utt, args.more_utt2spk)
+    return files
+
+
+def refuse_overwriting_inputs(args, sources, out_file):
+    """Refuse, before any work, outputs that are inputs of the same run (compared by real path): e.g.
+    --write-kaldi-feats naming the data folder would replace its feats.scp, utt2spk and spk2utt by the subset."""
+    inputs = {os.path.realpath(path) for path in input_files(args, sources)}
+    outputs = [("--out-path/--out-name", out_file)]
+    if args.write_kaldi_feats:
+        names = ("feats.ark", "feats.scp", "utt2spk", "spk2utt", "frontend.json")
+        outputs += [(f"--write-kaldi-feats {args.write_kaldi_feats}", os.path.join(args.write_kaldi_feats, name))
+                    for name in names]  # fmt: skip
+    for flag, path in outputs:
+        if os.path.realpath(path) in inputs:
+            raise UserError(f"{flag} would overwrite {path}, an input of this run; write to another folder")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(args)
@@ -261,6 +303,8 @@ def main(argv=None):
     if extra is not None:
         sources.append(extra[0])
         info = speech_data.merge_speaker_info(info, extra[1])
+    out_file = os.path.join(args.out_path, args.out_name)
+    refuse_overwriting_inputs(args, sources, out_file)
     spk2utt, utt2spk = info
     speakers = speech_data.kept_speakers(spk2utt, args.min_recordings)
     if not speakers:
@@ -271,7 +315,6 @@ def main(argv=None):
             speakers |= {f"sp{speed}-{spk}" for speed in augment.SPEEDS for spk in speakers}
         utt2spk = {**utt2spk, **wav_utt2spk}
     os.makedirs(args.out_path, exist_ok=True)
-    out_file = os.path.join(args.out_path, args.out_name)
     ncoef = args.ncoef if source.kind == "kaldi-feats" else None
     counts = speech_data.write_training_data(
         out_file, sources, utt2spk, speakers, cmn=args.cmn, kaldi_dir=args.write_kaldi_feats, ncoef=ncoef

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import struct
 from collections import Counter
+from typing import NamedTuple
 
 import h5py
 import kaldiio
@@ -27,15 +28,21 @@ TARGET_LABELS = {"target": True, "tgt": True, "nontarget": False, "nontgt": Fals
 # ----------------------------------------------------------------------------- Kaldi text tables
 
 
-def _table_lines(path, what):
-    """Yield (line_number, fields) for the non-blank lines of a Kaldi text table."""
+def _table_lines(path, what, maxsplit=-1):
+    """Yield (line_number, fields) for the non-blank lines of a Kaldi text table, split on whitespace
+    (at most `maxsplit` times, the last field then keeping the rest of the line, ends stripped).
+
+    Read as "utf-8-sig": a byte-order mark that a Windows editor put at the start is dropped, not
+    glued to the first id (where it would make "missing utterance" errors name an invisible character).
+    """
     if not os.path.isfile(path):
         raise UserError(f"{what} file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, 1):
-                fields = line.split()
+                fields = line.split(None, maxsplit)
                 if fields:
+                    fields[-1] = fields[-1].strip()
                     yield number, fields
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not a UTF-8 text file ({err.reason})") from None
@@ -66,18 +73,26 @@ def read_spk2utt(path):
 
 
 def read_scp(path, what="scp"):
-    """Read a Kaldi scp file into a list of (line_number, key, value), value being the rest of the line."""
+    """Read a Kaldi scp file into a list of (line_number, key, value).
+
+    As in Kaldi, a line is `key<whitespace>rxfilename`: the key ends at the first whitespace and the
+    rxfilename is the rest of the line, ends stripped, so a path may hold spaces (`/data/my exp/feats.ark:12`).
+    """
     entries = []
-    for number, fields in _table_lines(path, what):
+    for number, fields in _table_lines(path, what, maxsplit=1):
         if len(fields) < 2:
             raise UserError(f"{path} line {number}: expected `key value`, got one field")
-        entries.append((number, fields[0], " ".join(fields[1:])))
+        entries.append((number, fields[0], fields[1]))
     return entries
 
 
 def _refuse_pipe(path, number, value):
-    """Kaldi scp entries may be shell commands (`cmd |`); this toolkit never runs a shell."""
-    if value.endswith("|") or value.startswith("|") or " " in value:
+    """Refuse the rxfilenames Kaldi would not read as a file: `cmd |` (a pipe), `|cmd` and `-` (stdin).
+
+    These are Kaldi's own rules (ClassifyRxfilename), so a plain path with spaces is a file, not a command;
+    this toolkit never runs a shell.
+    """
+    if value.endswith("|") or value.startswith("|") or value == "-":
         raise UserError(
             f"{path} line {number}: entry `{value}` is a command or pipe; no shell is run here, "
             "so write the data to a file first and list that file"
@@ -229,13 +244,13 @@ def iter_features(path, wanted=None):
     feature scp files or a data_prep HDF5 (transposed back); with `wanted`, only those, and all must exist."""
     if os.path.isfile(path) and h5py.is_hdf5(path):
         with h5py.File(path, "r") as h5:
-            index = {utt: spk for spk in h5 for utt in h5[spk]}
+            index = _hdf5_index(h5, path)
             if wanted is not None:
                 _check_wanted(index, wanted, path)
             keep = index if wanted is None else set(wanted)
             for utt, spk in index.items():
                 if utt in keep:
-                    yield utt, np.asarray(h5[spk][utt][()], dtype=np.float32).T
+                    yield utt, _hdf5_matrix(h5[spk][utt], path)
         return
     source = KaldiFeatures(list_scp_files(path))
     try:
@@ -249,8 +264,65 @@ def iter_features(path, wanted=None):
         source.close()
 
 
+HDF5_LAYOUT = "one group per speaker holding one (ncoef, frames) dataset per utterance, as data_prep.py writes"
+
+
+def _hdf5_index(h5, path):
+    """{utt: spk} of a speaker HDF5; anything but speaker groups of utterance datasets is a UserError."""
+    index = {}
+    for spk, group in h5.items():
+        if not isinstance(group, h5py.Group):
+            kind = type(group).__name__
+            raise UserError(f"{path}: `{spk}` at the root is a {kind}, not a speaker group ({HDF5_LAYOUT})")
+        for utt, item in group.items():
+            if not isinstance(item, h5py.Dataset):
+                raise UserError(f"{path}: `{spk}/{utt}` is a {type(item).__name__}, not an utterance ({HDF5_LAYOUT})")
+            index[utt] = spk
+    return index
+
+
+def _hdf5_matrix(dataset, path):
+    """One utterance of a speaker HDF5 as float32 (frames, ncoef); the seed's (1, ncoef, frames) is read too."""
+    mat = np.asarray(dataset[()], dtype=np.float32)
+    if mat.ndim == 3 and mat.shape[0] == 1:
+        mat = mat[0]
+    if mat.ndim != 2:
+        raise UserError(f"{path}: `{dataset.name.lstrip('/')}` has shape {mat.shape}, not (ncoef, frames)")
+    return mat.T
+
+
+class KaldiEntry(NamedTuple):
+    """One feats.scp line: the utterance, its rxfilename (`ark:offset`) and where it was listed."""
+
+    utt: str
+    rxfilename: str
+    scp: str
+    line: int
+
+
+def ark_location(rxfilename):
+    """(ark path, byte offset or None) of a Kaldi rxfilename `path[:offset][range]`."""
+    path = rxfilename.split("[", 1)[0] if rxfilename.endswith("]") else rxfilename
+    head, sep, tail = path.rpartition(":")
+    return (head, int(tail)) if sep and tail.isdigit() else (path, None)
+
+
+def _unreadable(spec, err):
+    """The one-line reason a KaldiEntry could not be read: an offset past the end of its ark, or what went wrong."""
+    ark, offset = ark_location(spec.rxfilename)
+    where = f"cannot read Kaldi matrix of utterance {spec.utt} ({spec.scp} line {spec.line})"
+    size = os.path.getsize(ark) if os.path.isfile(ark) else None
+    if offset is not None and size is not None and offset >= size:
+        return f"{where}: offset {offset} is past the end of {ark} ({size} bytes); the ark is truncated or replaced"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else "no Kaldi matrix at that offset"
+    return f"{where} from {spec.rxfilename}: {reason}"
+
+
 class KaldiFeatures:
-    """Feature matrices listed in Kaldi scp files, read one utterance at a time as float32 (frames, ncoef)."""
+    """Feature matrices listed in Kaldi scp files, read one utterance at a time as float32 (frames, ncoef).
+
+    `entries` are (utt, KaldiEntry); any failure to read one names the utterance, its scp line and its ark.
+    """
 
     kind = "kaldi-feats"
     front_end = None  # computed elsewhere: unknown
@@ -264,23 +336,28 @@ class KaldiFeatures:
                 if utt in seen:
                     raise UserError(f"{scp} line {number}: utterance {utt} is also listed in {seen[utt]}")
                 seen[utt] = scp
-                self.entries.append((utt, value))
+                self.entries.append((utt, KaldiEntry(utt, value, scp, number)))
         self._handles = {}
         self.sample_rate = None
 
     def load(self, spec):
         """Read one matrix; an ark file referenced by a relative path is found from the current folder."""
         try:
-            mat = kaldiio.load_mat(spec, fd_dict=self._handles)
+            mat = kaldiio.load_mat(spec.rxfilename, fd_dict=self._handles)
         except FileNotFoundError as err:
             raise UserError(
-                f"ark file not found: {err.filename} (relative paths start from the current folder)"
+                f"ark file not found: {err.filename} (utterance {spec.utt}, {spec.scp} line {spec.line}; "
+                "relative paths start from the current folder)"
             ) from None
-        except (ValueError, OSError, EOFError, RuntimeError, struct.error) as err:  # corrupt or truncated ark
-            raise UserError(f"cannot read Kaldi matrix {spec}: {err}") from None
+        # corrupt or truncated ark, or an offset past its end (kaldiio asserts on what it finds there)
+        except (ValueError, OSError, EOFError, RuntimeError, AssertionError, struct.error) as err:
+            raise UserError(_unreadable(spec, err)) from None
         mat = np.asarray(mat)
         if mat.ndim != 2:
-            raise UserError(f"{spec} holds a {mat.ndim}-d array; feature matrices are (frames, ncoef)")
+            raise UserError(
+                f"utterance {spec.utt} ({spec.rxfilename}) holds a {mat.ndim}-d array; "
+                "feature matrices are (frames, ncoef)"
+            )
         return mat.astype(np.float32, copy=False)
 
     def close(self):
@@ -401,6 +478,10 @@ class ArkWriter:
     def __init__(self, handle, final_ark):
         self.handle = handle
         self.final_ark = os.path.abspath(final_ark)
+        # scp lines are `utt path:offset`, the path being the rest of the line (spaces are fine, as Kaldi and
+        # kaldiio read it); only a line break cannot be written there.
+        if "\n" in self.final_ark or "\r" in self.final_ark:
+            raise UserError(f"a Kaldi scp cannot list a path holding a line break: {self.final_ark!r}")
         self.scp_lines = []
 
     def write(self, utt, mat):
@@ -502,8 +583,11 @@ def _set_root_attrs(h5, ncoef, sources, cmn):
 
 
 def checked_features(path, wanted, ncoef):
-    """(utt, (ncoef, frames)) matrices of `path`, refusing NaN / Inf and a coefficient count the model does not take."""
+    """(utt, (ncoef, frames)) matrices of `path`, refusing empty matrices (0 frames), NaN / Inf and a
+    coefficient count the model does not take."""
     for utt, mat in iter_features(path, wanted):
+        if mat.shape[0] == 0:
+            raise UserError(f"utterance {utt} of {path} has no frames (an empty feature matrix); leave it out")
         if ncoef is not None and mat.shape[1] != ncoef:
             raise UserError(
                 f"utterance {utt} of {path} has {mat.shape[1]} coefficients per frame; the model takes {ncoef}"

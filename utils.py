@@ -5,9 +5,12 @@ import contextlib
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -17,17 +20,47 @@ class UserError(Exception):
     """An error the user caused (a path, a format, a flag value); printed as one line, no traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by `timeout`, Slurm, `kill`) raised as an exception, so it takes Ctrl-C's path: every
+    `atomic_path` removes its temporary file and `cli` exits with 143 (128 + SIGTERM)."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def user_message(err):
+    """The one line to print for a UserError. One raised in a DataLoader worker comes back re-raised with
+    torch's "Caught UserError in DataLoader worker ... Original Traceback ..." text: keep its last line,
+    the original message, without the exception's name."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return re.sub(rf"^(?:[\w.]+\.)?{type(err).__name__}: ", "", last)
+
+
 def cli(main, argv=None):
-    """Run `main(argv)` as a command: a UserError becomes one line on stderr and exit status 2."""
+    """Run `main(argv)` as a command: a UserError becomes one line on stderr and exit status 2; Ctrl-C
+    (SIGINT) exits with 130 and SIGTERM with 143, each after the temporary outputs are removed."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         code = main(argv)
     except UserError as err:
         prog = os.path.basename(sys.argv[0]) or "e2e"
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)
 
 
@@ -91,8 +124,12 @@ def choose_device(name=None):
         device = torch.device(name)
     except RuntimeError as err:
         raise UserError(f"bad --device {name!r}: {err}") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ... parse but are not supported by this toolkit
+        raise UserError(f"bad --device {name!r}: only cpu, cuda and cuda:N are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

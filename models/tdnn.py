@@ -35,6 +35,7 @@ class TDNN(nn.Module):
         self.mu = nn.Sequential(_bn_relu_linear(512, 512), nn.Linear(512, latent_size))
         self.embedding_size = 512
         self.latent_size = latent_size
+        self.min_frames = MIN_FRAMES  # scoring tiles shorter utterances up to this
         init_weights(self)
 
     def forward(self, x):

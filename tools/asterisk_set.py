@@ -262,6 +262,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if not 0 <= args.valid_fraction < 1:
         raise UserError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
+    for flag, value, low in (("--jobs", args.jobs, 1), ("--n-test-speakers", args.n_test_speakers, 0),
+                             ("--n-trials", args.n_trials, 0)):  # fmt: skip
+        if value < low:  # checked before any folder is made
+            raise UserError(f"{flag} must be >= {low}, got {value}")
     rng = random.Random(args.seed)
     prompts = subsample(scan_prompts(args.sounds), args.max_per_speaker, rng)
     test_speakers = args.test_speakers.split(",") if args.test_speakers else None
