@@ -1,0 +1,250 @@
+"""Verify recordings or images with a trained model: do the test items come from the enrolled speaker (or class)?
+
+Wav files (16-bit PCM mono) go through the checkpoint's own front end (resampled to its rate when the
+file's differs); image files are decoded with Pillow and scaled and normalised as the training images
+were. Several enrollment items form one model: the learned distance scores the test item against each
+and its probabilities and logits are averaged; cosine compares with the mean of the normalised
+enrollment embeddings. Long recordings are embedded in chunks of --chunk-seconds, averaged.
+
+Prints, per test item, the e2e probability and logit, the cosine and the fused score, and a decision:
+at --threshold on the --scorer's score, or, with --calibration, at the Bayes threshold of --p-target on
+the scorer's calibrated log-likelihood ratio. Also a Python API: Verifier.load(cp).score(enroll, test).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import models
+from checkpoints import load_checkpoint, load_weights
+from scoring import embed_matrices, fuse
+from tasks import task_for_model
+from utils import ArgumentParser, UserError, add_device_flags, choose_device, cli, device_from_args
+
+EXAMPLE = """examples:
+  python verify.py --cp-path cp/asterisk/checkpoint_8ep.pt --enroll alice1.wav alice2.wav --test who.wav
+  python verify.py --cp-path cp/asterisk/checkpoint_8ep.pt --enroll a.wav --test b.wav c.wav \\
+      --calibration cal.json --p-target 0.01 --json"""
+COLUMNS = ("e2e", "e2e_logit", "cos", "fus")
+DEFAULT_THRESHOLDS = {"e2e": 0.5, "e2e_logit": 0.0, "fus": 0.5}  # cos has no natural one: --threshold is needed
+
+
+# ----------------------------------------------------------------------------- audio
+
+
+def front_end_of(config, cp_path):
+    """The FrontEnd a speech checkpoint was trained on; a UserError when it was trained on Kaldi features."""
+    from frontend import FrontEnd
+
+    if config.get("frontend") is None:
+        raise UserError(
+            f"{cp_path} was trained on features computed outside this toolkit (Kaldi), so its front end is unknown "
+            "and it cannot take wav files; compute features with Kaldi and use eval.py / embed.py --data"
+        )
+    return FrontEnd.from_dict(config["frontend"], f"{cp_path} front end")
+
+
+def wav_features(front_end, path):
+    """A wav file -> float32 (n_coef, frames) through `front_end`, resampled to its rate when the file's differs.
+
+    UserErrors: unreadable, not 16-bit mono PCM, no samples, a sample rate of 0, too short for one frame.
+    """
+    from frontend import read_wav
+
+    samples, rate = read_wav(path)
+    if not len(samples):
+        raise UserError(f"{path} holds no audio samples")
+    if rate < 1:
+        raise UserError(f"{path} says its sample rate is {rate} Hz; it cannot be resampled to {front_end.sample_rate}")
+    feats = front_end.compute(samples, rate)
+    if feats.shape[1] == 0:
+        raise UserError(f"{path} is too short: {len(samples)} samples give no {front_end.frame_shift_ms:g} ms frame")
+    return feats
+
+
+def chunks(feats, chunk_frames):
+    """(n_coef, frames) -> list of (n_coef, ~chunk_frames) parts: round(frames / chunk_frames) nearly equal ones
+    (so no short leftover chunk), or the whole matrix when `chunk_frames` <= 0 or it is not longer."""
+    frames = feats.shape[1]
+    if chunk_frames <= 0 or frames <= chunk_frames:
+        return [feats]
+    return np.array_split(feats, max(1, round(frames / chunk_frames)), axis=1)
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+class Verifier:
+    """A trained model ready to embed files and score them: Verifier.load(cp).score(enroll_paths, test_path)."""
+
+    def __init__(self, model, state, cp_path, device, chunk_seconds=10.0, min_frames=100):
+        import image_input
+
+        self.model, self.cp_path, self.device = model, cp_path, device
+        self.domain = task_for_model(model.config["model"]).name
+        self.min_frames = min_frames
+        if self.domain == "speech":
+            self.front_end = front_end_of(model.config, cp_path)
+            self.chunk_frames = round(chunk_seconds * 1000.0 / self.front_end.frame_shift_ms)
+        else:
+            self.image_input = image_input.from_checkpoint(state, cp_path)
+
+    @classmethod
+    def load(cls, cp_path, device=None, chunk_seconds=10.0, min_frames=100):
+        """The model of checkpoint `cp_path` (weights-only load) on `device` (default cuda when present)."""
+        if chunk_seconds < 0 or min_frames < 1:
+            raise UserError(f"chunk seconds must be >= 0 and min frames >= 1, got {chunk_seconds} and {min_frames}")
+        device = device if isinstance(device, torch.device) else choose_device(device)
+        state = load_checkpoint(cp_path)
+        config = state["model_config"]
+        if config.get("model") not in models.encoder_names():
+            raise UserError(f"{cp_path} holds an unknown model {config.get('model')!r}")
+        model = models.build_model(config)
+        load_weights(model, state, cp_path)
+        return cls(model.to(device).eval(), state, cp_path, device, chunk_seconds, min_frames)
+
+    def inputs(self, path):
+        """The model inputs of one file: speech -> list of (n_coef, frames) chunks; image -> [(C, H, W)]."""
+        if not os.path.isfile(path):
+            raise UserError(f"file not found: {path}")
+        if self.domain == "speech":
+            return chunks(wav_features(self.front_end, path), self.chunk_frames)
+        return [self.image_input.load(path)]
+
+    @torch.no_grad()
+    def embed_file(self, path):
+        """One file's embedding (emb,) float32 on the model's device; a long recording's is the mean of its chunks'."""
+        parts = self.inputs(path)
+        if self.domain == "speech":
+            _, emb = embed_matrices(self.model, enumerate(parts), self.device, self.min_frames)
+        else:
+            emb = self.model.embed(torch.stack(parts).to(self.device)).float()
+        return emb.mean(0)
+
+    def embed_files(self, paths):
+        """(n, emb) embeddings of `paths`, in order."""
+        return torch.stack([self.embed_file(p) for p in paths])
+
+    @torch.no_grad()
+    def score_embeddings(self, enroll, test):
+        """Enrollment embeddings (n, emb) as one model against test embeddings (m, emb) -> {column: (m,) tensor}.
+
+        e2e / e2e_logit: the learned distance's probability / logit (mean over its heads) of each
+        (enrollment item, test item) pair, averaged over the enrollment items; cos: cosine with the mean of
+        the L2-normalised enrollment embeddings; fus: the fusion of e2e and cos (scoring.fuse).
+        """
+        n, m = len(enroll), len(test)
+        emb = torch.cat([enroll, test])
+        idx_a = torch.arange(n, device=emb.device).repeat(m)
+        idx_b = torch.arange(n, n + m, device=emb.device).repeat_interleave(n)
+        self.model.distance.eval()
+        logits = self.model.distance.pair_logits(emb, idx_a, idx_b).float()  # (heads, m * n)
+        e2e = torch.sigmoid(logits).mean(0).view(m, n).mean(1)
+        e2e_logit = logits.mean(0).view(m, n).mean(1)
+        centre = F.normalize(F.normalize(enroll, dim=1).mean(0), dim=0)
+        cos = F.normalize(test, dim=1) @ centre
+        return {"e2e": e2e, "e2e_logit": e2e_logit, "cos": cos, "fus": fuse(e2e, cos)}
+
+    def score(self, enroll, test):
+        """Scores of one test file against an enrollment (one path or a list of paths) -> {column: float}."""
+        enroll = [enroll] if isinstance(enroll, str | os.PathLike) else list(enroll)
+        if not enroll:
+            raise UserError("give at least one enrollment file")
+        scores = self.score_embeddings(self.embed_files(enroll), self.embed_file(test)[None])
+        return {name: float(value[0]) for name, value in scores.items()}
+
+
+# ----------------------------------------------------------------------------- decisions
+
+
+def decision_rule(args, calibration):
+    """(column deciding, threshold, text saying why) from --scorer, --threshold, --calibration and --p-target."""
+    if calibration is None:
+        scorer = args.scorer or "e2e"
+        if scorer not in COLUMNS:
+            raise UserError(f"--scorer must be one of {', '.join(COLUMNS)} (calibrated ones need --calibration)")
+        threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS.get(scorer)
+        if threshold is None:
+            raise UserError(f"--scorer {scorer} has no default threshold: give --threshold")
+        return scorer, threshold, f"{scorer} >= {threshold:g}"
+    if args.threshold is not None:
+        raise UserError(
+            "--threshold and --calibration exclude each other: a calibration decides at the Bayes threshold"
+        )
+    if not 0.0 < args.p_target < 1.0:
+        raise UserError(f"--p-target must lie strictly between 0 and 1, got {args.p_target}")
+    offered = [f"cal_{name}" for name in (*calibration["fusions"], *calibration["calibrations"])]
+    column = offered[0] if args.scorer is None else f"cal_{args.scorer.removeprefix('cal_')}"
+    if column not in offered:
+        raise UserError(f"the calibration has no {column}; it offers {', '.join(offered)}")
+    threshold = math.log((1.0 - args.p_target) / args.p_target)
+    return column, threshold, f"{column} >= {threshold:.3f}, the Bayes threshold at p_target {args.p_target:g}"
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cp-path", required=True, help="checkpoint written by train.py")
+    p.add_argument("--enroll", nargs="+", required=True, help="enrollment wav or image files (one model together)")
+    p.add_argument("--test", nargs="+", required=True, help="test wav or image files, each scored alone")
+    p.add_argument(
+        "--scorer",
+        default=None,
+        help="the score that decides: e2e (default), e2e_logit, cos or fus; with --calibration a calibrated "
+        "column, e.g. e2e_logit+cos (default: its first fusion, else its first calibration)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="accept at score >= this (default 0.5 e2e/fus, 0 e2e_logit)"
+    )
+    p.add_argument("--calibration", default=None, help="calibration JSON from calibrate.py: decide on LLRs")
+    p.add_argument("--p-target", type=float, default=0.01, help="target prior of the Bayes threshold (default 0.01)")
+    p.add_argument(
+        "--chunk-seconds", type=float, default=10.0, help="embed long recordings in chunks this long (0 = whole)"
+    )
+    p.add_argument("--min-frames", type=int, default=100, help="shorter recordings are tiled to this (default 100)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_device_flags(p)
+    return p
+
+
+def main(argv=None):
+    from calibration import apply_calibration, load_calibration
+
+    args = build_parser().parse_args(argv)
+    calibration = load_calibration(args.calibration, COLUMNS) if args.calibration else None
+    column, threshold, rule = decision_rule(args, calibration)
+    verifier = Verifier.load(args.cp_path, device_from_args(args), args.chunk_seconds, args.min_frames)
+    enroll = verifier.embed_files(args.enroll)
+    test = verifier.embed_files(args.test)
+    scores = {k: v.cpu().numpy().astype(np.float64) for k, v in verifier.score_embeddings(enroll, test).items()}
+    llrs = apply_calibration(calibration, scores) if calibration else {}
+    decided = llrs.get(column, scores.get(column))
+    results = [
+        {
+            "test": path,
+            "scores": {k: float(v[i]) for k, v in scores.items()},
+            "llr": {k: float(v[i]) for k, v in llrs.items()},
+            "accept": bool(decided[i] >= threshold),
+        }
+        for i, path in enumerate(args.test)
+    ]
+    summary = {"checkpoint": args.cp_path, "enroll": args.enroll, "decision": rule, "column": column}
+    summary |= {"threshold": threshold, "p_target": args.p_target if calibration else None, "results": results}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"enrollment: {', '.join(args.enroll)}; decision: accept when {rule}")
+    for result in results:
+        values = [f"{k} {v:.4f}" for k, v in (*result["scores"].items(), *result["llr"].items())]
+        print(f"{'ACCEPT' if result['accept'] else 'reject'}  {result['test']}  " + "  ".join(values))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
