@@ -1,0 +1,98 @@
+"""AS-norm of many trials: score_norm.snorm_trials (each item scored against the cohort once, in blocks)
+against the direct per-trial form (NumPy, float64: for every trial, the enroll and the test item are
+scored against the whole cohort again, their top-N scores picked, the formula applied).
+
+Default: 100,000 random trials over 2,000 enroll and 2,000 test embeddings (d=256), a 5,000-item
+cohort, top 300, cosine scores. The direct form is too slow to run on every trial: it is timed on the
+first --direct-trials trials and its time scaled to all of them (it costs the same per trial), and
+both forms' outputs on those trials are compared.
+"""
+
+import argparse
+
+import benchlib
+import numpy as np
+import torch
+
+from score_norm import cosine_block, snorm_trials
+from utils import ArgumentParser, cli
+
+EXAMPLE = """example:
+  python bench/score_norm_speed.py --device cpu
+  python bench/score_norm_speed.py --device cuda --direct-trials 50"""
+
+
+def direct_asnorm(raw, enroll, test, enroll_idx, test_idx, cohort, top_n=None):
+    """Baseline: one trial at a time, both items' cosine scores against the cohort recomputed -> (T,) float64."""
+    out = np.empty(len(raw))
+    for k in range(len(raw)):
+        sides = []
+        for item in (enroll[enroll_idx[k]], test[test_idx[k]]):
+            cohort_norms = np.linalg.norm(cohort, axis=1)
+            scores = cohort @ item / (cohort_norms * np.linalg.norm(item))
+            if top_n is not None and top_n < len(scores):
+                scores = np.partition(scores, len(scores) - top_n)[-top_n:]
+            sides.append((raw[k] - scores.mean()) / scores.std())
+        out[k] = 0.5 * (sides[0] + sides[1])
+    return out
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=100_000, help="trials (default 100000)")
+    p.add_argument("--enroll", type=int, default=2_000, help="enroll embeddings (default 2000)")
+    p.add_argument("--test", type=int, default=2_000, help="test embeddings (default 2000)")
+    p.add_argument("--cohort", type=int, default=5_000, help="cohort size (default 5000)")
+    p.add_argument("--emb-size", type=int, default=256, help="embedding size d (default 256)")
+    p.add_argument("--top-n", type=int, default=300, help="AS-norm top N; 0 means S-norm over the whole cohort (300)")
+    p.add_argument("--direct-trials", type=int, default=200, help="trials the direct form is timed on (200)")
+    benchlib.add_device_args(p)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = benchlib.setup(args)
+    top_n = args.top_n or None
+    rng = np.random.default_rng(0)
+    enroll = rng.standard_normal((args.enroll, args.emb_size), dtype=np.float32)
+    test = rng.standard_normal((args.test, args.emb_size), dtype=np.float32)
+    cohort = rng.standard_normal((args.cohort, args.emb_size), dtype=np.float32)
+    enroll_idx = rng.integers(0, args.enroll, args.trials)
+    test_idx = rng.integers(0, args.test, args.trials)
+    raw = np.einsum("ij,ij->i", enroll[enroll_idx], test[test_idx]) / (
+        np.linalg.norm(enroll[enroll_idx], axis=1) * np.linalg.norm(test[test_idx], axis=1)
+    )
+    print(benchlib.describe(device))
+    print(
+        f"{args.trials} trials over {args.enroll} enroll and {args.test} test embeddings of size {args.emb_size}, "
+        f"cohort {args.cohort}, {'top ' + str(top_n) if top_n else 'whole cohort (S-norm)'}, cosine scores"
+    )
+    tensors = [torch.from_numpy(a).to(device) for a in (raw, enroll, test, enroll_idx, test_idx, cohort)]
+
+    def vectorised():
+        raw_t, enroll_t, test_t, ei, ti, cohort_t = tensors
+        return snorm_trials(raw_t, enroll_t, test_t, ei, ti, cohort_t, cosine_block, top_n)
+
+    sub = min(args.direct_trials, args.trials)
+    raw64, enroll64, test64, cohort64 = (a.astype(np.float64) for a in (raw[:sub], enroll, test, cohort))
+
+    def direct():
+        return direct_asnorm(raw64, enroll64, test64, enroll_idx[:sub], test_idx[:sub], cohort64, top_n)
+
+    times = benchlib.best_times({"vectorised": vectorised, "direct": direct}, device, args.repeats, warmup=0)
+    fast_s, normed = times["vectorised"]
+    direct_sub_s, expected = times["direct"]
+    direct_s = direct_sub_s * args.trials / sub
+    diff = float(np.abs(normed[:sub].cpu().numpy() - expected).max())
+    print(f"vectorised: {fast_s:.4f} s ({args.trials / fast_s:,.0f} trials/s)")
+    print(
+        f"direct per trial: {direct_sub_s:.4f} s on {sub} trials, scaled to {args.trials}: {direct_s:.2f} s; "
+        f"max |vectorised - direct| {diff:.2e}"
+    )
+    print(benchlib.ratio_line("AS-norm of all trials, vectorised", fast_s, "direct (scaled)", direct_s))
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
