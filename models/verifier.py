@@ -125,7 +125,10 @@ class SymmetricDistanceHead(DistanceHead):
 
     @staticmethod
     def _relation(pa, pb):
-        """[pa * pb, |pa - pb|] along the last axis (broadcasting), written into one fresh tensor."""
+        """[pa * pb, |pa - pb|] along the last axis (broadcasting); when scoring (no autograd) written into one
+        fresh tensor without the copy of a concatenation."""
+        if torch.is_grad_enabled() and (pa.requires_grad or pb.requires_grad):
+            return torch.cat([pa * pb, (pa - pb).abs()], dim=-1)
         shape = torch.broadcast_shapes(pa.shape, pb.shape)
         half = shape[-1]
         out = torch.empty(*shape[:-1], 2 * half, dtype=torch.result_type(pa, pb), device=pa.device)
@@ -201,7 +204,7 @@ class Verifier(nn.Module):
 
     `config` keys: model, encoder_args (dict), n_classes, softmax, margin, scale, hidden_size,
     n_hidden, dropout_prob, ndiscriminators, rproj_size, trainable_rproj, and (absent in older
-    checkpoints) pair_features, distance_norm, detach_distance.
+    checkpoints) pair_features, distance_norm, detach_distance, softmax_scale.
     """
 
     def __init__(self, config):
@@ -212,7 +215,12 @@ class Verifier(nn.Module):
         self.encoder = create_encoder(config["model"], **config.get("encoder_args", {}))
         cls_size = self.encoder.latent_size
         self.classifier = build_head(
-            config["softmax"], cls_size, config["n_classes"], config.get("margin", 0.35), config.get("scale", 30.0)
+            config["softmax"],
+            cls_size,
+            config["n_classes"],
+            config.get("margin", 0.35),
+            config.get("scale", 30.0),
+            config.get("softmax_scale", 1.0),  # checkpoints from before --softmax-scale: the seed's unscaled head
         )
         self.distance = LearnedDistance(
             self.encoder.embedding_size,

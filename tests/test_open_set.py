@@ -61,6 +61,23 @@ def test_projected_equals_naive_all_pairs_and_trials(pair_features, normalize, c
     torch.testing.assert_close(trials["e2e"], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_sym_distance_trains_and_detach_keeps_the_pair_loss_out_of_the_encoder(detach, device):
+    torch.manual_seed(0)
+    config = model_config("densenet", n_classes=3, encoder_args={"in_channels": 1, "stem": "cifar"})
+    config.update(pair_features="sym", detach_distance=detach)
+    model = models.build_model(config).to(device).train()
+    x, labels = torch.randn(6, 1, 8, 8, device=device), torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    _, pair_logits, same = model(x, labels)
+    pair_logits.sum().backward()  # the pair loss alone
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.distance.parameters())
+    encoder_grads = [p.grad for p in model.encoder.parameters()]
+    if detach:
+        assert all(g is None for g in encoder_grads)
+    else:
+        assert any(g is not None and g.abs().sum() > 0 for g in encoder_grads)
+
+
 def test_old_checkpoints_without_pair_features_load_as_concat(tmp_path):
     torch.manual_seed(0)
     config = model_config("densenet", n_classes=3, encoder_args={"in_channels": 1, "stem": "cifar"})
