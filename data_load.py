@@ -76,7 +76,54 @@ class GroupBatchSampler(Sampler):
         return len(self._batches())
 
 
+class RandomBatchSampler(GroupBatchSampler):
+    """Plain shuffled batches of `batch_size` items (`--sampler random`), as an ordinary DataLoader draws them.
+
+    Classes are not balanced, so a batch may hold few or no same-class pairs (the pair loss then weighs
+    what it has; see losses.pair_weights). Every item is used once per epoch; the last, smaller batch
+    is kept unless it holds a single item (batch norm needs two). Like GroupBatchSampler, the order
+    depends only on (seed, epoch), and with `world_size > 1` each rank takes every world_size-th batch.
+    """
+
+    def __init__(self, labels, batch_size, seed=0, rank=0, world_size=1):
+        self.labels = np.asarray(labels)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+        if len(np.unique(self.labels)) < 2:
+            raise UserError("need at least 2 classes to form pairs")
+
+    def _batches(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.labels))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches.pop()
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank : usable : self.world_size]
+
+
 # ----------------------------------------------------------------------------- image sources
+
+# --augment: training augmentation of images; "auto" keeps each source's own (digits: crop; Fashion-MNIST /
+# MNIST IDX, CIFAR-10 and image folders: crop and horizontal flip, as the research code did for CIFAR-10).
+AUGMENTATIONS = ("auto", "none", "crop", "flip", "crop+flip")
+
+
+def set_augmentation(dataset, augment):
+    """Switch the random crop and horizontal flip of a training image dataset; `augment` from AUGMENTATIONS.
+
+    'auto' leaves the source's own choice; the crop keeps the source's padding (digits 1, IDX 2,
+    CIFAR-10 and folders 4 pixels). Flips suit photos, not digits or glyphs (a flipped 2 is no 2).
+    """
+    if augment == "auto":
+        return dataset
+    if augment not in AUGMENTATIONS:
+        raise UserError(f"unknown --augment {augment}; choose from {', '.join(AUGMENTATIONS)}")
+    dataset.set_augmentation(crop="crop" in augment, flip="flip" in augment)
+    return dataset
 
 
 class TensorImages(Dataset):
@@ -88,6 +135,14 @@ class TensorImages(Dataset):
         self.pad = pad
         self.flip = flip
         self.name = name
+        self.crop_pad = pad  # the source's padding, for set_augmentation(crop=True)
+
+    def set_augmentation(self, crop, flip):
+        """Random crop (with the source's padding) and horizontal flip on or off (see data_load.set_augmentation)."""
+        if crop and not self.crop_pad:
+            raise UserError(f"{self.name}: this split has no crop padding (it is not a training split)")
+        self.pad = self.crop_pad if crop else 0
+        self.flip = flip
 
     def __len__(self):
         return len(self.labels)
@@ -244,20 +299,30 @@ class FolderImages(Dataset):
     """
 
     def __init__(self, folder, train, skip_bad=False):
-        from torchvision import datasets, transforms
+        from torchvision import datasets
 
-        steps = [transforms.ToTensor(), transforms.Normalize(*IMAGENET_STATS)]
-        if train:
-            steps = [transforms.RandomHorizontalFlip()] + steps
-        self.folder = datasets.ImageFolder(folder, transform=transforms.Compose(steps))
+        self.folder = datasets.ImageFolder(folder)
+        self.set_augmentation(crop=train, flip=train)
         keep, (width, height) = check_image_files([p for p, _ in self.folder.samples], folder, skip_bad)
         self.folder.samples = [self.folder.samples[i] for i in keep]
         self.folder.imgs = self.folder.samples
         self.folder.targets = [t for _, t in self.folder.samples]
         self.labels = np.asarray(self.folder.targets, dtype=np.int64)
-        self.train = train
         self.name = folder
         self._shape = (3, height, width)  # ImageFolder's loader converts every image to RGB
+        # One item through the transform: checks it, and (a random flip when training) keeps the RNG stream,
+        # so seeded runs give the weights they gave before the files were checked here.
+        assert tuple(self.folder[0][0].shape) == self._shape, (self.folder[0][0].shape, self._shape)
+
+    def set_augmentation(self, crop, flip):
+        """Random crop (4-pixel zero padding) and horizontal flip on or off; training splits have both."""
+        from torchvision import transforms
+
+        steps = [transforms.ToTensor(), transforms.Normalize(*IMAGENET_STATS)]
+        if flip:
+            steps = [transforms.RandomHorizontalFlip()] + steps
+        self.folder.transform = transforms.Compose(steps)
+        self.crop = crop
 
     def __len__(self):
         return len(self.labels)
@@ -267,7 +332,7 @@ class FolderImages(Dataset):
             x, y = self.folder[index]
         except OSError as err:  # the file changed after the dataset was built
             raise UserError(f"cannot read image {self.folder.samples[index][0]}: {err}") from None
-        if self.train:
+        if self.crop:
             h, w = x.shape[1:]
             padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
             top, left = torch.randint(0, 9, (2,)).tolist()
@@ -471,16 +536,39 @@ def read_speaker_index(path):
     """
     with _open_hdf5(path) as h5:
         groups = sorted(k for k in h5 if isinstance(h5[k], h5py.Group))
-        utts = {spk: sorted(k for k in h5[spk] if isinstance(h5[spk][k], h5py.Dataset)) for spk in groups}
-        utts = {spk: names for spk, names in utts.items() if names}
+        shapes, utts = {}, {}  # shapes: (speaker, utterance) -> shape, metadata only (no frames are read)
+        for spk in groups:
+            for name, obj in h5[spk].items():
+                if isinstance(obj, h5py.Dataset):
+                    shapes[spk, name] = obj.shape
+                    utts.setdefault(spk, []).append(name)
+        utts = {spk: sorted(names) for spk, names in utts.items()}
         if not utts:
             raise UserError(f"{path} holds no speakers (expected one group of utterance datasets per speaker)")
         first = next(iter(utts))
-        shape = h5[first][utts[first][0]].shape
-        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
-            raise UserError(f"{path}: utterance {first}/{utts[first][0]} has shape {shape}, not (ncoef, frames)")
-        ncoef = int(h5.attrs.get("ncoef", shape[-2]))
+        first_shape = shapes[first, utts[first][0]]
+        ncoef = int(h5.attrs.get("ncoef", first_shape[-2] if len(first_shape) >= 2 else 0))
+    check_utterance_shapes(path, shapes, ncoef)
     return sorted(utts), utts, ncoef
+
+
+def check_utterance_shapes(path, shapes, ncoef):
+    """Refuse utterances that are not (ncoef, frames) (or the seed's (1, ncoef, frames)) with frames > 0.
+
+    Without this, h5py data of another shape would be reshaped silently into (ncoef, -1) when read.
+    """
+
+    def fits(shape):
+        return len(shape) in (2, 3) and (len(shape) == 2 or shape[0] == 1) and shape[-2] == ncoef and shape[-1] > 0
+
+    bad = [key for key, shape in shapes.items() if not fits(shape)]
+    if bad:
+        spk, utt = min(bad)
+        more = f" ({len(bad) - 1} more utterances do not fit either)" if len(bad) > 1 else ""
+        raise UserError(
+            f"{path}: utterance {spk}/{utt} has shape {shapes[spk, utt]}, not ({ncoef}, frames) with frames > 0 "
+            f"as the file's coefficient count says{more}"
+        )
 
 
 class SpeakerHDF5(Dataset):
@@ -519,9 +607,19 @@ class SpeakerHDF5(Dataset):
         return self._h5[spk][utt]
 
     def read(self, index, start, stop):
-        """Frames [start, stop) of item `index` as float32 (ncoef, stop - start)."""
+        """Frames [start, stop) of item `index` as float32 (ncoef, stop - start); NaN or Inf is a UserError.
+
+        The shapes were checked when the file was indexed (read_speaker_index); the values are checked here,
+        on every read, which costs one pass over the frames read.
+        """
         data = self.dataset(index)[..., start:stop]
-        return np.asarray(data, dtype=np.float32).reshape(self.ncoef, -1)
+        mat = np.asarray(data, dtype=np.float32).reshape(self.ncoef, -1)
+        if not np.isfinite(mat).all():
+            raise UserError(
+                f"{self.path}: utterance {'/'.join(self.items[index])} holds NaN or Inf values "
+                f"(frames {start}-{start + mat.shape[1]}); fix or remove it"
+            )
+        return mat
 
     def crop(self, index, start):
         """`n_frames` frames from `start`, tiled (repeated along time) when the utterance is shorter."""

@@ -13,7 +13,7 @@ import torch
 
 import hp_space
 import train
-from utils import UserError, cli
+from utils import cli, user_message
 
 EXAMPLE = """--model all searches the encoder too; --optimizer RandomSearch samples as the seed did.
 
@@ -22,9 +22,10 @@ example (the seed's):
       --checkpoint-path /path/to/cp/ --epochs 600 --data-path /data/mini-imagenet/train \\
       --valid-data-path /data/mini-imagenet/val"""
 
-# What a trial's training may raise for its hyperparameters (a NaN loss is a UserError, running out of
-# memory a RuntimeError): the trial is recorded as failed and the search goes on.
-TRIAL_ERRORS = (UserError, RuntimeError, ValueError, FloatingPointError, MemoryError)
+# Whatever a trial's training raises (a NaN loss is a UserError, running out of memory a RuntimeError,
+# an unreadable file an OSError) fails that trial only: it is recorded as failed, told to the optimizer
+# as FAILED_LOSS, and the search goes on. Ctrl-C and SIGTERM (not Exceptions) stop the search.
+TRIAL_ERRORS = (Exception,)
 
 
 def build_parser():
@@ -55,7 +56,7 @@ class SerialTrials:
         try:
             best = hp_space.train_objective(train.build_parser().parse_args(argv), argv)
         except TRIAL_ERRORS as err:
-            return {"status": "failed", "error": f"{type(err).__name__}: {err}", "command": argv}
+            return {"status": "failed", "error": f"{type(err).__name__}: {user_message(err)}", "command": argv}
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -16,7 +16,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data_load
+import image_input
 import models
+import pretrained
 from losses import HEADS
 from models.verifier import PAIR_FEATURES
 from tasks import task_for_args, task_for_model
@@ -114,12 +116,40 @@ def build_parser(add_help=True):
         default=None,
         help="images: train on at most this many items of each class (a seeded draw; default all)",
     )
+    d.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="image folders: leave out (with a warning) files that do not decode and images of another size than "
+        "most, instead of refusing the folder",
+    )
     d.add_argument("--specaug", action="store_true", help="speech: SpecAugment time and frequency masks in training")
+    d.add_argument(
+        "--augment",
+        choices=data_load.AUGMENTATIONS,
+        default="auto",
+        help="images: training augmentation, random crop (zero-padded shift) and/or horizontal flip; auto (default) "
+        "= the source's own: digits crop; IDX, CIFAR-10 and image folders crop+flip (use none or crop for digits "
+        "and glyphs, which a flip turns into other shapes)",
+    )
+    d.add_argument(
+        "--sampler",
+        choices=("balanced", "random"),
+        default="balanced",
+        help="images: balanced (default) = batches of --samples-per-class items per class, as the research code's "
+        "HDF5 loaders; random = shuffled batches of --batch-size items, as a plain DataLoader",
+    )
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="encoder: " + ", ".join(models.encoder_names()))
     m.add_argument("--softmax", choices=tuple(HEADS), default="softmax", help="classification head")
     m.add_argument("--margin", type=non_negative(float), default=0.35, help="AM-softmax margin m (default 0.35)")
     m.add_argument("--scale", type=positive(float), default=30.0, help="AM-softmax scale s (default 30)")
+    m.add_argument(
+        "--softmax-scale",
+        type=positive(float),
+        default=1.0,
+        help="--softmax softmax: multiply the normalised embedding by this before the linear layer (default 1, the "
+        "research code's head, whose logits stay small and learn slowly; e.g. 30)",
+    )
     m.add_argument("--latent-size", type=positive(int), default=256, help="speech: classification projection size")
     m.add_argument("--hidden-size", type=positive(int), default=512, help="learned-distance MLP width (default 512)")
     m.add_argument("--n-hidden", type=positive(int), default=1, help="learned-distance hidden layers (default 1)")
@@ -142,6 +172,12 @@ def build_parser(add_help=True):
         "--channels", type=positive(int), default=None, help="speech encoders with a width (ECAPA_TDNN: 512 or 1024)"
     )
     m.add_argument("--width", type=positive(int), default=None, help="image resnet: first-stage channels (default 64)")
+    m.add_argument(
+        "--final-norm",
+        action="store_true",
+        help="image resnet: BN-ReLU after the last stage, as standard pre-activation ResNets (default off: the "
+        "research code's ResNet pools the raw last stage)",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument(
         "--batch-size",
@@ -184,6 +220,13 @@ def build_parser(add_help=True):
         help="raise the softmax margin linearly from 0 to --margin over these epochs (default 0: fixed margin)",
     )
     o.add_argument("--ablation", action="store_true", help="drop the classification loss (learned distance only)")
+    o.add_argument(
+        "--pair-weight",
+        type=non_negative(float),
+        default=1.0,
+        help="weight of the learned distance's pair loss beside the classification loss (default 1, the research "
+        "code's plain sum; 0: the distance is not trained)",
+    )
     o.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     o.add_argument("--compile", action="store_true", help="torch.compile the encoder (off by default)")
     r = p.add_argument_group("run")
@@ -204,6 +247,11 @@ def build_parser(add_help=True):
     r.add_argument("--cuda", type=str2bool, default=None, help="seed spelling: True/False")
     r.add_argument("--no-cuda", action="store_true", help="seed spelling of --device cpu")
     r.add_argument("--verbose", type=int, default=1, help="0: quiet, 1: epoch lines and progress bars")
+    r.add_argument(
+        "--pretrained-path",
+        default=None,
+        help="fine-tune: start from this checkpoint's encoder and learned distance (its architecture), new head",
+    )
     return p
 
 
@@ -249,11 +297,51 @@ def resolve_defaults(args, argv):
         raise UserError(f"--checkpoint-path {args.checkpoint_path} is a file, not a folder")
     if not 0 <= args.dropout_prob < 1:
         raise UserError(f"--dropout-prob must be in [0, 1), got {args.dropout_prob}")
+    if not 0 <= args.smoothing < 1:
+        raise UserError(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if args.cp_name is not None and (os.path.basename(args.cp_name) != args.cp_name or args.cp_name in ("", ".", "..")):
+        raise UserError(f"--cp-name must be a file name, not a path (it goes in --checkpoint-path): {args.cp_name}")
+    check_recipe_flags(task, args)
+    check_batch_holds_two_classes(task, args)
     if args.pair_features != "concat" and args.rproj_size > 0:
         raise UserError("--rproj-size projects the concatenated pair: it needs --pair-features concat")
     if args.test_classes is None:
         args.test_classes = args.valid_classes or args.classes
     return args
+
+
+def check_recipe_flags(task, args):
+    """Refuse image-only recipe flags on speech, and a run with no loss at all."""
+    if task.name != "image":
+        for flag, value, default in (("--augment", args.augment, "auto"), ("--sampler", args.sampler, "balanced")):
+            if value != default:
+                raise UserError(f"{flag} {value} applies to images; speech batches are speaker groups")
+        if args.final_norm:
+            raise UserError("--final-norm applies to the image resnet")
+    if args.ablation and args.pair_weight == 0:
+        raise UserError("--ablation with --pair-weight 0 leaves no loss to train")
+
+
+def check_batch_holds_two_classes(task, args):
+    """Refuse a --batch-size whose batches hold one class group only: every pair in them would be a target
+    pair, so the learned distance would never see a non-target one (its EER stays at chance)."""
+    if args.sampler == "random":
+        if args.batch_size < 2:
+            raise UserError("--sampler random needs --batch-size 2 or more to form pairs")
+        return
+    groups = task.groups_per_batch(args)
+    if groups >= 2:
+        return
+    enough = next(b for b in range(1, 2 * args.samples_per_class + 2) if task.groups_per_batch(_with(args, b)) >= 2)
+    raise UserError(
+        f"--batch-size {args.batch_size} makes batches of {groups} class ({args.samples_per_class} items, "
+        f"--samples-per-class), so the learned distance never sees a non-target pair; use --batch-size {enough} "
+        "or more"
+    )
+
+
+def _with(args, batch_size):
+    return argparse.Namespace(**{**vars(args), "batch_size": batch_size})
 
 
 def model_config(args, n_classes, encoder_args):
@@ -273,21 +361,31 @@ def model_config(args, n_classes, encoder_args):
         "pair_features": args.pair_features,
         "distance_norm": args.distance_norm,
         "detach_distance": args.detach_distance,
+        "softmax_scale": args.softmax_scale,
     }
 
 
 def make_loaders(args, task, train, valid, device, rank=0, world_size=1):
-    """Training batches of `task.groups_per_batch` class groups (see data_load.GroupBatchSampler), and validation."""
-    sampler = data_load.GroupBatchSampler(
-        train.labels, args.samples_per_class, task.groups_per_batch(args), args.seed, rank, world_size
-    )
-    common = {"num_workers": args.workers, "pin_memory": device.type == "cuda", "persistent_workers": args.workers > 0}
+    """Training batches (class groups, data_load.GroupBatchSampler; or --sampler random), and validation."""
+    if args.sampler == "random":
+        sampler = data_load.RandomBatchSampler(train.labels, args.batch_size, args.seed, rank, world_size)
+    else:
+        sampler = data_load.GroupBatchSampler(
+            train.labels, args.samples_per_class, task.groups_per_batch(args), args.seed, rank, world_size
+        )
+    common = {"num_workers": args.workers, "pin_memory": device.type == "cuda"}
     if args.workers > 0:
         common["prefetch_factor"] = 4
-    train_loader = DataLoader(train, batch_sampler=sampler, **common)
+    # Training workers start afresh each epoch, seeded from this generator, which TrainLoop re-seeds from
+    # (seed, epoch): persistent workers would carry their random state over from the epochs before, and a
+    # resumed run would crop differently. (With no workers the items draw from the main process's RNG.)
+    generator = torch.Generator() if args.workers > 0 else None
+    train_loader = DataLoader(train, batch_sampler=sampler, generator=generator, **common)
     valid_loader = None
-    if valid is not None:
-        valid_loader = DataLoader(valid, batch_size=args.valid_batch_size, shuffle=False, **common)
+    if valid is not None:  # fixed crops: nothing random, so its workers may persist
+        valid_loader = DataLoader(
+            valid, batch_size=args.valid_batch_size, shuffle=False, persistent_workers=args.workers > 0, **common
+        )
     return train_loader, valid_loader
 
 
@@ -317,7 +415,8 @@ def prepare_model(args, task, model, device, world_size=1):
         model.encoder.compile()
     if world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.ablation)
+        unused = args.ablation or args.pair_weight == 0  # a loss term left out: its parameters get no gradient
+        model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
     return model
 
 
@@ -371,12 +470,18 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
     use_deterministic_algorithms()
     seed_everything(args.seed)
     train, valid, n_classes, encoder_args = datasets or task.datasets(args)
+    if valid is not None:
+        valid = data_load.validation_subset(valid, args.valid_max_items)
     config = model_config(args, n_classes, encoder_args)
     config["frontend"] = task.frontend(args)
+    config["image_input"] = image_input.record(train)  # how verify.py must scale and normalise image files
     try:
         model = models.build_model(config)
     except TypeError as err:
         raise UserError(f"--model {args.model} does not take these settings: {err}") from None
+    if args.pretrained_path:  # fine-tuning: the checkpoint's architecture, encoder and distance; a new head
+        typed = {a.split("=")[0] for a in (argv or [])}
+        model = pretrained.start_from(args.pretrained_path, config, typed, rank == 0 and args.verbose > 0)
     model = prepare_model(args, task, model, device, world_size)
     train_loader, valid_loader = make_loaders(args, task, train, valid, device, rank, world_size)
     optimizer, scheduler = make_optimizer(args, model)
@@ -407,7 +512,10 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
 def fit(run):
     """Train a built run to its last epoch; writes args.json, checkpoints and logs (rank 0)."""
     if run.rank == 0:
-        os.makedirs(run.args.checkpoint_path, exist_ok=True)
+        try:
+            os.makedirs(run.args.checkpoint_path, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot make --checkpoint-path {run.args.checkpoint_path}: {err.strerror}") from None
     if run.rank == 0 and not run.args.no_cp:
         write_json(os.path.join(run.args.checkpoint_path, "args.json"), run.trainer.cfg.record)
     try:

@@ -1,7 +1,8 @@
 """The one training loop: joint AM-softmax + learned-distance steps, validation, checkpoints, logging.
 
 Resume is exact: the batch order is a function of (seed, epoch) and every RNG is re-seeded from
-(seed, epoch) at the start of each epoch, so training from a checkpoint written at the end of epoch
+(seed, epoch) at the start of each epoch (the training loader's worker processes too: they start
+afresh each epoch, seeded through the loader's generator), so training from a checkpoint written at the end of epoch
 N repeats bit for bit what an uninterrupted run does from there (on the same device and settings).
 """
 
@@ -16,10 +17,11 @@ from tqdm import tqdm
 
 from checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_weights, save_checkpoint
 from losses import label_smoothing_ce, pair_loss
-from scoring import embed_loader, evaluate_scores, score_all_pairs
+from scoring import VALIDATION_SCORERS, embed_loader, evaluate_scores, score_all_pairs
 from utils import UserError, seed_everything
 
-HISTORY_KEYS = ("train_loss", "ce_loss", "bin_loss", "e2e_eer", "cos_eer", "fus_eer", "lr")
+# One `<scorer>_eer` per validated scorer of scoring.SCORERS (e2e, cos, fus).
+HISTORY_KEYS = ("train_loss", "ce_loss", "bin_loss", *(f"{s.name}_eer" for s in VALIDATION_SCORERS), "lr")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class TrainConfig:
     seed: int = 1
     smoothing: float = 0.0
     ablation: bool = False
+    pair_weight: float = 1.0  # weight of the pair loss beside the classification loss (0: distance untrained)
     amp: bool = False
     max_gnorm: float = 0.0
     margin_warmup_epochs: int = 0
@@ -38,7 +41,6 @@ class TrainConfig:
     save_every: int = 1
     keep_checkpoints: int = 0
     no_cp: bool = False
-    valid_max_items: int | None = None
     verbose: int = 1
     progress: bool = False
     record: dict = field(default_factory=dict)  # the run's arguments, stored in every checkpoint
@@ -78,16 +80,15 @@ def agree_across_ranks(values, device, average):
 
 
 @torch.no_grad()
-def validate(model, loader, device, amp=False, progress=False, max_items=None):
+def validate(model, loader, device, amp=False, progress=False):
     """Embed the validation items, score all pairs among them, return {scorer: EER}.
 
-    Validation uses fixed inputs (no random crops), so the model-selection EER is deterministic.
+    Validation uses fixed inputs (no random crops), so the model-selection EER is deterministic; the
+    items were chosen (and capped by --valid-max-items) when the data was built (data_load.validation_subset).
     """
     raw = model.module if hasattr(model, "module") else model
     emb, labels = embed_loader(raw, loader, device, amp=amp, progress=progress, desc="validation")
-    if max_items is not None and len(emb) > max_items:
-        emb, labels = emb[:max_items], labels[:max_items]
-    scores, target = score_all_pairs(raw.distance, emb, labels, amp=amp)
+    scores, target = score_all_pairs(raw.distance, emb, labels, amp=amp, scorers=VALIDATION_SCORERS)
     if target.all() or not target.any():
         raise UserError("the validation set needs at least two classes and one class with two items")
     return {name: m["eer"] for name, m in evaluate_scores(scores, target, p_targets=()).items()}
@@ -150,6 +151,8 @@ class TrainLoop:
             "total_iters": self.total_iters,
             "history": self.history,
             "best": self.best,
+            # the file holding the best validation e2e EER so far (a name in checkpoint_path), kept by pruning
+            "best_checkpoint": os.path.basename(self.best_checkpoint) if self.best_checkpoint else None,
             "args": self.cfg.record,
         }
 
@@ -157,15 +160,16 @@ class TrainLoop:
         if self.rank != 0 or self.cfg.no_cp:
             return
         path = self.checkpoint_file(self.epoch)
+        if self.history["e2e_eer"] and self.history["e2e_eer"][-1] <= self.best["e2e"]:
+            self.best_checkpoint = path  # recorded in this very checkpoint, so a resumed run still knows it
         save_checkpoint(path, self.state())
         self.last_checkpoint = path
-        if self.history["e2e_eer"] and self.history["e2e_eer"][-1] <= self.best["e2e"]:
-            self.best_checkpoint = path
         if self.cfg.keep_checkpoints and not self.cfg.cp_name:
             self.prune_checkpoints()
 
     def prune_checkpoints(self):
-        """Delete epoch checkpoints older than the newest `keep_checkpoints`, sparing the best e2e one."""
+        """Delete epoch checkpoints older than the newest `keep_checkpoints`, sparing the best e2e one
+        (remembered across resumes: it is recorded in every checkpoint and restored by `load`)."""
         kept = {self.best_checkpoint}
         epochs = sorted(e for e in range(1, self.epoch + 1) if os.path.exists(self.checkpoint_file(e)))
         kept.update(self.checkpoint_file(e) for e in epochs[-self.cfg.keep_checkpoints :])
@@ -178,18 +182,33 @@ class TrainLoop:
         """Restore everything from a checkpoint written by `save` (weights-only load)."""
         state = load_checkpoint(path, map_location=self.device)
         load_weights(self.raw_model, state, path)
-        self.optimizer.load_state_dict(state["optimizer_state"])
-        self.scheduler.load_state_dict(state["scheduler_state"])
+        kind = state.get("scheduler_kind")
+        if kind != self.scheduler_kind:
+            raise UserError(
+                f"{path} was trained with --lr-schedule {kind}, not {self.scheduler_kind}; resume with "
+                f"--lr-schedule {kind}"
+            )
+        try:
+            self.optimizer.load_state_dict(state["optimizer_state"])
+            self.scheduler.load_state_dict(state["scheduler_state"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise UserError(f"{path}: its optimizer state does not fit these flags ({err})") from None
         self.epoch = state["epoch"]
         self.total_iters = state["total_iters"]
         self.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
         self.best = dict(state["best"])
         self.last_checkpoint = path
+        best = state.get("best_checkpoint")
+        if best is None and "best_checkpoint" not in state:  # written before the best file was recorded
+            e2e = self.history["e2e_eer"]
+            epochs = [i + 1 for i, eer in enumerate(e2e) if eer == self.best["e2e"]]
+            best = os.path.basename(self.checkpoint_file(epochs[-1])) if epochs else None
+        self.best_checkpoint = os.path.join(self.cfg.checkpoint_path, best) if best else None
 
     # ------------------------------------------------------------------ steps
 
     def train_step(self, x, y):
-        """One optimisation step on a class-balanced batch; returns (total, ce, bin, grad_norm) as floats."""
+        """One optimisation step on a batch; returns (total, ce, bin, grad_norm) as floats."""
         cfg = self.cfg
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
@@ -199,7 +218,12 @@ class TrainLoop:
             logits, pair_logits, same = self.model(x, y)
         ce = label_smoothing_ce(logits.float(), y, cfg.smoothing)
         bce = pair_loss(pair_logits.float(), same, cfg.smoothing)
-        loss = bce if cfg.ablation else ce + bce
+        if cfg.ablation:
+            loss = bce
+        elif cfg.pair_weight == 0:  # the distance gets no gradient at all (so SGD leaves it, decay included)
+            loss = ce
+        else:
+            loss = ce + cfg.pair_weight * bce
         if not torch.isfinite(loss):
             kept = self.last_checkpoint or "none written yet"
             raise UserError(
@@ -226,7 +250,11 @@ class TrainLoop:
             head.set_margin(full * min(1.0, self.epoch / self.cfg.margin_warmup_epochs))
 
     def train_epoch(self):
-        seed_everything(self.cfg.seed * 100_003 + self.epoch)
+        seed = self.cfg.seed * 100_003 + self.epoch
+        seed_everything(seed)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:  # it seeds the loader's worker processes, started anew each epoch
+            generator.manual_seed(seed + 2**40)
         sampler = self.train_loader.batch_sampler
         sampler.set_epoch(self.epoch)
         self.set_margin()
@@ -264,12 +292,10 @@ class TrainLoop:
             start = time.time()
             loss, ce, bce = agree_across_ranks(self.train_epoch(), self.device, average=True)
             improved = False
-            eers = {"e2e": math.nan, "cos": math.nan, "fus": math.nan}
+            eers = {s.name: math.nan for s in VALIDATION_SCORERS}
             if self.valid_loader is not None:
                 if self.rank == 0:  # with several processes rank 0 validates and shares the EERs
-                    eers = validate(
-                        self.model, self.valid_loader, self.device, cfg.amp, cfg.progress, cfg.valid_max_items
-                    )
+                    eers = validate(self.model, self.valid_loader, self.device, cfg.amp, cfg.progress)
                 eers = dict(zip(eers, agree_across_ranks(eers.values(), self.device, average=False)))
                 for name in ("e2e", "cos"):
                     if eers[name] < self.best[name]:
@@ -281,8 +307,10 @@ class TrainLoop:
                 self.scheduler.step(loss)
             self.epoch += 1
             lr = self.optimizer.param_groups[0]["lr"]
-            for key, value in zip(HISTORY_KEYS, (loss, ce, bce, eers["e2e"], eers["cos"], eers["fus"], lr)):
-                self.history[key].append(float(value))
+            values = {"train_loss": loss, "ce_loss": ce, "bin_loss": bce, "lr": lr}
+            values.update((f"{name}_eer", eer) for name, eer in eers.items())
+            for key in HISTORY_KEYS:
+                self.history[key].append(float(values[key]))
             self.log_epoch(loss, eers, lr, time.time() - start)
             # A fixed --cp-name (one file per hp-search trial) keeps the best validated model, as the seed did.
             periodic = self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs
@@ -294,16 +322,17 @@ class TrainLoop:
         if self.rank != 0:
             return
         if self.writer is not None:
-            for name, tag in (("e2e", "E2E"), ("cos", "Cosine"), ("fus", "Fus")):
-                if not math.isnan(eers[name]):
-                    self.writer.add_scalar(f"Valid/{tag} EER", eers[name], self.total_iters)
+            for scorer in VALIDATION_SCORERS:
+                if not math.isnan(eers[scorer.name]):
+                    self.writer.add_scalar(f"Valid/{scorer.tag} EER", eers[scorer.name], self.total_iters)
             for name, tag in (("e2e", "E2E"), ("cos", "Cosine")):
                 if math.isfinite(self.best[name]):
                     self.writer.add_scalar(f"Valid/Best {tag} EER", self.best[name], self.total_iters)
             self.writer.flush()
         if self.cfg.verbose > 0:
             print(
-                f"epoch {self.epoch:4d}  loss {loss:.4f}  e2e EER {eers['e2e']:.4f}  cos EER {eers['cos']:.4f}  "
-                f"fus EER {eers['fus']:.4f}  lr {lr:.3g}  ({seconds:.1f} s)",
+                f"epoch {self.epoch:4d}  loss {loss:.4f}  "
+                + "".join(f"{name} EER {eer:.4f}  " for name, eer in eers.items())
+                + f"lr {lr:.3g}  ({seconds:.1f} s)",
                 flush=True,
             )
