@@ -80,31 +80,38 @@ class AAMSoftmax(nn.Module):
 
 
 class SoftmaxHead(nn.Module):
-    """Plain softmax head: a linear layer (with bias) on the L2-normalised embedding, as in the seed."""
+    """Plain softmax head: a linear layer (with bias) on the L2-normalised embedding times `scale`.
+
+    scale 1 is the seed's head: its logits are bounded by the weight norms (about sqrt(2) at kaiming
+    init, held down by weight decay), so the cross-entropy can hardly fall below log(K) and learns
+    slowly; a scale such as 30 (the AM-softmax scale) lifts the bound.
+    """
 
     takes_margin = False
 
-    def __init__(self, in_features, n_classes):
+    def __init__(self, in_features, n_classes, scale=1.0):
         super().__init__()
+        self.scale = float(scale)
         self.linear = nn.Linear(in_features, n_classes)
         nn.init.kaiming_normal_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, embeddings, labels=None):
         """(batch, in_features) -> logits (batch, n_classes); labels are not used."""
-        return self.linear(F.normalize(embeddings, dim=1))
+        return self.linear(self.scale * F.normalize(embeddings, dim=1))
 
 
 # The classification heads by --softmax name: a new head is one class (with `takes_margin`) and one entry.
 HEADS = {"am_softmax": AMSoftmax, "aam_softmax": AAMSoftmax, "softmax": SoftmaxHead}
 
 
-def build_head(name, in_features, n_classes, margin=0.35, scale=30.0):
-    """The classification head registered as `name`; margin heads get `margin` and `scale`."""
+def build_head(name, in_features, n_classes, margin=0.35, scale=30.0, softmax_scale=1.0):
+    """The classification head registered as `name`; margin heads get `margin` and `scale`, the plain
+    softmax head `softmax_scale` (1: the seed's unscaled head)."""
     cls = HEADS[name]
     if cls.takes_margin:
         return cls(in_features, n_classes, margin=margin, scale=scale)
-    return cls(in_features, n_classes)
+    return cls(in_features, n_classes, scale=softmax_scale)
 
 
 def label_smoothing_ce(logits, labels, smoothing):

@@ -46,9 +46,11 @@ class ResNet18(nn.Module):
     """Pre-activation ResNet-18 [2,2,2,2]: (batch, C, H, W) -> 8*width-d embedding, global average pooled.
 
     `width` is the first stage's channels (64, the standard ResNet-18; smaller for quick CPU studies).
+    `final_norm` adds the BN-ReLU after the last stage that standard pre-activation ResNets have (He et
+    al. 2016); the research code's ResNet pools the last stage's un-normalised residual sum (off, default).
     """
 
-    def __init__(self, in_channels=3, stem="cifar", blocks=(2, 2, 2, 2), width=64):
+    def __init__(self, in_channels=3, stem="cifar", blocks=(2, 2, 2, 2), width=64, final_norm=False):
         super().__init__()
         self.stem = make_stem(stem, in_channels, width)
         stages, in_planes = [], width
@@ -57,6 +59,7 @@ class ResNet18(nn.Module):
                 stages.append(PreActBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.stages = nn.Sequential(*stages)
+        self.final = nn.Sequential(nn.BatchNorm2d(in_planes), nn.ReLU()) if final_norm else None
         self.embedding_size = self.latent_size = 8 * width
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -64,5 +67,7 @@ class ResNet18(nn.Module):
 
     def forward(self, x):
         out = self.stages(self.stem(x))
+        if self.final is not None:
+            out = self.final(out)
         emb = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return emb, emb
