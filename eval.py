@@ -1,13 +1,19 @@
-"""Score verification trials with the learned distance, cosine similarity and their fusion.
+"""Score verification trials with the learned distance (probability and logit), cosine similarity and their
+fusion, and optionally calibrated, score-normalised and PLDA back-ends.
 
 Images: every pair of the test set is a trial. Speech: a Kaldi trials file over utterances of a
-feats.scp. Prints EER, minDCF (p_target 0.01 and 0.05, C_miss = C_fa = 1) and AUC per scorer,
-and writes one trial per line plus a JSON of the metrics beside it.
+feats.scp. Prints EER, minDCF (p_target 0.01 and 0.05, C_miss = C_fa = 1) and AUC per scorer, and
+Cllr, minCllr and actDCF for the scorers whose output is a log-likelihood ratio; writes one trial
+per line (or a compact .npz) plus a JSON of the metrics beside it.
 """
 
 import argparse
+import contextlib
 import os
+import tempfile
 
+import scoring
+from backends import Backends
 from checkpoints import load_model
 from tasks import task_for_model
 from utils import (
@@ -21,7 +27,11 @@ from utils import (
 EXAMPLE = """examples:
   python eval.py --data-path /data/test/ --model resnet --cp-path cp/checkpoint_10ep.pt --out-path scores.out
   python eval.py --test-data /data/test/feats.scp --trials-path /data/test/trials \\
-      --cp-path cp/checkpoint_10ep.pt --model TDNN --out-path /results/scores.out"""
+      --cp-path cp/checkpoint_10ep.pt --model TDNN --out-path /results/scores.out
+  python eval.py --data-path /usr/share/datasets/fashion-mnist --cp-path cp/checkpoint_10ep.pt \\
+      --out-path results/fashion.npz --score-format npy
+  python eval.py --test-data test/feats.scp --trials-path test/trials --cp-path cp/checkpoint_10ep.pt \\
+      --calibration dev/calibration.json --out-path results/scores.out"""
 
 
 def build_parser():
@@ -39,7 +49,10 @@ def build_parser():
     p.add_argument("--trials-path", default=None, help="speech: trials file, lines 'enroll test target|nontarget'")
     p.add_argument("--spk2utt", default=None, help="speech without trials: score all pairs of these utterances")
     p.add_argument(
-        "--out-path", default=None, help="score file (a folder means <folder>/scores.out); metrics go to <file>.json"
+        "--out-path",
+        default=None,
+        help="score file (a folder means <folder>/scores.out, or scores.npz with --score-format npy); "
+        "metrics go to <file>.json",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images embedded per batch (default 64)")
     p.add_argument(
@@ -47,30 +60,80 @@ def build_parser():
     )
     add_device_flags(p)
     p.add_argument("--plot", action="store_true", help="also write DET curves and score histograms (PNG)")
+    p.add_argument(
+        "--score-format",
+        choices=scoring.SCORE_FORMATS,
+        default="text",
+        help="text: one trial per line (default); npy: an uncompressed .npz of float32 columns, labels and ids",
+    )
+    p.add_argument(
+        "--no-score-file", action="store_true", help="write no score file, only the metrics JSON (with --out-path)"
+    )
+    p.add_argument(
+        "--calibration", default=None, help="calibration.py JSON: adds its calibrated and fused LLR scorers (cal_*)"
+    )
+    p.add_argument(
+        "--cohort",
+        default=None,
+        help="score-normalisation cohort: an embed.py embeddings.h5, or speech features (feats.scp, its folder, "
+        "HDF5) / images (a folder) to embed; adds S-norm and AS-norm of cos and e2e_logit",
+    )
+    p.add_argument(
+        "--cohort-top-n", type=int, default=300, help="AS-norm: highest cohort scores kept per item (default 300)"
+    )
+    p.add_argument("--plda", default=None, help="PLDA model from train_plda.py: adds the `plda` LLR scorer")
     return p
 
 
-def resolve_out_path(out_path):
+def check_folder(folder):
+    """UserError unless `folder` exists, is a folder and takes new files (tried with a temporary file)."""
+    parts = os.path.abspath(folder)
+    while not os.path.exists(parts):
+        parts = os.path.dirname(parts)
+    if not os.path.isdir(parts):
+        raise UserError(f"output folder {folder} is under {parts}, which is a file")
+    if not os.path.isdir(folder):
+        raise UserError(f"output folder does not exist: {folder}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".eval-probe.", dir=folder)
+    except OSError as err:
+        raise UserError(f"cannot write in output folder {folder}: {err.strerror or err}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
+
+
+def resolve_out_path(out_path, score_format="text", plot=False):
+    """The score file's path (a folder means <folder>/scores.out, or scores.npz for --score-format npy),
+    checked before any work: its folder exists and is writable, and neither it nor what goes beside it
+    (`<path>.json`, with `plot` the PNGs) is a folder."""
     if out_path is None:
         return None
     if out_path.endswith(os.sep) or os.path.isdir(out_path):
-        if not os.path.isdir(out_path):
-            raise UserError(f"output folder does not exist: {out_path}")
-        return os.path.join(out_path, "scores.out")
-    folder = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(folder):
-        raise UserError(f"output folder does not exist: {folder}")
+        check_folder(out_path)
+        out_path = os.path.join(out_path, "scores.npz" if score_format == "npy" else "scores.out")
+    check_folder(os.path.dirname(os.path.abspath(out_path)))
+    beside = [out_path, out_path + ".json"]
+    if plot:
+        beside += [f"{out_path}.{s.name}_{kind}.png" for s in scoring.SCORERS for kind in ("det", "hist")]
+    for path in beside:
+        if os.path.isdir(path):
+            raise UserError(f"output path {path} is a folder; name a file (or a folder without that entry)")
     return out_path
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = device_from_args(args)
-    out_path = resolve_out_path(args.out_path)
+    out_path = resolve_out_path(args.out_path, args.score_format, args.plot)
     if args.plot and out_path is None:
         raise UserError("--plot writes its PNGs beside the score file: give --out-path too")
+    if args.no_score_file:
+        args.score_format = None
+    backends = Backends.from_args(args)  # reads and checks every back-end file before any embedding
     model = load_model(args.cp_path, args.model, device)
-    task_for_model(model.config["model"]).evaluate(model, args, device, out_path)
+    backends.check_model(model)
+    task_for_model(model.config["model"]).evaluate(model, args, device, out_path, backends)
     return 0
 
 

@@ -150,7 +150,10 @@ def _mindcf(runs, n_tar, n_non, p_target, c_miss, c_fa):
     tar, non = runs[0], runs[1]
     w_miss, w_fa = c_miss * p_target / n_tar, c_fa * (1.0 - p_target) / n_non
     best = min(float((tar * w_miss - non * w_fa).min()), c_miss * p_target - c_fa * (1.0 - p_target))
-    return (best + c_fa * (1.0 - p_target)) / min(c_miss * p_target, c_fa * (1.0 - p_target))
+    normalised = (best + c_fa * (1.0 - p_target)) / min(c_miss * p_target, c_fa * (1.0 - p_target))
+    # By definition 0 <= minDCF <= 1 (accepting or rejecting everything costs at most the normaliser), but
+    # `best + c_fa * (1 - p)` cancels in floating point: 0.01 - 0.99 + 0.99 gives 1.0000000000000009 / 0.01.
+    return min(max(normalised, 0.0), 1.0)
 
 
 def _auc(runs, n_tar, n_non):

@@ -11,7 +11,6 @@ from matplotlib.figure import Figure
 from metrics import compute_metrics, roc_points
 from utils import atomic_path
 
-TITLES = {"e2e": "e2e (learned distance)", "cos": "cosine", "fus": "fusion (e2e + cosine)"}
 DET_TICKS = (1e-5, 1e-4, 1e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
 DET_STEP = 0.005  # keep a DET point once the curve moved this far (normal deviates): a few thousand at most
 P_TARGET = 0.01  # operating point marked on the DET curve (the minDCF of the metrics file)
@@ -100,11 +99,12 @@ def save_png(fig, path):
         fig.savefig(tmp, format="png")
 
 
-def write_plots(prefix, scores, target, metrics=None):
+def write_plots(prefix, scores, target, metrics=None, titles=None):
     """For each scorer of {scorer: scores (trials,)}, write `<prefix>.<scorer>_det.png` and `_hist.png`.
 
     `target` is a (trials,) bool array or tensor; `metrics` ({scorer: {eer, mindcf_*}}) is recomputed
-    when not given. Returns the written paths.
+    when not given; `titles` ({scorer: title}, e.g. from scoring's Scorer.title) names the curves, else
+    the scorer's name does. Returns the written paths.
     """
     target = np.asarray(target.detach().cpu() if torch.is_tensor(target) else target, dtype=bool)
     n_tar, n_non = int(target.sum()), int((~target).sum())
@@ -113,7 +113,7 @@ def write_plots(prefix, scores, target, metrics=None):
         values = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
         fnr, fpr = (t.numpy() for t in roc_points(values, target))
         stats = metrics[scorer] if metrics else compute_metrics(values, target)
-        name = TITLES.get(scorer, scorer)
+        name = (titles or {}).get(scorer) or scorer
         det = f"{prefix}.{scorer}_det.png"
         save_png(det_figure(name, fnr, fpr, stats, n_tar, n_non), det)
         hist = f"{prefix}.{scorer}_hist.png"

@@ -12,10 +12,11 @@ from tiny_data import make_image_tree, run_on_terminal, write_checkpoint, write_
 
 import eval as eval_script
 import plots
+import scoring
 from metrics import compute_metrics, roc_points
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCORERS = ("e2e", "cos", "fus")
+SCORERS = [s.name for s in scoring.SCORERS]
 
 
 def synthetic_scores(n_tar=400, n_non=4000, seed=0):
@@ -23,7 +24,7 @@ def synthetic_scores(n_tar=400, n_non=4000, seed=0):
     target = np.r_[np.ones(n_tar, bool), np.zeros(n_non, bool)]
     base = np.r_[rng.normal(2.0, 1.0, n_tar), rng.normal(0.0, 1.0, n_non)].astype(np.float32)
     scores = {"e2e": torch.sigmoid(torch.from_numpy(base)), "cos": torch.from_numpy(np.tanh(base / 3)), "fus": base}
-    return scores, target
+    return {**scores, "e2e_logit": 2 * base}, target
 
 
 def test_probit_is_the_normal_quantile():

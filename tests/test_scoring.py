@@ -85,10 +85,12 @@ def test_degenerate_sizes(device):
 def test_score_file_lines_and_metrics_json(tmp_path):
     path = tmp_path / "scores.out"
     scores = {name: torch.tensor([0.25, 0.5]) for name in ("e2e", "cos", "fus")}
+    scores["e2e_logit"] = torch.tensor([-12.345678, 3e-5])
     write_score_file(str(path), ["a", "b"], ["c", "d"], scores, np.array([True, False]), metrics={"eer": 0.5})
     assert path.read_text().splitlines() == [
-        "a c 0.250000 0.250000 0.250000 target",
-        "b d 0.500000 0.500000 0.500000 nontarget",
+        "# enroll test e2e cos fus e2e_logit label",
+        "a c 0.250000 0.250000 0.250000 -12.34568 target",
+        "b d 0.500000 0.500000 0.500000 3e-05 nontarget",
     ]
     assert json.loads((tmp_path / "scores.out.json").read_text()) == {"eer": 0.5}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

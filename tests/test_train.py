@@ -43,17 +43,17 @@ def test_seed_image_command_lines_run_verbatim(image_data, tmp_path, capsys):
     out = str(tmp_path / "scores.out")
     argv = f"--data-path {image_data['test']}/ --model resnet --cp-path {cp}/checkpoint_1ep.pt --out-path {out}"
     assert eval_script.main(argv.split()) == 0
-    lines = open(out).read().splitlines()
+    lines = [line for line in open(out).read().splitlines() if not line.startswith("#")]  # after the header
     n = 48
     assert len(lines) == n * (n - 1) // 2
     first = lines[0].split()
-    assert first[:2] == ["0", "1"] and first[5] in ("target", "nontarget")
+    assert first[:2] == ["0", "1"] and first[-1] in ("target", "nontarget")
     e2e, cos, fus = (float(v) for v in first[2:5])
     assert 0 <= e2e <= 1 and -1 <= cos <= 1 and abs(fus - 0.5 * (e2e + 0.5 * (cos + 1))) < 2e-6
     n_target = sum(line.endswith(" target") for line in lines)
     assert n_target == 4 * 12 * 11 // 2
     metrics = json.load(open(out + ".json"))["metrics"]
-    assert set(metrics) == {"e2e", "cos", "fus"}
+    assert set(metrics) == {"e2e", "cos", "fus", "e2e_logit"}
     assert set(metrics["e2e"]) == {"eer", "mindcf_0.01", "mindcf_0.05", "auc"}
     printed = capsys.readouterr().out
     assert "mindcf_0.01" in printed and "fus" in printed
