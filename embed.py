@@ -92,7 +92,7 @@ def features_of(args, model):
     Features read from --data must come from the model's front end (when both are known); wav files are
     turned into features through the checkpoint's front end, one at a time, as they are embedded.
     """
-    from verify import front_end_of, wav_features
+    from frontend import front_end_of, wav_features
 
     task = task_for_model(model.config["model"])
     if args.data is not None:

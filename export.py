@@ -32,6 +32,7 @@ from torch import nn
 
 import models
 from checkpoints import load_checkpoint, load_model
+from tasks import task_for_model
 from utils import ArgumentParser, UserError, add_device_flags, cli, device_from_args, write_json
 
 EXAMPLE = """example:
@@ -103,15 +104,10 @@ def encoder_arg(model, key):
 
 
 def input_spec(model, image_size=None):
-    """How the encoder is fed: {'domain', 'shape' (with 'batch' / 'frames' for dynamic axes), and 'ncoef' for
-    speech, 'channels' and 'size' for images}."""
-    domain = models.encoder_domain(model.config["model"])
-    if domain == "speech":
-        ncoef = encoder_arg(model, "ncoef")
-        return {"domain": domain, "ncoef": ncoef, "shape": ["batch", ncoef, "frames"]}
-    channels = encoder_arg(model, "in_channels")
-    size = image_size or STEM_SIZE.get(encoder_arg(model, "stem"), 32)
-    return {"domain": domain, "channels": channels, "size": [size, size], "shape": ["batch", channels, size, size]}
+    """How the encoder is fed (its task decides): {'domain', 'shape' (with 'batch' / 'frames' for dynamic axes),
+    'dynamic' ({axis: name}), 'notes', and 'ncoef' for speech, 'channels' and 'size' for images}."""
+    task = task_for_model(model.config["model"])
+    return task.export_spec(lambda key: encoder_arg(model, key), image_size, STEM_SIZE, MIN_FRAMES)
 
 
 def example_features(spec, batch=2, frames=EXAMPLE_FRAMES, device="cpu", seed=0):
@@ -186,19 +182,7 @@ def parity(folder, encoder, distance, spec, device):
 
 def graph_notes(spec, emb_size):
     """What each graph expects, in words (stored in export.json)."""
-    if spec["domain"] == "speech":
-        features = (
-            f"float32 (batch, {spec['ncoef']}, frames): feature matrices as train.py read them, transposed from "
-            f"Kaldi's (frames, ncoef); batch and frames are dynamic. Recordings shorter than 50 frames are tiled "
-            f"along time first, as embed.py does (the graph is declared for {MIN_FRAMES} frames and more)."
-        )
-    else:
-        c, (h, w) = spec["channels"], spec["size"]
-        features = (
-            f"float32 (batch, {c}, {h}, {w}): pixels scaled to [0, 1], then normalised per channel as training "
-            "did (data_load: CIFAR_STATS for CIFAR-10, IMAGENET_STATS for image folders, mean 0.286 / std 0.353 "
-            "for Fashion-MNIST, 0.3 / 0.4 for the digits); batch is dynamic, the size is fixed."
-        )
+    features = spec["notes"]
     return {
         "encoder.onnx": f"features {features} Output embedding: float32 (batch, {emb_size}).",
         "distance.onnx": (
@@ -221,7 +205,7 @@ def export_model(model, folder, spec, opset, exporter, torchscript=False, device
             emb = encoder(x)
     except RuntimeError as err:  # e.g. an --image-size too small for the network's pooling
         raise UserError(f"{model.config['model']} cannot take input {tuple(x.shape)}: {root_cause(err)}") from None
-    dynamic = {"features": {0: "batch", 2: "frames"} if spec["domain"] == "speech" else {0: "batch"}}
+    dynamic = {"features": spec["dynamic"]}
     export_graph(
         encoder, [x], os.path.join(folder, "encoder.onnx"), ["features"], ["embedding"], dynamic, opset, exporter
     )

@@ -258,3 +258,41 @@ def frontend_for_features(path):
         return None
     with open(json_path, encoding="utf-8") as handle:
         return _parse(handle.read(), json_path)
+
+
+# ----------------------------------------------------------------------------- wav files for a trained model
+
+
+def front_end_of(config, cp_path):
+    """The FrontEnd a speech checkpoint was trained on; a UserError when it was trained on Kaldi features."""
+    if config.get("frontend") is None:
+        raise UserError(
+            f"{cp_path} was trained on features computed outside this toolkit (Kaldi), so its front end is unknown "
+            "and it cannot take wav files; compute features with Kaldi and use eval.py / embed.py --data"
+        )
+    return FrontEnd.from_dict(config["frontend"], f"{cp_path} front end")
+
+
+def wav_features(front_end, path):
+    """A wav file -> float32 (n_coef, frames) through `front_end`, resampled to its rate when the file's differs.
+
+    UserErrors: unreadable, not 16-bit mono PCM, no samples, a sample rate of 0, too short for one frame.
+    """
+    samples, rate = read_wav(path)
+    if not len(samples):
+        raise UserError(f"{path} holds no audio samples")
+    if rate < 1:
+        raise UserError(f"{path} says its sample rate is {rate} Hz; it cannot be resampled to {front_end.sample_rate}")
+    feats = front_end.compute(samples, rate)
+    if feats.shape[1] == 0:
+        raise UserError(f"{path} is too short: {len(samples)} samples give no {front_end.frame_shift_ms:g} ms frame")
+    return feats
+
+
+def chunks(feats, chunk_frames):
+    """(n_coef, frames) -> list of (n_coef, ~chunk_frames) parts: round(frames / chunk_frames) nearly equal ones
+    (so no short leftover chunk), or the whole matrix when `chunk_frames` <= 0 or it is not longer."""
+    frames = feats.shape[1]
+    if chunk_frames <= 0 or frames <= chunk_frames:
+        return [feats]
+    return np.array_split(feats, max(1, round(frames / chunk_frames)), axis=1)

@@ -30,6 +30,14 @@ DIGITS_DEFAULTS = {
 }
 
 
+class FileInput:
+    """How a trained model reads files (verify.py): `inputs(path)` -> model inputs, `embed(model, inputs, device)`
+    -> (n, emb) embeddings whose mean is the file's."""
+
+    def __init__(self, inputs, embed):
+        self.inputs, self.embed = inputs, embed
+
+
 class ImageTask:
     """Images: CIFAR-10, Fashion-MNIST IDX, image folders or the bundled digits; every test pair is a trial."""
 
@@ -53,19 +61,26 @@ class ImageTask:
 
     def datasets(self, args):
         """(train, valid or None, n_classes, encoder_args) for a run."""
-        train = data_load.load_images(args.data_path, "train")
+        skip_bad = getattr(args, "skip_bad_images", False)
+        train = data_load.load_images(args.data_path, "train", skip_bad)
+        data_load.set_augmentation(train, getattr(args, "augment", "auto"))
         train = data_load.select_classes(train, args.classes, args.items_per_class)
         valid = None
         valid_classes = args.valid_classes or args.classes
         if args.digits:
             valid = data_load.select_classes(data_load.load_images(None, "valid"), valid_classes)
         elif args.valid_data_path:
-            valid = data_load.select_classes(data_load.load_images(args.valid_data_path, "valid"), valid_classes)
+            valid = data_load.load_images(args.valid_data_path, "valid", skip_bad)
+            valid = data_load.select_classes(valid, valid_classes)
         shape = train.image_shape
+        if valid is not None:
+            data_load.check_image_shape(valid, shape[0], "validation", "the training images have")
         n_classes = int(train.labels.max()) + 1
         encoder_args = {"in_channels": shape[0], "stem": data_load.image_stem(shape)}
         if args.width is not None:
             encoder_args["width"] = args.width
+        if getattr(args, "final_norm", False):  # only when on, so other image encoders keep their arguments
+            encoder_args["final_norm"] = True
         return train, valid, n_classes, encoder_args
 
     def groups_per_batch(self, args):
@@ -90,8 +105,9 @@ class ImageTask:
             return None
         return data_load.select_classes(data_load.load_images(None, "test"), args.test_classes)
 
-    def evaluate(self, model, args, device, out_path):
-        """eval.py for images: all pairs of the test images (--data-path, default the held-out digits)."""
+    def evaluate(self, model, args, device, out_path, backends=None):
+        """eval.py for images: all pairs of the test images (--data-path, default the held-out digits);
+        `backends` (backends.Backends) adds calibrated, normalised and PLDA scorers."""
         from scoring import run_image_eval
 
         if args.test_data is not None or args.trials_path is not None:
@@ -99,8 +115,22 @@ class ImageTask:
         if args.batch_size <= 0:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
         dataset = data_load.load_images(args.data_path, "test")
+        data_load.check_image_shape(dataset, model.config["encoder_args"]["in_channels"], "test")
         dataset = data_load.select_classes(dataset, args.classes, args.items_per_class)
-        return run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, verbose=True, plot=args.plot)
+        cohort = lambda path: self.embed_cohort(model, path, args, device)  # noqa: E731
+        flags = {"plot": args.plot, "backends": backends, "score_format": args.score_format, "embed_cohort": cohort}
+        return run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, **flags)
+
+    def embed_cohort(self, model, path, args, device):
+        """eval.py --cohort for images: embeddings (c, emb) of the images at `path` (an image folder, IDX, CIFAR)."""
+        from torch.utils.data import DataLoader
+
+        from scoring import embed_loader
+
+        images = data_load.load_images(path, "test")
+        data_load.check_image_shape(images, model.config["encoder_args"]["in_channels"], "cohort")
+        loader = DataLoader(images, batch_size=args.batch_size, shuffle=False)
+        return embed_loader(model, loader, device, amp=args.amp, progress=True, desc="embedding cohort")[0]
 
     def require_recordings(self, script, model_name):
         """Refuse scripts that take speech recordings (embed.py)."""
@@ -113,6 +143,31 @@ class ImageTask:
     def bench_sizes(self, device):
         """(batch size, frames) of the throughput bench on this device type."""
         return (128, 0) if device.type == "cuda" else (32, 0)
+
+    def file_input(self, model, state, cp_path, chunk_seconds, min_frames):
+        """Image files, decoded and normalised as the training images were (image_input)."""
+        import image_input
+
+        reader = image_input.from_checkpoint(state, cp_path)
+
+        def embed(model, parts, device):
+            return model.embed(torch.stack(parts).to(device)).float()
+
+        return FileInput(lambda path: [reader.load(path)], embed)
+
+    def export_spec(self, arg, image_size, stem_sizes, min_frames):
+        """The exported encoder's input: (batch, channels, size, size), batch dynamic; `arg(key)` reads the
+        encoder's arguments, `stem_sizes` the default size per stem."""
+        channels = arg("in_channels")
+        size = image_size or stem_sizes.get(arg("stem"), 32)
+        notes = (
+            f"float32 (batch, {channels}, {size}, {size}): pixels scaled to [0, 1], then normalised per channel as "
+            "training did (data_load: CIFAR_STATS for CIFAR-10, IMAGENET_STATS for image folders, mean 0.286 / std "
+            "0.353 for Fashion-MNIST, 0.3 / 0.4 for the digits); batch is dynamic, the size is fixed."
+        )
+        shape = ["batch", channels, size, size]
+        return {"domain": self.name, "channels": channels, "size": [size, size], "shape": shape,
+                "dynamic": {0: "batch"}, "notes": notes}  # fmt: skip
 
 
 class SpeechTask:
@@ -175,9 +230,10 @@ class SpeechTask:
     def final_test(self, args):
         return None
 
-    def evaluate(self, model, args, device, out_path):
-        """eval.py for speech: embed every utterance the trials name once (whole, tiled to --min-frames), score."""
-        from scoring import embed_matrices, report_trials, score_trials
+    def evaluate(self, model, args, device, out_path, backends=None):
+        """eval.py for speech: embed every utterance the trials name once (whole, tiled to --min-frames), score;
+        `backends` (backends.Backends) adds calibrated, normalised and PLDA scorers."""
+        from scoring import SCORERS, embed_matrices, report, trials_table
 
         if args.test_data is None:
             raise UserError("this checkpoint holds a speech model: give --test-data and --trials-path")
@@ -192,17 +248,49 @@ class SpeechTask:
         if target.all() or not target.any():
             raise UserError("the trials need at least one target and one non-target pair to compute metrics")
         wanted = list(dict.fromkeys([*enroll, *test]))
+        self.check_frontend(model, args.test_data)
         items = speech_data.checked_features(args.test_data, wanted, model.config["encoder_args"].get("ncoef"))
         ids, emb = embed_matrices(model, items, device, args.min_frames, args.amp, progress=True, total=len(wanted))
         index = {utt: i for i, utt in enumerate(ids)}
         idx_a = np.fromiter((index[u] for u in enroll), dtype=np.int64, count=len(enroll))
         idx_b = np.fromiter((index[u] for u in test), dtype=np.int64, count=len(test))
-        scores = score_trials(model.distance, emb, idx_a, idx_b, amp=args.amp)
+        if backends is None:
+            scorers = SCORERS
+        else:
+            scorers = backends.scorers(model, emb, lambda path: self.embed_cohort(model, path, args), args.amp)
+        table = trials_table(model.distance, emb, idx_a, idx_b, target, amp=args.amp, ids=ids)
         line = "{trials} trials ({targets} target) over {utterances} utterances"
-        return report_trials(scores, target, enroll, test, out_path, {"utterances": len(ids)}, args.plot, line=line)
+        extra = {"utterances": len(ids)}
+        return report(table, scorers, out_path, extra, args.plot, True, line, args.score_format)
 
     def require_recordings(self, script, model_name):
         return None
+
+    def embed_cohort(self, model, path, args):
+        """eval.py --cohort for speech: embeddings (c, emb) of every utterance of the features at `path`
+        (feats.scp, its folder or an HDF5), whole and tiled to --min-frames as the test utterances."""
+        from scoring import embed_matrices
+
+        self.check_frontend(model, path)
+        items = speech_data.checked_features(path, None, model.config["encoder_args"].get("ncoef"))
+        device = next(model.parameters()).device
+        return embed_matrices(model, items, device, args.min_frames, args.amp, progress=True)[1]
+
+    def check_frontend(self, model, path):
+        """Refuse features at `path` (HDF5, feats.scp or its folder) computed with another front end than the
+        model's, naming the settings that differ. Unknown on either side (checkpoints from before front ends
+        were recorded, features from Kaldi) passes: nothing can be compared."""
+        from frontend import FrontEnd, frontend_for_features
+
+        recorded = model.config.get("frontend")
+        if recorded is None:
+            return
+        found = frontend_for_features(path)
+        if found is None:
+            return
+        difference = FrontEnd.from_dict(recorded, "the checkpoint's front end").describe_difference(found)
+        if difference:
+            raise UserError(f"{path} does not fit the model: {difference} (model vs features)")
 
     def bench_flags(self, batch, n_frames, image_path, make_hdf5):
         """train.py flags for a throughput bench: `make_hdf5(speakers, utts, frames, ncoef)` writes the data."""
@@ -212,6 +300,30 @@ class SpeechTask:
 
     def bench_sizes(self, device):
         return (24, 800) if device.type == "cuda" else (4, 200)
+
+    def file_input(self, model, state, cp_path, chunk_seconds, min_frames):
+        """Wav files through the checkpoint's front end, in chunks of about `chunk_seconds`, tiled to `min_frames`."""
+        from frontend import chunks, front_end_of, wav_features
+        from scoring import embed_matrices
+
+        front_end = front_end_of(model.config, cp_path)
+        chunk_frames = round(chunk_seconds * 1000.0 / front_end.frame_shift_ms)
+
+        def embed(model, parts, device):
+            return embed_matrices(model, enumerate(parts), device, min_frames)[1]
+
+        return FileInput(lambda path: chunks(wav_features(front_end, path), chunk_frames), embed)
+
+    def export_spec(self, arg, image_size, stem_sizes, min_frames):
+        """The exported encoder's input: (batch, ncoef, frames), batch and frames dynamic."""
+        ncoef = arg("ncoef")
+        notes = (
+            f"float32 (batch, {ncoef}, frames): feature matrices as train.py read them, transposed from Kaldi's "
+            "(frames, ncoef); batch and frames are dynamic. Recordings shorter than 50 frames are tiled along time "
+            f"first, as embed.py does (the graph is declared for {min_frames} frames and more)."
+        )
+        return {"domain": self.name, "ncoef": ncoef, "shape": ["batch", ncoef, "frames"],
+                "dynamic": {0: "batch", 2: "frames"}, "notes": notes}  # fmt: skip
 
 
 TASKS = {task.name: task for task in (ImageTask(), SpeechTask())}

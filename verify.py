@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import models
 from checkpoints import load_checkpoint, load_weights
-from scoring import embed_matrices, fuse
+from scoring import fuse
 from tasks import task_for_model
 from utils import ArgumentParser, UserError, add_device_flags, choose_device, cli, device_from_args
 
@@ -35,48 +35,6 @@ COLUMNS = ("e2e", "e2e_logit", "cos", "fus")
 DEFAULT_THRESHOLDS = {"e2e": 0.5, "e2e_logit": 0.0, "fus": 0.5}  # cos has no natural one: --threshold is needed
 
 
-# ----------------------------------------------------------------------------- audio
-
-
-def front_end_of(config, cp_path):
-    """The FrontEnd a speech checkpoint was trained on; a UserError when it was trained on Kaldi features."""
-    from frontend import FrontEnd
-
-    if config.get("frontend") is None:
-        raise UserError(
-            f"{cp_path} was trained on features computed outside this toolkit (Kaldi), so its front end is unknown "
-            "and it cannot take wav files; compute features with Kaldi and use eval.py / embed.py --data"
-        )
-    return FrontEnd.from_dict(config["frontend"], f"{cp_path} front end")
-
-
-def wav_features(front_end, path):
-    """A wav file -> float32 (n_coef, frames) through `front_end`, resampled to its rate when the file's differs.
-
-    UserErrors: unreadable, not 16-bit mono PCM, no samples, a sample rate of 0, too short for one frame.
-    """
-    from frontend import read_wav
-
-    samples, rate = read_wav(path)
-    if not len(samples):
-        raise UserError(f"{path} holds no audio samples")
-    if rate < 1:
-        raise UserError(f"{path} says its sample rate is {rate} Hz; it cannot be resampled to {front_end.sample_rate}")
-    feats = front_end.compute(samples, rate)
-    if feats.shape[1] == 0:
-        raise UserError(f"{path} is too short: {len(samples)} samples give no {front_end.frame_shift_ms:g} ms frame")
-    return feats
-
-
-def chunks(feats, chunk_frames):
-    """(n_coef, frames) -> list of (n_coef, ~chunk_frames) parts: round(frames / chunk_frames) nearly equal ones
-    (so no short leftover chunk), or the whole matrix when `chunk_frames` <= 0 or it is not longer."""
-    frames = feats.shape[1]
-    if chunk_frames <= 0 or frames <= chunk_frames:
-        return [feats]
-    return np.array_split(feats, max(1, round(frames / chunk_frames)), axis=1)
-
-
 # ----------------------------------------------------------------------------- the API
 
 
@@ -84,16 +42,8 @@ class Verifier:
     """A trained model ready to embed files and score them: Verifier.load(cp).score(enroll_paths, test_path)."""
 
     def __init__(self, model, state, cp_path, device, chunk_seconds=10.0, min_frames=100):
-        import image_input
-
         self.model, self.cp_path, self.device = model, cp_path, device
-        self.domain = task_for_model(model.config["model"]).name
-        self.min_frames = min_frames
-        if self.domain == "speech":
-            self.front_end = front_end_of(model.config, cp_path)
-            self.chunk_frames = round(chunk_seconds * 1000.0 / self.front_end.frame_shift_ms)
-        else:
-            self.image_input = image_input.from_checkpoint(state, cp_path)
+        self.files = task_for_model(model.config["model"]).file_input(model, state, cp_path, chunk_seconds, min_frames)
 
     @classmethod
     def load(cls, cp_path, device=None, chunk_seconds=10.0, min_frames=100):
@@ -113,19 +63,12 @@ class Verifier:
         """The model inputs of one file: speech -> list of (n_coef, frames) chunks; image -> [(C, H, W)]."""
         if not os.path.isfile(path):
             raise UserError(f"file not found: {path}")
-        if self.domain == "speech":
-            return chunks(wav_features(self.front_end, path), self.chunk_frames)
-        return [self.image_input.load(path)]
+        return self.files.inputs(path)
 
     @torch.no_grad()
     def embed_file(self, path):
         """One file's embedding (emb,) float32 on the model's device; a long recording's is the mean of its chunks'."""
-        parts = self.inputs(path)
-        if self.domain == "speech":
-            _, emb = embed_matrices(self.model, enumerate(parts), self.device, self.min_frames)
-        else:
-            emb = self.model.embed(torch.stack(parts).to(self.device)).float()
-        return emb.mean(0)
+        return self.files.embed(self.model, self.inputs(path), self.device).mean(0)
 
     def embed_files(self, paths):
         """(n, emb) embeddings of `paths`, in order."""

@@ -17,6 +17,7 @@ import torch
 
 import export
 import models
+from tasks import task_for_model
 from utils import ArgumentParser, UserError, cli
 
 EXAMPLE = """example:
@@ -51,15 +52,20 @@ def session(path, threads):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+# The bench's input per task: (encoder arguments, batch, shape in words) from the bench's flags.
+INPUTS = {
+    "speech": lambda a: ({"ncoef": a.ncoef}, a.speech_batch, f"{a.ncoef} x {a.frames} frames"),
+    "image": lambda a: (
+        {"in_channels": 3, "stem": "cifar" if a.image_size < 64 else "imagenet"},
+        a.image_batch,
+        f"3 x {a.image_size} x {a.image_size}",
+    ),
+}
+
+
 def bench_encoder(name, args, device, folder):
     """Export `name`, time PyTorch and onnxruntime on one batch; print parity and the ratio line."""
-    domain = models.encoder_domain(name)
-    if domain == "speech":
-        encoder_args = {"ncoef": args.ncoef}
-        batch, shape = args.speech_batch, f"{args.ncoef} x {args.frames} frames"
-    else:
-        encoder_args = {"in_channels": 3, "stem": "cifar" if args.image_size < 64 else "imagenet"}
-        batch, shape = args.image_batch, f"3 x {args.image_size} x {args.image_size}"
+    encoder_args, batch, shape = INPUTS[task_for_model(name).name](args)
     config = {
         "model": name,
         "encoder_args": encoder_args,

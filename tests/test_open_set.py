@@ -137,3 +137,13 @@ def test_bad_class_lists_are_one_line(spec):
 def test_a_class_absent_from_the_data_is_refused():
     with pytest.raises(UserError, match="no items of class 10"):
         data_load.select_classes(data_load.load_images(None, "test"), "8-12")
+
+
+def test_an_rgb_checkpoint_on_grayscale_test_images_is_one_line(tmp_path, capsys):
+    from tiny_data import write_checkpoint
+
+    import eval as eval_script
+
+    cp = write_checkpoint(str(tmp_path / "rgb.pt"), encoder_args={"in_channels": 3, "stem": "cifar"})
+    with pytest.raises(UserError, match="channel"):  # the digits are grayscale
+        eval_script.main(["--cp-path", cp, "--device", "cpu", "--no-score-file"])

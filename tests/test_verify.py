@@ -16,6 +16,7 @@ from test_embed_wav import run, write_wav
 from tiny_data import make_image_tree, write_checkpoint
 
 import data_load
+import frontend
 import image_input
 import verify
 from calibration import fit_calibration, read_score_file
@@ -132,8 +133,8 @@ def test_long_recordings_are_embedded_in_chunks(ast, tmp_path):
     long = tmp_path / "long.wav"
     write_wav(long, np.concatenate([s for s, _ in samples]), rate=samples[0][1])
     verifier = verify.Verifier.load(ast["cp"], "cpu", chunk_seconds=1, min_frames=1)  # no tiling of ~1 s chunks
-    feats = verify.wav_features(verifier.front_end, long)
-    parts = verify.chunks(feats, 100)
+    feats = frontend.wav_features(frontend.front_end_of(verifier.model.config, ast["cp"]), long)
+    parts = frontend.chunks(feats, 100)
     assert len(parts) == round(feats.shape[1] / 100) > 2
     assert sum(p.shape[1] for p in parts) == feats.shape[1] and all(abs(p.shape[1] - 100) <= 50 for p in parts)
     with torch.no_grad():
@@ -240,15 +241,16 @@ def test_old_image_checkpoints(tmp_path, capsys):
     state = load_checkpoint(path)
     state["args"] = {"data_path": None}  # the digits demo
     save_checkpoint(path, state)
-    found = verify.Verifier.load(path, "cpu").image_input
+    verify.Verifier.load(path, "cpu")  # loads now
+    found = image_input.from_checkpoint(load_checkpoint(path), path)
     assert (found.source, found.channels, found.height, found.width) == ("digits", 1, 8, 8)
 
 
 def test_chunks_split_evenly():
     feats = np.zeros((3, 1049), dtype=np.float32)
-    assert [p.shape[1] for p in verify.chunks(feats, 100)] == [105] * 9 + [104]
-    assert len(verify.chunks(feats, 0)) == 1 and len(verify.chunks(feats[:, :140], 100)) == 1
-    assert [p.shape[1] for p in verify.chunks(feats[:, :160], 100)] == [80, 80]
+    assert [p.shape[1] for p in frontend.chunks(feats, 100)] == [105] * 9 + [104]
+    assert len(frontend.chunks(feats, 0)) == 1 and len(frontend.chunks(feats[:, :140], 100)) == 1
+    assert [p.shape[1] for p in frontend.chunks(feats[:, :160], 100)] == [80, 80]
 
 
 def test_wave_module_writes_what_read_wav_reads(tmp_path):
