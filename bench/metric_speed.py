@@ -30,9 +30,7 @@ def sklearn_eer(scores, labels):
 
 
 def build_parser():
-    p = ArgumentParser(
-        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=10_000_000, help="scores (default 10,000,000)")
     p.add_argument("--decimals", type=int, default=None, help="round the scores to this many decimals (ties)")
     p.add_argument("--no-sklearn", action="store_true", help="skip the roc_curve baseline (slow for large N)")

@@ -35,9 +35,7 @@ def parse_matrices(scp):
 
 
 def build_parser():
-    p = ArgumentParser(
-        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--speakers", type=int, default=100, help="speakers (default 100)")
     p.add_argument("--utts", type=int, default=20, help="utterances per speaker (default 20)")
     p.add_argument("--frames", type=int, default=400, help="longest utterance in frames (default 400)")

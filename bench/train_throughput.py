@@ -101,9 +101,7 @@ def measure(flags, device, args):
 
 
 def build_parser():
-    p = ArgumentParser(
-        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="TDNN,resnet", help="comma-separated encoders (default TDNN,resnet)")
     p.add_argument("--precisions", default=None, help="fp32 and/or bf16, comma-separated (default fp32 on a CPU)")
     p.add_argument(

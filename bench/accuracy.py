@@ -1,0 +1,226 @@
+"""The results table: each open-set protocol x learned-distance variant, several seeds or folds each.
+
+Every cell trains with train.py and scores the protocol's test trials with eval.py (or the digits
+demo's own test), in subprocesses, and reports mean +- sd over the runs of EER and minDCF(0.01)
+for the learned distance (e2e), cosine and fused scores, with the CPU minutes the cell took.
+
+Protocols (train classes -> test classes):
+  digits-closed   scikit-learn digits, all 10 classes (the demo)
+  digits-open     digits 0-4 -> 5-9 (validation on held-out digits 5-9)
+  fmnist-open     Fashion-MNIST 0-4 -> 5-9, --items-per-class training images per class
+  fmnist-closed   Fashion-MNIST, all classes, all 10,000 test images (49,995,000 trials)
+  fonts           Debian fonts (tools/font_set.py): training fonts -> unseen font families
+  asterisk        Asterisk voice prompts: 7 folds, each holding out 2 speakers (tools/asterisk_set.py --fold)
+Variants: concat (the research code's [a; b] distance), sym ([Pa*Pb, |Pa-Pb|] on normalised
+embeddings), concat-norm (concat on normalised embeddings), sym-detach (sym, pair loss not
+trained into the encoder).
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import benchlib
+
+from utils import ArgumentParser, UserError, atomic_write, cli
+
+EXAMPLE = """examples:
+  python bench/accuracy.py --protocols digits-open,fonts --variants concat,sym --seeds 1,2,3 --out results/accuracy.md
+  python bench/accuracy.py --protocols asterisk --variants concat,sym --folds 0-6"""
+
+ROOT = benchlib.ROOT
+FASHION = "/usr/share/datasets/fashion-mnist"
+VARIANTS = {
+    "concat": [],
+    "sym": ["--pair-features", "sym"],
+    "concat-norm": ["--distance-norm"],
+    "sym-detach": ["--pair-features", "sym", "--detach-distance"],
+}
+SCORERS = ("e2e", "cos", "fus")
+# A small image recipe for 2 CPU cores: a narrow pre-activation ResNet-18, the plateau schedule.
+IMAGE_RECIPE = ["--model", "resnet", "--width", "16", "--batch-size", "64", "--lr", "0.05", "--l2", "1e-4"]
+IMAGE_RECIPE += ["--softmax", "am_softmax", "--smoothing", "0.05", "--hidden-size", "256", "--n-hidden", "2"]
+IMAGE_RECIPE += ["--dropout-prob", "0.01", "--valid-max-items", "600", "--patience", "3", "--max-gnorm", "5"]
+SPEECH_RECIPE = ["--model", "TDNN", "--max-gnorm", "20", "--batch-size", "8", "--valid-batch-size", "32"]
+SPEECH_RECIPE += ["--lr", "0.5", "--momentum", "0.85", "--l2", "1e-5", "--warmup", "200", "--ncoef", "30"]
+SPEECH_RECIPE += ["--n-frames", "150", "--latent-size", "256", "--hidden-size", "256", "--n-hidden", "2"]
+SPEECH_RECIPE += ["--dropout-prob", "0.01", "--softmax", "am_softmax", "--smoothing", "0.05", "--workers", "0"]
+
+
+def python(script, *argv, threads=2):
+    """Run one of the toolkit's scripts in a subprocess (argument list, no shell); fail loudly."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise UserError(f"{script} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    return done.stdout
+
+
+def metrics_of(json_path):
+    with open(json_path) as handle:
+        return json.load(handle)["metrics"]
+
+
+def run_digits(folder, seed, variant, args, open_set):
+    flags = ["--seed", str(seed), "--checkpoint-path", folder, "--verbose", "0", *VARIANTS[variant]]
+    if open_set:
+        flags += ["--classes", "0-4", "--valid-classes", "5-9"]
+    python("train.py", *flags, threads=args.threads)
+    return metrics_of(os.path.join(folder, "test_scores.txt.json"))
+
+
+def train_and_eval_images(folder, seed, variant, args, train_flags, test_flags):
+    cp = os.path.join(folder, "cp")
+    flags = [*IMAGE_RECIPE, "--epochs", str(args.image_epochs), "--seed", str(seed), "--checkpoint-path", cp]
+    python("train.py", *flags, *train_flags, "--verbose", "0", *VARIANTS[variant], threads=args.threads)
+    out = os.path.join(folder, "scores.out")
+    checkpoint = os.path.join(cp, f"checkpoint_{args.image_epochs}ep.pt")
+    python("eval.py", "--cp-path", checkpoint, "--out-path", out, "--device", "cpu", *test_flags, threads=args.threads)
+    return metrics_of(out + ".json")
+
+
+def run_fmnist(folder, seed, variant, args, open_set):
+    n = str(args.items_per_class)
+    data = ["--data-path", FASHION, "--valid-data-path", FASHION, "--items-per-class", n]
+    test = ["--data-path", FASHION]
+    if open_set:
+        data += ["--classes", "0-4", "--valid-classes", "5-9"]
+        test += ["--classes", "5-9", "--items-per-class", str(args.test_items_per_class)]
+    return train_and_eval_images(folder, seed, variant, args, data, test)
+
+
+def run_fonts(folder, seed, variant, args):
+    fonts = args.fonts
+    data = ["--data-path", f"{fonts}/train", "--valid-data-path", f"{fonts}/valid"]
+    data += ["--items-per-class", str(args.items_per_class)] if args.items_per_class < 62 else []
+    return train_and_eval_images(folder, seed, variant, args, data, ["--data-path", f"{fonts}/test"])
+
+
+def asterisk_fold(args, fold):
+    """Build (once, cached under --work-dir) the Asterisk fold's HDF5s and test features; -> folder."""
+    out = os.path.join(args.work_dir, f"asterisk_fold{fold}")
+    if os.path.isfile(os.path.join(out, "done")):
+        return out
+    python("tools/asterisk_set.py", "--out", out, "--fold", str(fold), "--seed", "0", "--no-floor",
+           "--max-per-speaker", str(args.max_per_speaker), threads=args.threads)  # fmt: skip
+    for part in ("train", "valid", "test"):
+        python("data_prep.py", "--wav-scp", f"{out}/{part}/wav.scp", "--out-path", out, "--out-name", f"{part}.hdf",
+               "--write-kaldi-feats", f"{out}/{part}_feats", threads=args.threads)  # fmt: skip
+    open(os.path.join(out, "done"), "w").close()
+    return out
+
+
+def run_asterisk(folder, fold, variant, args):
+    data = asterisk_fold(args, fold)
+    cp = os.path.join(folder, "cp")
+    flags = [*SPEECH_RECIPE, "--epochs", str(args.speech_epochs), "--seed", "1", "--checkpoint-path", cp]
+    flags += ["--train-hdf-file", f"{data}/train.hdf", "--valid-hdf-file", f"{data}/valid.hdf"]
+    python("train.py", *flags, "--verbose", "0", *VARIANTS[variant], threads=args.threads)
+    out = os.path.join(folder, "scores.out")
+    python("eval.py", "--test-data", f"{data}/test_feats/feats.scp", "--trials-path", f"{data}/test/trials",
+           "--cp-path", os.path.join(cp, f"checkpoint_{args.speech_epochs}ep.pt"), "--out-path", out,
+           "--device", "cpu", threads=args.threads)  # fmt: skip
+    return metrics_of(out + ".json")
+
+
+PROTOCOLS = {
+    "digits-closed": lambda f, s, v, a: run_digits(f, s, v, a, open_set=False),
+    "digits-open": lambda f, s, v, a: run_digits(f, s, v, a, open_set=True),
+    "fmnist-open": lambda f, s, v, a: run_fmnist(f, s, v, a, open_set=True),
+    "fmnist-closed": lambda f, s, v, a: run_fmnist(f, s, v, a, open_set=False),
+    "fonts": run_fonts,
+    "asterisk": run_asterisk,
+}
+
+
+def children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def mean_sd(values):
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def table(rows):
+    """Markdown: one row per (protocol, variant), mean ± sd over runs."""
+    head = "| protocol | variant | runs | " + " | ".join(f"{s} EER" for s in SCORERS)
+    head += " | " + " | ".join(f"{s} minDCF(0.01)" for s in SCORERS) + " | CPU min |"
+    lines = [head, "|" + "---|" * (4 + 2 * len(SCORERS))]
+    for (protocol, variant), (runs, cpu) in rows.items():
+        cells = [mean_sd([r[s]["eer"] for r in runs]) for s in SCORERS]
+        cells += [mean_sd([r[s]["mindcf_0.01"] for r in runs]) for s in SCORERS]
+        lines.append(f"| {protocol} | {variant} | {len(runs)} | " + " | ".join(cells) + f" | {cpu / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser():
+    p = ArgumentParser(
+        description=__doc__, epilog=EXAMPLE, formatter_class=__import__("argparse").RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--protocols", default="digits-closed,digits-open", help="comma-separated, from: " + ", ".join(PROTOCOLS)
+    )
+    p.add_argument("--variants", default="concat,sym", help="comma-separated, from: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="1,2,3", help="seeds of the image protocols (default 1,2,3)")
+    p.add_argument("--folds", default="0-6", help="Asterisk folds (default 0-6: every speaker held out twice)")
+    p.add_argument("--image-epochs", type=int, default=10, help="epochs of the image recipe (default 10)")
+    p.add_argument("--speech-epochs", type=int, default=4, help="epochs of the Asterisk recipe (default 4)")
+    p.add_argument("--items-per-class", type=int, default=200, help="training images per class (default 200)")
+    p.add_argument("--test-items-per-class", type=int, default=300, help="open-set test images per class (300)")
+    p.add_argument("--max-per-speaker", type=int, default=150, help="Asterisk prompts per speaker (default 150)")
+    p.add_argument("--fonts", default="runs/fonts32", help="font set folder; built with tools/font_set.py if missing")
+    p.add_argument("--threads", type=int, default=2, help="OMP threads of each run (default 2)")
+    p.add_argument("--work-dir", default="runs/accuracy", help="cached data sets (default runs/accuracy)")
+    p.add_argument("--out", default=None, help="markdown table file (also printed); a .json of every run beside it")
+    return p
+
+
+def main(argv=None):
+    import data_load
+
+    args = build_parser().parse_args(argv)
+    protocols, variants = args.protocols.split(","), args.variants.split(",")
+    for name in protocols:
+        if name not in PROTOCOLS:
+            raise UserError(f"unknown protocol {name}; choose from {', '.join(PROTOCOLS)}")
+    for name in variants:
+        if name not in VARIANTS:
+            raise UserError(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
+    seeds = data_load.parse_classes(args.seeds)
+    folds = data_load.parse_classes(args.folds)
+    os.makedirs(args.work_dir, exist_ok=True)
+    if "fonts" in protocols and not os.path.isdir(args.fonts):
+        python("tools/font_set.py", "--out", args.fonts, "--test-families", "40")
+    rows, every = {}, []
+    for protocol in protocols:
+        for variant in variants:
+            runs, start = [], children_cpu_seconds()
+            for key in folds if protocol == "asterisk" else seeds:
+                with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
+                    metrics = PROTOCOLS[protocol](folder, key, variant, args)
+                runs.append(metrics)
+                every.append({"protocol": protocol, "variant": variant, "run": key, "metrics": metrics})
+                line = "  ".join(f"{s} {metrics[s]['eer']:.4f}" for s in SCORERS)
+                print(
+                    f"{protocol} {variant} {'fold' if protocol == 'asterisk' else 'seed'} {key}: EER {line}", flush=True
+                )
+            rows[(protocol, variant)] = (runs, children_cpu_seconds() - start)
+    text = table(rows)
+    print(text)
+    if args.out:
+        with atomic_write(args.out) as handle:
+            handle.write(text)
+        with atomic_write(args.out + ".json") as handle:
+            json.dump(every, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

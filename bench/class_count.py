@@ -1,0 +1,146 @@
+"""Where does the learned distance overtake cosine? Test EER on unseen fonts vs the number of training fonts.
+
+The font set of tools/font_set.py (a class = a font file, the test = unseen font families). For each
+training-set size (8, 32, 128 and all training fonts, a seeded random choice of fonts per seed),
+train.py runs the same number of optimisation steps (epochs are set from the batches an epoch holds;
+the plateau schedule is held off, so only the class count changes), then eval.py scores all pairs of
+the same unseen test fonts. Writes a markdown table (mean +- sd over seeds of each scorer's EER) and
+a PNG plot (EER vs training classes, log x axis, one line per scorer and variant).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+
+import benchlib  # noqa: F401  (puts the repository on sys.path)
+import numpy as np
+from accuracy import IMAGE_RECIPE, VARIANTS, children_cpu_seconds, python
+
+from utils import ArgumentParser, UserError, atomic_path, atomic_write, cli
+
+EXAMPLE = """example:
+  python bench/class_count.py --fonts runs/fonts32 --sizes 8,32,128,all --seeds 1,2,3 --out results/class_count"""
+SCORERS = ("e2e", "cos", "fus")
+
+
+def batches_per_epoch(labels, classes, group, groups_per_batch):
+    """Batches GroupBatchSampler makes in one epoch from the items of `classes` (train.py's batching)."""
+    counts = np.bincount(labels)[classes]
+    groups = int((counts // group).sum())
+    return max(1, groups // groups_per_batch)
+
+
+def run_size(args, fonts, labels, n_all, size, seed, variant, work):
+    """Train on `size` training fonts for --steps steps, score the unseen test fonts; -> eval metrics."""
+    rng = np.random.default_rng(seed)
+    classes = np.sort(rng.permutation(n_all)[:size]) if size < n_all else np.arange(n_all)
+    per_epoch = batches_per_epoch(labels, classes, 5, args.batch_size // 5)
+    epochs = max(1, round(args.steps / per_epoch))
+    cp = os.path.join(work, "cp")
+    flags = [*IMAGE_RECIPE, "--batch-size", str(args.batch_size), "--epochs", str(epochs), "--patience", "100000"]
+    valid_items = str(max(300, 2 * size + 2))  # at least two held-out glyphs of every font: target pairs
+    flags += ["--data-path", f"{fonts}/train", "--valid-data-path", f"{fonts}/valid", "--valid-max-items", valid_items]
+    flags += ["--classes", ",".join(map(str, classes)), "--seed", str(seed), "--checkpoint-path", cp]
+    flags += ["--width", str(args.width), "--save-every", str(epochs), "--verbose", "0", *VARIANTS[variant]]
+    python("train.py", *flags, threads=args.threads)
+    out = os.path.join(work, "scores.out")
+    test = ["--data-path", f"{fonts}/test", "--items-per-class", str(args.test_items_per_class)]
+    checkpoint = os.path.join(cp, f"checkpoint_{epochs}ep.pt")
+    python("eval.py", "--cp-path", checkpoint, "--out-path", out, "--device", "cpu", *test, threads=args.threads)
+    with open(out + ".json") as handle:
+        return json.load(handle)["metrics"], epochs * per_epoch
+
+
+def plot(path, results, sizes_used):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"concat": "-", "sym": "--", "concat-norm": ":", "sym-detach": "-."}
+    colours = {"e2e": "tab:red", "cos": "tab:blue", "fus": "tab:green"}
+    for variant, by_size in results.items():
+        for scorer in SCORERS:
+            means = [statistics.mean(r[scorer]["eer"] for r in by_size[s]) for s in sizes_used]
+            ax.plot(sizes_used, means, styles.get(variant, "-"), color=colours[scorer], marker="o",
+                    label=f"{scorer} ({variant})")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes_used, [str(s) for s in sizes_used])
+    ax.set_xlabel("training classes (fonts)")
+    ax.set_ylabel("EER on unseen font families")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fonts", default="runs/fonts32", help="font set folder; built with tools/font_set.py if missing")
+    p.add_argument("--sizes", default="8,32,128,all", help="training-font counts, 'all' for every one")
+    p.add_argument("--seeds", default="1,2,3", help="seeds (default 1,2,3)")
+    p.add_argument("--variants", default="concat,sym", help="learned-distance variants (default concat,sym)")
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps of every run (default 300)")
+    p.add_argument("--batch-size", type=int, default=60, help="images per batch, groups of 5 (default 60)")
+    p.add_argument("--width", type=int, default=16, help="resnet first-stage width (default 16)")
+    p.add_argument("--test-items-per-class", type=int, default=16, help="glyphs of each test font scored (16)")
+    p.add_argument("--threads", type=int, default=2, help="OMP threads of each run (default 2)")
+    p.add_argument("--out", default="runs/class_count", help="output prefix: <out>.md, <out>.json, <out>.png")
+    return p
+
+
+def main(argv=None):
+    import data_load
+
+    args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.fonts):
+        python("tools/font_set.py", "--out", args.fonts, "--test-families", "40")
+    train_set = data_load.load_images(f"{args.fonts}/train", "train")
+    labels, n_all = train_set.labels, int(train_set.labels.max()) + 1
+    sizes = [n_all if s == "all" else int(s) for s in args.sizes.split(",")]
+    if any(s < 2 or s > n_all for s in sizes):
+        raise UserError(f"--sizes must be between 2 and the {n_all} training fonts")
+    seeds = data_load.parse_classes(args.seeds)
+    variants = args.variants.split(",")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    results, cpu, steps = {v: {s: [] for s in sizes} for v in variants}, {}, {}
+    for variant in variants:
+        for size in sizes:
+            start = children_cpu_seconds()
+            for seed in seeds:
+                with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.out))) as work:
+                    metrics, steps[size] = run_size(args, args.fonts, labels, n_all, size, seed, variant, work)
+                results[variant][size].append(metrics)
+                line = "  ".join(f"{s} {metrics[s]['eer']:.4f}" for s in SCORERS)
+                print(f"{variant} {size} fonts seed {seed} ({steps[size]} steps): EER {line}", flush=True)
+            cpu[(variant, size)] = children_cpu_seconds() - start
+    lines = ["| training fonts | variant | steps | " + " | ".join(f"{s} EER" for s in SCORERS) + " | CPU min |"]
+    lines.append("|" + "---|" * (4 + len(SCORERS)))
+    for variant in variants:
+        for size in sizes:
+            runs = results[variant][size]
+            cells = []
+            for scorer in SCORERS:
+                values = [r[scorer]["eer"] for r in runs]
+                sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+                cells.append(f"{statistics.mean(values):.4f}{sd}")
+            minutes = cpu[(variant, size)] / 60
+            lines.append(f"| {size} | {variant} | {steps[size]} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with atomic_write(args.out + ".md") as handle:
+        handle.write(text)
+    with atomic_write(args.out + ".json") as handle:
+        json.dump({v: {str(s): r for s, r in by.items()} for v, by in results.items()}, handle, indent=1)
+    plot(args.out + ".png", results, sizes)
+    print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
