@@ -6,6 +6,7 @@ distance's mean probability and mean logit over its heads, the cosine, the pairs
 column, so a new back-end (calibrated, normalised, PLDA) is one more entry in a list.
 """
 
+import ctypes
 import dataclasses
 import functools
 import zipfile
@@ -361,6 +362,17 @@ class PairTable:
         return out
 
 
+def release_free_memory():
+    """Hand memory freed inside the C heap back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Buffers of a few MB (embedding batches, projections) are freed into the heap, not unmapped; before
+    a large all-pairs table this keeps them from adding to the peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def all_pairs_table(distance, emb, labels, amp=False, chunk_elements=None, progress=False, ids=None, piece=PIECE):
     """All N(N-1)/2 pairs of emb (N, emb) with labels (N,) scored into a PairTable (13 bytes a pair)."""
     n = len(emb)
@@ -567,7 +579,9 @@ def run_image_eval(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     emb, labels = embed_loader(model, loader, device, amp=amp, progress=verbose)
     scorers = backends.scorers(model, emb, embed_cohort, amp) if backends is not None else SCORERS
+    release_free_memory()  # the embedding's freed buffers, before the table's N(N-1)/2 pairs
     table = all_pairs_table(model.distance, emb, labels, amp=amp, progress=verbose)
+    release_free_memory()
     line = "{items} test items, {trials} trials ({targets} target)"
     return report(table, scorers, out_path, {"items": len(emb)}, plot, verbose, line, score_format)
 
