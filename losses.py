@@ -7,17 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class AMSoftmax(nn.Module):
-    """Additive-margin softmax head (CosFace): logits `s * (cos(theta) - m * onehot(label))`.
-
-    Embeddings and class weights are both L2-normalised, so cos(theta) is their dot product.
-    Defaults follow the seed code (m=0.35, s=30). With `labels=None` the margin is left out
-    (plain scaled cosines), which is what inference and accuracy want.
-    """
+class MarginHead(nn.Module):
+    """What the margin heads share: class weights (n_classes, in_features), a margin and a scale."""
 
     takes_margin = True  # built with the run's --margin and --scale (see build_head)
 
-    def __init__(self, in_features, n_classes, margin=0.35, scale=30.0):
+    def __init__(self, in_features, n_classes, margin, scale):
         super().__init__()
         self.margin = margin
         self.scale = scale
@@ -28,6 +23,18 @@ class AMSoftmax(nn.Module):
         """Change the margin m (the training loop's margin schedule calls this each epoch)."""
         self.margin = float(value)
 
+
+class AMSoftmax(MarginHead):
+    """Additive-margin softmax head (CosFace): logits `s * (cos(theta) - m * onehot(label))`.
+
+    Embeddings and class weights are both L2-normalised, so cos(theta) is their dot product.
+    Defaults follow the seed code (m=0.35, s=30). With `labels=None` the margin is left out
+    (plain scaled cosines), which is what inference and accuracy want.
+    """
+
+    def __init__(self, in_features, n_classes, margin=0.35, scale=30.0):
+        super().__init__(in_features, n_classes, margin, scale)
+
     def forward(self, embeddings, labels=None):
         """(batch, in_features), (batch,) -> logits (batch, n_classes)."""
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1))
@@ -37,7 +44,7 @@ class AMSoftmax(nn.Module):
         return self.scale * cos
 
 
-class AAMSoftmax(nn.Module):
+class AAMSoftmax(MarginHead):
     """Additive angular margin softmax head (ArcFace): `s * cos(theta + m)` for the label, `s * cos(theta)` elsewhere.
 
     theta is the angle between the L2-normalised embedding and class weight. Where theta + m would
@@ -47,18 +54,8 @@ class AAMSoftmax(nn.Module):
     margin is left out (plain scaled cosines), as in AMSoftmax. The margin arithmetic runs in float32.
     """
 
-    takes_margin = True  # built with the run's --margin and --scale (see build_head)
-
     def __init__(self, in_features, n_classes, margin=0.2, scale=30.0):
-        super().__init__()
-        self.margin = float(margin)
-        self.scale = scale
-        self.weight = nn.Parameter(torch.empty(n_classes, in_features))
-        nn.init.kaiming_normal_(self.weight)
-
-    def set_margin(self, value):
-        """Change the margin m in radians (the training loop's margin schedule calls this each epoch)."""
-        self.margin = float(value)
+        super().__init__(in_features, n_classes, float(margin), scale)  # margin in radians
 
     def forward(self, embeddings, labels=None):
         """(batch, in_features), (batch,) -> logits (batch, n_classes)."""
