@@ -27,7 +27,7 @@ CPU_PAIR_ELEMENTS = 2**22
 GPU_PAIR_ELEMENTS = 2**28
 SCORE_FORMATS = ("text", "npy")
 BASE = ("prob", "logit", "cos")  # the shared results of a pair every scorer is computed from
-TEXT_CHUNK = 1 << 18  # lines formatted at once: their Python objects take ~150 bytes a line
+WRITE_CHUNK = 1 << 16  # pairs written at once (text lines: their Python objects take ~150 bytes each)
 # Pairs per piece of a PairTable's results: 32 MB of float32, past glibc's largest dynamic mmap threshold
 # (32 MB), so every piece is its own mapping and freeing it returns the memory to the system at once.
 PIECE = 1 << 23
@@ -270,8 +270,9 @@ def evaluate_scores(scores, target, p_targets=(0.01, 0.05)):
 
 
 class PairTable:
-    """Scored pairs held on the CPU in 13 bytes each: the BASE results prob, logit, cos (P,) float32, kept as
-    pieces of PIECE pairs (so they can be freed piece by piece, see `release`), and target (P,) bool.
+    """Scored pairs held on the CPU in 12.125 bytes each: the BASE results prob, logit, cos (P,) float32, kept
+    as pieces of PIECE pairs (so they can be freed piece by piece, see `release`), and the target flags,
+    packed 8 to a byte (`labels(start, stop)`).
 
     The items of pair k are (idx_a[k], idx_b[k]) for trial lists, or, for all pairs of `n_items` items,
     computed from k (combinations order), so all pairs need no index arrays. `ids`: each item's name
@@ -280,7 +281,13 @@ class PairTable:
     """
 
     def __init__(self, prob, logit, cos, target, ids=None, idx=None, n_items=None, piece=PIECE):
-        self.target, self.piece = target, piece
+        self.piece = piece
+        if isinstance(target, tuple):  # (packed bits, pairs) from all_pairs_table
+            self._bits, self._len = target
+        else:
+            target = np.asarray(target, dtype=bool)
+            self._bits, self._len = np.packbits(target), len(target)
+        self.n_targets = int(np.bitwise_count(self._bits).sum(dtype=np.int64))  # packbits pads with zeros
         self.base = {}
         for name, values in zip(BASE, (prob, logit, cos)):
             pieces = (
@@ -295,7 +302,18 @@ class PairTable:
             self._row_start = rows * n_items - rows * (rows + 1) // 2
 
     def __len__(self):
-        return len(self.target)
+        return self._len
+
+    def labels(self, start, stop):
+        """Target flags of the pairs start..stop-1: (stop - start,) bool (kept packed, 1 bit a pair)."""
+        first = start // 8
+        bits = np.unpackbits(self._bits[first : (stop + 7) // 8])
+        return bits[start - 8 * first : stop - 8 * first].view(bool)
+
+    @property
+    def target(self):
+        """Target flags of every pair: (P,) bool."""
+        return self.labels(0, len(self))
 
     def indices(self, start, stop):
         """Items (idx_a, idx_b) of the pairs start..stop-1: (stop - start,) int64 arrays."""
@@ -374,20 +392,24 @@ def release_free_memory():
 
 
 def all_pairs_table(distance, emb, labels, amp=False, chunk_elements=None, progress=False, ids=None, piece=PIECE):
-    """All N(N-1)/2 pairs of emb (N, emb) with labels (N,) scored into a PairTable (13 bytes a pair)."""
+    """All N(N-1)/2 pairs of emb (N, emb) with labels (N,) scored into a PairTable (12.125 bytes a pair)."""
     n = len(emb)
     total = n * (n - 1) // 2
     pieces = [[np.empty(min(piece, total - k), dtype=np.float32) for k in range(0, total, piece)] for _ in BASE]
-    target = np.empty(total, dtype=bool)
+    bits, pending = np.zeros((total + 7) // 8, dtype=np.uint8), np.zeros(0, dtype=bool)
     for start, *results in all_pairs_blocks(distance, emb, labels, amp, chunk_elements, progress):
         values = [x.cpu().numpy() for x in results]
         stop = start + len(values[0])
-        target[start:stop] = values[3]
+        pending = np.concatenate([pending, values[3]])  # flags from the last whole byte on
+        whole = len(pending) // 8 * 8 if stop < total else len(pending)
+        packed = np.packbits(pending[:whole])
+        bits[(stop - len(pending)) // 8 :][: len(packed)] = packed
+        pending = pending[whole:]
         for k in range(start // piece, (stop - 1) // piece + 1 if stop > start else 0):
             lo, hi = max(start, k * piece), min(stop, (k + 1) * piece)
             for out, x in zip(pieces, values):
                 out[k][lo - k * piece : hi - k * piece] = x[lo - start : hi - start]
-    return PairTable(*pieces, target, ids=ids, n_items=n, piece=piece)
+    return PairTable(*pieces, (bits, total), ids=ids, n_items=n, piece=piece)
 
 
 def trials_table(distance, emb, idx_a, idx_b, target, amp=False, chunk_elements=None, ids=None):
@@ -440,7 +462,7 @@ def _table_chunks(table, scorers, chunk=CHUNK):
     for start, stop in table.chunks(chunk):
         block = table.block(scorers, start, stop)
         enroll, test = table.names(start, stop)
-        yield enroll, test, [as_float32(block[s.name]) for s in scorers], table.target[start:stop]
+        yield enroll, test, [as_float32(block[s.name]) for s in scorers], table.labels(start, stop)
 
 
 def _write_npy_entry(archive, name, dtype, length, parts):
@@ -452,7 +474,7 @@ def _write_npy_entry(archive, name, dtype, length, parts):
             handle.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
 
 
-def write_table_npz(path, table, scorers, chunk=CHUNK):
+def write_table_npz(path, table, scorers, chunk=WRITE_CHUNK):
     """The compact score file: an uncompressed .npz (np.load reads it) holding `<scorer>.npy` float32 columns,
     `label.npy` (bool), `enroll.npy` and `test.npy` (int32 indices into `ids.npy`, int64 beyond 2^31 items)
     and `ids.npy` (item names, str)."""
@@ -463,7 +485,7 @@ def write_table_npz(path, table, scorers, chunk=CHUNK):
         for side in (0, 1):
             parts = (table.indices(a, b)[side] for a, b in table.chunks(chunk))
             _write_npy_entry(archive, ("enroll", "test")[side], index_type, n, parts)
-        _write_npy_entry(archive, "label", bool, n, (table.target,))
+        _write_npy_entry(archive, "label", bool, n, (table.labels(a, b) for a, b in table.chunks(chunk)))
         for s in scorers:
             parts = (as_float32(table.block(scorers, a, b)[s.name]) for a, b in table.chunks(chunk))
             _write_npy_entry(archive, s.name, np.float32, n, parts)
@@ -526,13 +548,12 @@ def report(table, scorers=None, out_path=None, extra=None, plot=False, verbose=T
     """
     scorers = scorers or SCORERS
     if out_path and score_format == "text":
-        chunks = _table_chunks(table, scorers, TEXT_CHUNK)
+        chunks = _table_chunks(table, scorers, WRITE_CHUNK)
         _write_text(out_path, [s.name for s in scorers], [s.fmt for s in scorers], chunks)
     elif out_path and score_format == "npy":
         write_table_npz(out_path, table, scorers)
     metrics = all_metrics(table, scorers, consume=not plot)
-    target_count = int(np.count_nonzero(table.target))
-    summary = {"trials": len(table), "targets": target_count, **(extra or {})}
+    summary = {"trials": len(table), "targets": table.n_targets, **(extra or {})}
     summary["columns"] = [s.name for s in scorers]  # the score file's order (the JSON's keys are sorted)
     summary["scorers"] = {s.name: {"is_llr": s.is_llr, "help": s.help} for s in scorers}
     summary["metrics"] = metrics

@@ -5,7 +5,8 @@ One scorer at a time: its target and non-target scores are copied out (4 bytes a
 a walk over their distinct values in ascending order then gives the ROC's threshold counts a chunk at a
 time, reduced on the fly with metrics.py's own formulas (so the results are identical) and, for LLR
 scorers, to Cllr, minCllr (pool-adjacent-violators over the same walk) and actDCF. The pairs come from a
-scoring.PairTable (anything with `target`, `chunks(chunk)` and `block(scorers, start, stop)[name]`).
+scoring.PairTable (anything with `n_targets`, `labels(start, stop)`, `chunks(chunk)` and
+`block(scorers, start, stop)[name]`).
 """
 
 import math
@@ -31,14 +32,14 @@ def _split_sorted(table, scorers, name, chunk, consume=None):
     a multiple of CHUNK) are freed as they are read, so the sorted copies take the memory it held."""
     if consume is not None:
         chunk = math.gcd(CHUNK, table.piece)  # chunks never straddle a piece
-    n_tar = int(np.count_nonzero(table.target))
+    n_tar = table.n_targets
     if n_tar == 0 or n_tar == len(table):
         raise ValueError("metrics need at least one target and one non-target trial")
     tar = np.empty(n_tar, dtype=np.float32)
     non = np.empty(len(table) - n_tar, dtype=np.float32)
     t = u = 0
     for start, stop in table.chunks(chunk):
-        values, labels = as_float32(table.block(scorers, start, stop)[name]), table.target[start:stop]
+        values, labels = as_float32(table.block(scorers, start, stop)[name]), table.labels(start, stop)
         if not np.isfinite(values).all():
             raise ValueError(f"scores of {name} contain NaN or Inf")
         chosen = values[labels]
