@@ -58,8 +58,16 @@ def load_weights(model, state, path):
         raise UserError(f"{path} does not fit the model built from these flags: {str(err).splitlines()[0]}") from None
 
 
-def load_model(cp_path, model_name=None, device="cpu"):
-    """The Verifier a checkpoint holds (weights-only load), in eval mode on `device`.
+def check_known_model(config, path):
+    """Refuse a checkpoint whose encoder name is not registered (one UserError line)."""
+    import models
+
+    if config.get("model") not in models.encoder_names():
+        raise UserError(f"{path} holds an unknown model {config.get('model')!r}")
+
+
+def load_model_and_state(cp_path, model_name=None, device="cpu"):
+    """(the Verifier a checkpoint holds, in eval mode on `device`; the checkpoint dict), one weights-only load.
 
     `model_name`, when given, must match the checkpoint's encoder (a check for the user's flags).
     """
@@ -69,8 +77,12 @@ def load_model(cp_path, model_name=None, device="cpu"):
     config = state["model_config"]
     if model_name is not None and model_name != config["model"]:
         raise UserError(f"--model {model_name} does not match the checkpoint, which holds a {config['model']} model")
-    if config.get("model") not in models.encoder_names():
-        raise UserError(f"{cp_path} holds an unknown model {config.get('model')!r}")
+    check_known_model(config, cp_path)
     model = models.build_model(config)
     load_weights(model, state, cp_path)
-    return model.to(device).eval()
+    return model.to(device).eval(), state
+
+
+def load_model(cp_path, model_name=None, device="cpu"):
+    """The Verifier a checkpoint holds (weights-only load), in eval mode on `device` (see load_model_and_state)."""
+    return load_model_and_state(cp_path, model_name, device)[0]

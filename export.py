@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import models
-from checkpoints import load_checkpoint, load_model
+from checkpoints import load_model_and_state
 from tasks import task_for_model
 from utils import ArgumentParser, UserError, add_device_flags, cli, device_from_args, write_json
 
@@ -287,8 +287,7 @@ def main(argv=None):
         raise UserError("--amp does not apply to export: the graphs are float32")
     out = check_output(args.out, args.force)
     device = device_from_args(args)
-    state = load_checkpoint(args.cp_path)
-    model = load_model(args.cp_path, None, device)
+    model, state = load_model_and_state(args.cp_path, None, device)
     spec = input_spec(model, args.image_size)
     name, emb_size = model.config["model"], model.encoder.embedding_size
     print(

@@ -7,7 +7,7 @@ were typed with another value than the checkpoint's are refused, as is data the 
 """
 
 import models
-from checkpoints import load_checkpoint, strip_wrapper_prefixes
+from checkpoints import check_known_model, load_checkpoint, strip_wrapper_prefixes
 from utils import UserError
 
 # flag -> where train.model_config keeps its value (a key, or (encoder_args, key)).
@@ -73,8 +73,7 @@ def pretrained_config(cp_path, state, config, typed):
 def start_from(cp_path, config, typed, verbose=True):
     """A new Verifier for `config`'s classes with the encoder and learned distance of checkpoint `cp_path`."""
     state = load_checkpoint(cp_path)
-    if state["model_config"].get("model") not in models.encoder_names():
-        raise UserError(f"{cp_path} holds an unknown model {state['model_config'].get('model')!r}")
+    check_known_model(state["model_config"], cp_path)
     model = models.build_model(pretrained_config(cp_path, state, config, typed))
     weights = {k: v for k, v in strip_wrapper_prefixes(state["model_state"]).items() if k.startswith(COPIED)}
     wanted = [k for k in model.state_dict() if k.startswith(COPIED)]

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import models
-from checkpoints import load_checkpoint, load_weights
+from checkpoints import load_model_and_state
 from scoring import fuse
 from tasks import task_for_model
 from utils import ArgumentParser, UserError, add_device_flags, choose_device, cli, device_from_args
@@ -51,13 +50,8 @@ class Verifier:
         if chunk_seconds < 0 or min_frames < 1:
             raise UserError(f"chunk seconds must be >= 0 and min frames >= 1, got {chunk_seconds} and {min_frames}")
         device = device if isinstance(device, torch.device) else choose_device(device)
-        state = load_checkpoint(cp_path)
-        config = state["model_config"]
-        if config.get("model") not in models.encoder_names():
-            raise UserError(f"{cp_path} holds an unknown model {config.get('model')!r}")
-        model = models.build_model(config)
-        load_weights(model, state, cp_path)
-        return cls(model.to(device).eval(), state, cp_path, device, chunk_seconds, min_frames)
+        model, state = load_model_and_state(cp_path, device=device)
+        return cls(model, state, cp_path, device, chunk_seconds, min_frames)
 
     def inputs(self, path):
         """The model inputs of one file: speech -> list of (n_coef, frames) chunks; image -> [(C, H, W)]."""
