@@ -207,14 +207,22 @@ def compute_metrics(scores, labels, p_targets=(0.01, 0.05), c_miss=1, c_fa=1):
     return out
 
 
-def format_metrics_table(results):
-    """Render {scorer: metrics} as an aligned text table (one row per scorer)."""
-    names = list(next(iter(results.values())).keys())
-    header = f"{'scorer':<8}" + "".join(f"{n:>14}" for n in names)
-    rows = [header]
-    for scorer, metrics in results.items():
-        rows.append(f"{scorer:<8}" + "".join(f"{metrics[n]:>14.4f}" for n in names))
+def format_table(results, keys):
+    """{scorer: metrics} -> an aligned text table of `keys`. The scorer column widens into the first number's
+    padding, so names up to 7 characters print exactly as metrics.format_metrics_table."""
+    width = max(8, max(len(name) for name in results) + 1)
+    first = max(22 - width, len(keys[0]) + 2, 8)
+    rows = ["scorer".ljust(width) + keys[0].rjust(first) + "".join(k.rjust(14) for k in keys[1:])]
+    for name, values in results.items():
+        rows.append(
+            name.ljust(width) + f"{values[keys[0]]:>{first}.4f}" + "".join(f"{values[k]:>14.4f}" for k in keys[1:])
+        )
     return "\n".join(rows)
+
+
+def format_metrics_table(results):
+    """Render {scorer: metrics} as an aligned text table (one row per scorer, the first scorer's keys)."""
+    return format_table(results, list(next(iter(results.values())).keys()))
 
 
 # ----------------------------------------------------------------------------- likelihood-ratio metrics

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from metrics import compute_metrics
+from metrics import compute_metrics, format_table
 from streaming_metrics import CHUNK, as_float32, table_metrics
 from utils import atomic_path, atomic_write, write_json
 
@@ -503,19 +503,6 @@ def read_table_npz(path):
 
 
 # ----------------------------------------------------------------------------- reports
-
-
-def format_table(results, keys):
-    """{scorer: metrics} -> an aligned text table of `keys`. The scorer column widens into the first number's
-    padding, so names up to 7 characters print exactly as metrics.format_metrics_table."""
-    width = max(8, max(len(name) for name in results) + 1)
-    first = max(22 - width, len(keys[0]) + 2, 8)
-    rows = ["scorer".ljust(width) + keys[0].rjust(first) + "".join(k.rjust(14) for k in keys[1:])]
-    for name, values in results.items():
-        rows.append(
-            name.ljust(width) + f"{values[keys[0]]:>{first}.4f}" + "".join(f"{values[k]:>14.4f}" for k in keys[1:])
-        )
-    return "\n".join(rows)
 
 
 def all_metrics(table, scorers, consume=False):

@@ -79,6 +79,11 @@ def test_table_keeps_short_names_as_before_and_widens_for_long_ones():
     values = dict.fromkeys(scoring.ROC_KEYS, 0.125)
     short = scoring.format_table({"e2e": values, "cos": values}, scoring.ROC_KEYS)
     assert short == metrics.format_metrics_table({"e2e": values, "cos": values})
+    before = "\n".join(  # the layout tables had before long names existed: 8-wide names, 14-wide columns
+        [f"{'scorer':<8}" + "".join(f"{k:>14}" for k in scoring.ROC_KEYS)]
+        + [f"{n:<8}" + "".join(f"{0.125:>14.4f}" for _ in scoring.ROC_KEYS) for n in ("e2e", "cos")]
+    )
+    assert short == before
     wide = scoring.format_table({"e2e": values, "cal_e2e_logit+cos": values}, scoring.ROC_KEYS).splitlines()
     assert len({len(line) for line in wide}) == 1  # aligned
     assert wide[2].startswith("cal_e2e_logit+cos ") and wide[1].split() == ["e2e", *["0.1250"] * 4]
