@@ -34,18 +34,27 @@ class GroupBatchSampler(Sampler):
     """
 
     def __init__(self, labels, group_size, groups_per_batch, seed=0, rank=0, world_size=1):
-        self.labels = np.asarray(labels)
+        self._init_epochs(labels, seed, rank, world_size)
         self.group_size = group_size
         self.groups_per_batch = groups_per_batch
+        classes, counts = np.unique(self.labels, return_counts=True)
+        self.by_class = [np.flatnonzero(self.labels == c) for c in classes]
+        if (counts >= group_size).sum() < 2:
+            raise UserError(f"need at least 2 classes with {group_size} or more items each to form pairs")
+
+    def _init_epochs(self, labels, seed, rank, world_size):
+        """The state every epoch-seeded sampler shares: labels, seed, this rank's share, the epoch."""
+        self.labels = np.asarray(labels)
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
         self.start_batch = 0
-        classes, counts = np.unique(self.labels, return_counts=True)
-        self.by_class = [np.flatnonzero(self.labels == c) for c in classes]
-        if (counts >= group_size).sum() < 2:
-            raise UserError(f"need at least 2 classes with {group_size} or more items each to form pairs")
+
+    def _rank_share(self, batches):
+        """This rank's batches: every world_size-th, the tail trimmed so all ranks step together."""
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank : usable : self.world_size]
 
     def set_epoch(self, epoch, start_batch=0):
         """Select the epoch's permutation; `start_batch` skips batches already done (mid-epoch resume)."""
@@ -65,8 +74,7 @@ class GroupBatchSampler(Sampler):
         if n_batches == 0:
             n_batches, per = 1, len(groups)
         batches = [np.concatenate([groups[g] for g in order[b * per : (b + 1) * per]]) for b in range(n_batches)]
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[self.rank : usable : self.world_size]
+        return self._rank_share(batches)
 
     def __iter__(self):
         for batch in self._batches()[self.start_batch :]:
@@ -86,13 +94,8 @@ class RandomBatchSampler(GroupBatchSampler):
     """
 
     def __init__(self, labels, batch_size, seed=0, rank=0, world_size=1):
-        self.labels = np.asarray(labels)
+        self._init_epochs(labels, seed, rank, world_size)
         self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start_batch = 0
         if len(np.unique(self.labels)) < 2:
             raise UserError("need at least 2 classes to form pairs")
 
@@ -101,8 +104,7 @@ class RandomBatchSampler(GroupBatchSampler):
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if len(batches) > 1 and len(batches[-1]) < 2:
             batches.pop()
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[self.rank : usable : self.world_size]
+        return self._rank_share(batches)
 
 
 # ----------------------------------------------------------------------------- image sources
