@@ -187,6 +187,11 @@ class SpeechTask:
                 "--classes, --valid-classes and --test-classes select image classes; for speakers use "
                 "the data (e.g. tools/asterisk_set.py --fold)"
             )
+        for flag, value, default in (("--augment", args.augment, "auto"), ("--sampler", args.sampler, "balanced")):
+            if value != default:
+                raise UserError(f"{flag} {value} applies to images; speech batches are speaker groups")
+        if args.final_norm:
+            raise UserError("--final-norm applies to the image resnet")
 
     def has_validation(self, args):
         return bool(args.valid_hdf_file)

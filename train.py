@@ -301,25 +301,14 @@ def resolve_defaults(args, argv):
         raise UserError(f"--smoothing must be in [0, 1), got {args.smoothing}")
     if args.cp_name is not None and (os.path.basename(args.cp_name) != args.cp_name or args.cp_name in ("", ".", "..")):
         raise UserError(f"--cp-name must be a file name, not a path (it goes in --checkpoint-path): {args.cp_name}")
-    check_recipe_flags(task, args)
+    if args.ablation and args.pair_weight == 0:
+        raise UserError("--ablation with --pair-weight 0 leaves no loss to train")
     check_batch_holds_two_classes(task, args)
     if args.pair_features != "concat" and args.rproj_size > 0:
         raise UserError("--rproj-size projects the concatenated pair: it needs --pair-features concat")
     if args.test_classes is None:
         args.test_classes = args.valid_classes or args.classes
     return args
-
-
-def check_recipe_flags(task, args):
-    """Refuse image-only recipe flags on speech, and a run with no loss at all."""
-    if task.name != "image":
-        for flag, value, default in (("--augment", args.augment, "auto"), ("--sampler", args.sampler, "balanced")):
-            if value != default:
-                raise UserError(f"{flag} {value} applies to images; speech batches are speaker groups")
-        if args.final_norm:
-            raise UserError("--final-norm applies to the image resnet")
-    if args.ablation and args.pair_weight == 0:
-        raise UserError("--ablation with --pair-weight 0 leaves no loss to train")
 
 
 def check_batch_holds_two_classes(task, args):
