@@ -16,9 +16,11 @@ embeddings), concat-norm (concat on normalised embeddings), sym-detach (sym, pai
 trained into the encoder).
 """
 
+import contextlib
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -119,6 +121,7 @@ def run_asterisk(folder, fold, variant, args):
     cp = os.path.join(folder, "cp")
     flags = [*SPEECH_RECIPE, "--epochs", str(args.speech_epochs), "--seed", "1", "--checkpoint-path", cp]
     flags += ["--train-hdf-file", f"{data}/train.hdf", "--valid-hdf-file", f"{data}/valid.hdf"]
+    flags += shlex.split(args.speech_flags)
     python("train.py", *flags, "--verbose", "0", *VARIANTS[variant], threads=args.threads)
     out = os.path.join(folder, "scores.out")
     python("eval.py", "--test-data", f"{data}/test_feats/feats.scp", "--trials-path", f"{data}/test/trials",
@@ -160,6 +163,15 @@ def table(rows):
     return "\n".join(lines) + "\n"
 
 
+def run_folder(args, name):
+    """A run's folder: kept under --keep-dir when given, else a temporary one."""
+    if args.keep_dir is None:
+        return tempfile.TemporaryDirectory(dir=args.work_dir)
+    folder = os.path.join(args.keep_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    return contextlib.nullcontext(folder)
+
+
 def build_parser():
     p = ArgumentParser(
         description=__doc__, epilog=EXAMPLE, formatter_class=__import__("argparse").RawDescriptionHelpFormatter
@@ -177,7 +189,9 @@ def build_parser():
     p.add_argument("--max-per-speaker", type=int, default=150, help="Asterisk prompts per speaker (default 150)")
     p.add_argument("--fonts", default="runs/fonts32", help="font set folder; built with tools/font_set.py if missing")
     p.add_argument("--threads", type=int, default=2, help="OMP threads of each run (default 2)")
+    p.add_argument("--speech-flags", default="", help="more train.py flags for the Asterisk runs, e.g. '--model ECAPA_TDNN --specaug'")
     p.add_argument("--work-dir", default="runs/accuracy", help="cached data sets (default runs/accuracy)")
+    p.add_argument("--keep-dir", default=None, help="keep each run (checkpoint, scores) in DIR/<protocol>_<variant>_<run>")
     p.add_argument("--out", default=None, help="markdown table file (also printed); a .json of every run beside it")
     return p
 
@@ -203,7 +217,7 @@ def main(argv=None):
         for variant in variants:
             runs, start = [], children_cpu_seconds()
             for key in folds if protocol == "asterisk" else seeds:
-                with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
+                with run_folder(args, f"{protocol}_{variant}_{key}") as folder:
                     metrics = PROTOCOLS[protocol](folder, key, variant, args)
                 runs.append(metrics)
                 every.append({"protocol": protocol, "variant": variant, "run": key, "metrics": metrics})
