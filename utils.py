@@ -79,6 +79,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def add_options(parser, *rows):
+    """Add a table of options to `parser` (or one of its argument groups), in order. A row is
+    (flag, type, default, help) for an option that takes a value, or (flag, help) for an on/off switch."""
+    for flag, *spec in rows:
+        if len(spec) == 1:
+            parser.add_argument(flag, action="store_true", help=spec[0])
+        else:
+            kind, default, text = spec
+            parser.add_argument(flag, type=kind, default=default, help=text)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` on success, delete it on failure."""

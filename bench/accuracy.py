@@ -28,7 +28,7 @@ import tempfile
 
 import benchlib
 
-from utils import ArgumentParser, UserError, atomic_write, cli
+from utils import UserError, add_options, cli
 
 EXAMPLE = """examples:
   python bench/accuracy.py --protocols digits-open,fonts --variants concat,sym --seeds 1,2,3 --out results/accuracy.md
@@ -173,26 +173,25 @@ def run_folder(args, name):
 
 
 def build_parser():
-    p = ArgumentParser(
-        description=__doc__, epilog=EXAMPLE, formatter_class=__import__("argparse").RawDescriptionHelpFormatter
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--protocols", str, "digits-closed,digits-open", "comma-separated, from: " + ", ".join(PROTOCOLS)),
+        ("--variants", str, "concat,sym", "comma-separated, from: " + ", ".join(VARIANTS)),
+        ("--seeds", str, "1,2,3", "seeds of the image protocols (default 1,2,3)"),
+        ("--folds", str, "0-6", "Asterisk folds (default 0-6: every speaker held out twice)"),
+        ("--image-epochs", int, 10, "epochs of the image recipe (default 10)"),
+        ("--speech-epochs", int, 4, "epochs of the Asterisk recipe (default 4)"),
+        ("--items-per-class", int, 200, "training images per class (default 200)"),
+        ("--test-items-per-class", int, 300, "open-set test images per class (300)"),
+        ("--max-per-speaker", int, 150, "Asterisk prompts per speaker (default 150)"),
+        ("--fonts", str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing"),
+        ("--threads", int, 2, "OMP threads of each run (default 2)"),
+        ("--speech-flags", str, "", "more train.py flags for the Asterisk runs, e.g. '--model ECAPA_TDNN --specaug'"),
+        ("--work-dir", str, "runs/accuracy", "cached data sets (default runs/accuracy)"),
+        ("--keep-dir", str, None, "keep each run (checkpoint, scores) in DIR/<protocol>_<variant>_<run>"),
+        ("--out", str, None, "markdown table file (also printed); a .json of every run beside it"),
     )
-    p.add_argument(
-        "--protocols", default="digits-closed,digits-open", help="comma-separated, from: " + ", ".join(PROTOCOLS)
-    )
-    p.add_argument("--variants", default="concat,sym", help="comma-separated, from: " + ", ".join(VARIANTS))
-    p.add_argument("--seeds", default="1,2,3", help="seeds of the image protocols (default 1,2,3)")
-    p.add_argument("--folds", default="0-6", help="Asterisk folds (default 0-6: every speaker held out twice)")
-    p.add_argument("--image-epochs", type=int, default=10, help="epochs of the image recipe (default 10)")
-    p.add_argument("--speech-epochs", type=int, default=4, help="epochs of the Asterisk recipe (default 4)")
-    p.add_argument("--items-per-class", type=int, default=200, help="training images per class (default 200)")
-    p.add_argument("--test-items-per-class", type=int, default=300, help="open-set test images per class (300)")
-    p.add_argument("--max-per-speaker", type=int, default=150, help="Asterisk prompts per speaker (default 150)")
-    p.add_argument("--fonts", default="runs/fonts32", help="font set folder; built with tools/font_set.py if missing")
-    p.add_argument("--threads", type=int, default=2, help="OMP threads of each run (default 2)")
-    p.add_argument("--speech-flags", default="", help="more train.py flags for the Asterisk runs, e.g. '--model ECAPA_TDNN --specaug'")
-    p.add_argument("--work-dir", default="runs/accuracy", help="cached data sets (default runs/accuracy)")
-    p.add_argument("--keep-dir", default=None, help="keep each run (checkpoint, scores) in DIR/<protocol>_<variant>_<run>")
-    p.add_argument("--out", default=None, help="markdown table file (also printed); a .json of every run beside it")
     return p
 
 
@@ -226,13 +225,7 @@ def main(argv=None):
                     f"{protocol} {variant} {'fold' if protocol == 'asterisk' else 'seed'} {key}: EER {line}", flush=True
                 )
             rows[(protocol, variant)] = (runs, children_cpu_seconds() - start)
-    text = table(rows)
-    print(text)
-    if args.out:
-        with atomic_write(args.out) as handle:
-            handle.write(text)
-        with atomic_write(args.out + ".json") as handle:
-            json.dump(every, handle, indent=1)
+    benchlib.write_results(table(rows), every, args.out)
     return 0
 
 

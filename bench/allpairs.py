@@ -7,15 +7,13 @@ of pairs. Both score the N(N-1)/2 pairs of N random embeddings (default d=512, M
 metrics of the split scores (EER and minDCF from one sort) are timed too.
 """
 
-import argparse
-
 import benchlib
 import torch
 
 from metrics import compute_metrics
 from models.verifier import LearnedDistance
 from scoring import pair_chunk, score_all_pairs
-from utils import ArgumentParser, cli
+from utils import add_options, cli
 
 EXAMPLE = """example:
   python bench/allpairs.py --device cpu --n 2000
@@ -39,12 +37,15 @@ def concatenated_all_pairs(distance, emb, amp=False):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=None, help="embeddings (default 2000 on the CPU, 10000 on a GPU)")
-    p.add_argument("--emb-size", type=int, default=512, help="embedding size d (default 512)")
-    p.add_argument("--hidden-size", type=int, default=350, help="discriminator width (default 350)")
-    p.add_argument("--n-hidden", type=int, default=3, help="discriminator hidden layers (default 3)")
-    p.add_argument("--ndiscriminators", type=int, default=1, help="discriminator heads (default 1)")
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--n", int, None, "embeddings (default 2000 on the CPU, 10000 on a GPU)"),
+        ("--emb-size", int, 512, "embedding size d (default 512)"),
+        ("--hidden-size", int, 350, "discriminator width (default 350)"),
+        ("--n-hidden", int, 3, "discriminator hidden layers (default 3)"),
+        ("--ndiscriminators", int, 1, "discriminator heads (default 1)"),
+    )
     p.add_argument(
         "--pair-features",
         choices=("concat", "sym"),
@@ -52,10 +53,13 @@ def build_parser():
         help="the learned distance timed in its projected (split) form; the baseline is always the research "
         "code's concatenated per-pair MLP of the same width (default concat)",
     )
-    p.add_argument("--classes", type=int, default=10, help="classes the embeddings are drawn from (default 10)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for both forms")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA for both forms")
-    p.add_argument("--no-baseline", action="store_true", help="time the split form only")
+    add_options(
+        p,
+        ("--classes", int, 10, "classes the embeddings are drawn from (default 10)"),
+        ("--amp", "bf16 autocast for both forms"),
+        ("--tf32", "allow TF32 matmuls on CUDA for both forms"),
+        ("--no-baseline", "time the split form only"),
+    )
     benchlib.add_device_args(p)
     return p
 

@@ -9,7 +9,6 @@ runs use the eval.py of another checkout too (e.g. the previous commit, exported
 `git archive HEAD | tar -x -C DIR`), and the EER and minDCF of the scorers both report must be identical.
 """
 
-import argparse
 import gzip
 import json
 import os
@@ -19,13 +18,13 @@ import sys
 import tempfile
 import time
 
-import benchlib  # noqa: F401  (puts the repository root on sys.path)
+import benchlib
 import torch
 
 import models
 from checkpoints import save_checkpoint
 from data_load import FASHION_DIR
-from utils import ArgumentParser, UserError, cli
+from utils import UserError, add_options, cli
 
 EXAMPLE = """examples:
   python bench/allpairs_eval.py --n 2000
@@ -73,14 +72,20 @@ def measure(repo, argv, env):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=FASHION_DIR, help=f"Fashion-MNIST IDX folder (default {FASHION_DIR})")
-    p.add_argument("--n", type=int, default=10_000, help="test images, all pairs scored (default 10000)")
-    p.add_argument("--model", default="resnet", help="image encoder of the untrained checkpoint (default resnet)")
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--data", str, FASHION_DIR, f"Fashion-MNIST IDX folder (default {FASHION_DIR})"),
+        ("--n", int, 10_000, "test images, all pairs scored (default 10000)"),
+        ("--model", str, "resnet", "image encoder of the untrained checkpoint (default resnet)"),
+    )
     p.add_argument("--variant", nargs="+", choices=list(VARIANTS), default=["text", "none"], help="runs to measure")
-    p.add_argument("--before", default=None, help="another checkout whose eval.py runs too (its score file: text)")
-    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the eval.py runs (default 2)")
-    p.add_argument("--keep", default=None, help="write the outputs here instead of a temporary folder")
+    add_options(
+        p,
+        ("--before", str, None, "another checkout whose eval.py runs too (its score file: text)"),
+        ("--threads", int, 2, "OMP_NUM_THREADS of the eval.py runs (default 2)"),
+        ("--keep", str, None, "write the outputs here instead of a temporary folder"),
+    )
     return p
 
 

@@ -1,9 +1,12 @@
-"""Shared bits of the bench scripts: the repository root on sys.path, a synchronised timer, ratio lines.
+"""Shared bits of the bench scripts: the repository root on sys.path, their command line, a synchronised
+timer, ratio lines and the written results.
 
 Every bench script times a candidate against a baseline in the same run, on the same device, and
 prints the ratio; absolute numbers depend on the machine, ratios much less.
 """
 
+import argparse
+import json
 import os
 import sys
 import time
@@ -14,11 +17,23 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from utils import ArgumentParser, atomic_write  # noqa: E402
+
+
+def make_parser(doc, example):
+    """A bench's parser: its module docstring as the description, its example command lines after the flags."""
+    return ArgumentParser(description=doc, epilog=example, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_repeats_arg(parser):
+    """--repeats: how often each measurement is timed."""
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts (3)")
+
 
 def add_device_args(parser):
-    """--device, --repeats and --threads, common to every bench script."""
+    """--device, --repeats and --threads, common to every bench script that times torch code."""
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts (3)")
+    add_repeats_arg(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -72,6 +87,16 @@ def describe(device):
 def ratio_line(what, candidate_s, baseline_name, baseline_s):
     """'what: 0.123 s vs baseline 0.456 s -> 3.71x' (the baseline time over the candidate's)."""
     return f"{what}: {candidate_s:.4f} s vs {baseline_name} {baseline_s:.4f} s -> {baseline_s / candidate_s:.2f}x"
+
+
+def write_results(text, runs, out):
+    """Print the markdown table `text`; with `out`, also write it there and the list `runs` to `out`.json."""
+    print(text)
+    if out:
+        with atomic_write(out) as handle:
+            handle.write(text)
+        with atomic_write(out + ".json") as handle:
+            json.dump(runs, handle, indent=1)
 
 
 def make_kaldi_features(folder, speakers, utts_per_speaker, frames, ncoef, seed=0):

@@ -8,17 +8,16 @@ the same unseen test fonts. Writes a markdown table (mean +- sd over seeds of ea
 a PNG plot (EER vs training classes, log x axis, one line per scorer and variant).
 """
 
-import argparse
 import json
 import os
 import statistics
 import tempfile
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
+import benchlib
 import numpy as np
 from accuracy import IMAGE_RECIPE, VARIANTS, children_cpu_seconds, python
 
-from utils import ArgumentParser, UserError, atomic_path, atomic_write, cli
+from utils import UserError, add_options, atomic_path, atomic_write, cli
 
 EXAMPLE = """example:
   python bench/class_count.py --fonts runs/fonts32 --sizes 8,32,128,all --seeds 1,2,3 --out results/class_count"""
@@ -80,17 +79,20 @@ def plot(path, results, sizes_used):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fonts", default="runs/fonts32", help="font set folder; built with tools/font_set.py if missing")
-    p.add_argument("--sizes", default="8,32,128,all", help="training-font counts, 'all' for every one")
-    p.add_argument("--seeds", default="1,2,3", help="seeds (default 1,2,3)")
-    p.add_argument("--variants", default="concat,sym", help="learned-distance variants (default concat,sym)")
-    p.add_argument("--steps", type=int, default=300, help="optimisation steps of every run (default 300)")
-    p.add_argument("--batch-size", type=int, default=60, help="images per batch, groups of 5 (default 60)")
-    p.add_argument("--width", type=int, default=16, help="resnet first-stage width (default 16)")
-    p.add_argument("--test-items-per-class", type=int, default=16, help="glyphs of each test font scored (16)")
-    p.add_argument("--threads", type=int, default=2, help="OMP threads of each run (default 2)")
-    p.add_argument("--out", default="runs/class_count", help="output prefix: <out>.md, <out>.json, <out>.png")
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--fonts", str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing"),
+        ("--sizes", str, "8,32,128,all", "training-font counts, 'all' for every one"),
+        ("--seeds", str, "1,2,3", "seeds (default 1,2,3)"),
+        ("--variants", str, "concat,sym", "learned-distance variants (default concat,sym)"),
+        ("--steps", int, 300, "optimisation steps of every run (default 300)"),
+        ("--batch-size", int, 60, "images per batch, groups of 5 (default 60)"),
+        ("--width", int, 16, "resnet first-stage width (default 16)"),
+        ("--test-items-per-class", int, 16, "glyphs of each test font scored (16)"),
+        ("--threads", int, 2, "OMP threads of each run (default 2)"),
+        ("--out", str, "runs/class_count", "output prefix: <out>.md, <out>.json, <out>.png"),
+    )
     return p
 
 

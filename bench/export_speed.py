@@ -7,7 +7,6 @@ by an onnxruntime session with the same number of threads. Prints the parity of 
 the time ratio (PyTorch time over onnxruntime time: above 1 means onnxruntime is faster).
 """
 
-import argparse
 import os
 import tempfile
 
@@ -18,7 +17,7 @@ import torch
 import export
 import models
 from tasks import task_for_model
-from utils import ArgumentParser, UserError, cli
+from utils import UserError, add_options, cli
 
 EXAMPLE = """example:
   python bench/export_speed.py --threads 2
@@ -26,16 +25,19 @@ EXAMPLE = """example:
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchlib.make_parser(__doc__, EXAMPLE)
     p.add_argument(
         "--models", nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"
     )
-    p.add_argument("--speech-batch", type=int, default=32, help="speech batch size (default 32)")
-    p.add_argument("--frames", type=int, default=300, help="frames per speech input (default 300)")
-    p.add_argument("--ncoef", type=int, default=30, help="coefficients per frame (default 30)")
-    p.add_argument("--image-batch", type=int, default=64, help="image batch size (default 64)")
-    p.add_argument("--image-size", type=int, default=32, help="image height = width in pixels (default 32)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    add_options(
+        p,
+        ("--speech-batch", int, 32, "speech batch size (default 32)"),
+        ("--frames", int, 300, "frames per speech input (default 300)"),
+        ("--ncoef", int, 30, "coefficients per frame (default 30)"),
+        ("--image-batch", int, 64, "image batch size (default 64)"),
+        ("--image-size", int, 32, "image height = width in pixels (default 32)"),
+        ("--opset", int, 17, "ONNX opset (default 17)"),
+    )
     benchlib.add_device_args(p)
     p.set_defaults(device="cpu")
     return p

@@ -18,17 +18,16 @@ with --scorers cos every row is scored by cosine here, which is quicker). Prints
 mean EERs over --seeds and CPU seconds per epoch.
 """
 
-import argparse
 import json
 import os
 import statistics
 import time
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
+import benchlib
 import torch
 from accuracy import children_cpu_seconds, python
 
-from utils import ArgumentParser, UserError, atomic_write, cli
+from utils import UserError, add_options, cli
 
 EXAMPLE = """examples:
   python bench/learning_speed.py --seeds 1,2 --out results/learning_speed.md
@@ -178,27 +177,33 @@ def table(rows, args):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="baseline,research,recommended", help="comma-separated, from: " + ", ".join(ROWS))
-    p.add_argument("--seeds", default="1,2", help="seeds, e.g. 1,2 or 1-3 (default 1,2)")
-    p.add_argument("--data-path", default=FASHION, help=f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION})")
-    p.add_argument("--train-items-per-class", type=int, default=100, help="training images per class (default 100)")
-    p.add_argument("--test-items-per-class", type=int, default=200, help="test images per class (default 200)")
-    p.add_argument("--width", type=int, default=16, help="resnet first-stage channels, every row (default 16)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of every row (default 10)")
-    p.add_argument("--early-epoch", type=int, default=2, help="the early test point, in epochs (default 2)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--lr", type=float, default=1e-2, help="SGD learning rate of every row (default 1e-2)")
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--rows", str, "baseline,research,recommended", "comma-separated, from: " + ", ".join(ROWS)),
+        ("--seeds", str, "1,2", "seeds, e.g. 1,2 or 1-3 (default 1,2)"),
+        ("--data-path", str, FASHION, f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION})"),
+        ("--train-items-per-class", int, 100, "training images per class (default 100)"),
+        ("--test-items-per-class", int, 200, "test images per class (default 200)"),
+        ("--width", int, 16, "resnet first-stage channels, every row (default 16)"),
+        ("--epochs", int, 10, "epochs of every row (default 10)"),
+        ("--early-epoch", int, 2, "the early test point, in epochs (default 2)"),
+        ("--batch-size", int, 64, "images per batch (default 64)"),
+        ("--lr", float, 1e-2, "SGD learning rate of every row (default 1e-2)"),
+    )
     p.add_argument(
         "--scorers",
         choices=("all", "cos"),
         default="all",
         help="all: toolkit rows scored by eval.py (e2e, cos, fus; default); cos: cosine only, computed here",
     )
-    p.add_argument("--device", default="cpu", help="device of every row: cpu (default), cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each run (default 2)")
-    p.add_argument("--work-dir", default="runs/learning_speed", help="checkpoints and scores (default there)")
-    p.add_argument("--out", default=None, help="markdown table file (also printed); a .json of every run beside it")
+    add_options(
+        p,
+        ("--device", str, "cpu", "device of every row: cpu (default), cuda or cuda:N"),
+        ("--threads", int, 2, "torch threads of each run (default 2)"),
+        ("--work-dir", str, "runs/learning_speed", "checkpoints and scores (default there)"),
+        ("--out", str, None, "markdown table file (also printed); a .json of every run beside it"),
+    )
     return p
 
 
@@ -230,13 +235,7 @@ def main(argv=None):
             line = "  ".join(f"@{e}: " + " ".join(f"{s} {v:.4f}" for s, v in r.items()) for e, r in result.items())
             print(f"{name} seed {seed}: {line}  ({cpu:.0f} CPU s/epoch)", flush=True)
         rows[name] = (runs, cpus)
-    text = table(rows, args)
-    print(text)
-    if args.out:
-        with atomic_write(args.out) as handle:
-            handle.write(text)
-        with atomic_write(args.out + ".json") as handle:
-            json.dump(every, handle, indent=1)
+    benchlib.write_results(table(rows, args), every, args.out)
     return 0
 
 

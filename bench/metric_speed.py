@@ -6,15 +6,13 @@ and one bare argsort of the scores (numpy on the CPU, torch on a GPU), the floor
 sort-based method. The scores are float32, 10% targets, drawn as two Gaussians.
 """
 
-import argparse
-
 import benchlib
 import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
 from metrics import compute_metrics
-from utils import ArgumentParser, cli
+from utils import add_options, cli
 
 EXAMPLE = """example:
   python bench/metric_speed.py --device cpu --n 10000000
@@ -30,10 +28,13 @@ def sklearn_eer(scores, labels):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=10_000_000, help="scores (default 10,000,000)")
-    p.add_argument("--decimals", type=int, default=None, help="round the scores to this many decimals (ties)")
-    p.add_argument("--no-sklearn", action="store_true", help="skip the roc_curve baseline (slow for large N)")
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--n", int, 10_000_000, "scores (default 10,000,000)"),
+        ("--decimals", int, None, "round the scores to this many decimals (ties)"),
+        ("--no-sklearn", "skip the roc_curve baseline (slow for large N)"),
+    )
     benchlib.add_device_args(p)
     return p
 

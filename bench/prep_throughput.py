@@ -5,7 +5,6 @@ them to the HDF5 the training loader reads. Baselines: reading the ark's bytes (
 cache warm) and parsing every matrix with kaldiio alone (no HDF5 writing).
 """
 
-import argparse
 import os
 import tempfile
 
@@ -14,7 +13,7 @@ import kaldiio
 import torch
 
 import data_prep
-from utils import ArgumentParser, cli
+from utils import add_options, cli
 
 EXAMPLE = """example:
   python bench/prep_throughput.py --speakers 100 --utts 20 --frames 400"""
@@ -35,13 +34,16 @@ def parse_matrices(scp):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--speakers", type=int, default=100, help="speakers (default 100)")
-    p.add_argument("--utts", type=int, default=20, help="utterances per speaker (default 20)")
-    p.add_argument("--frames", type=int, default=400, help="longest utterance in frames (default 400)")
-    p.add_argument("--ncoef", type=int, default=30, help="coefficients per frame (default 30)")
-    p.add_argument("--work-dir", default=None, help="folder for the features and the HDF5 (default: a temporary one)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts (3)")
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--speakers", int, 100, "speakers (default 100)"),
+        ("--utts", int, 20, "utterances per speaker (default 20)"),
+        ("--frames", int, 400, "longest utterance in frames (default 400)"),
+        ("--ncoef", int, 30, "coefficients per frame (default 30)"),
+        ("--work-dir", str, None, "folder for the features and the HDF5 (default: a temporary one)"),
+    )
+    benchlib.add_repeats_arg(p)
     return p
 
 

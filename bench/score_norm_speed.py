@@ -8,14 +8,12 @@ first --direct-trials trials and its time scaled to all of them (it costs the sa
 both forms' outputs on those trials are compared.
 """
 
-import argparse
-
 import benchlib
 import numpy as np
 import torch
 
 from score_norm import cosine_block, snorm_trials
-from utils import ArgumentParser, cli
+from utils import add_options, cli
 
 EXAMPLE = """example:
   python bench/score_norm_speed.py --device cpu
@@ -38,14 +36,17 @@ def direct_asnorm(raw, enroll, test, enroll_idx, test_idx, cohort, top_n=None):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=100_000, help="trials (default 100000)")
-    p.add_argument("--enroll", type=int, default=2_000, help="enroll embeddings (default 2000)")
-    p.add_argument("--test", type=int, default=2_000, help="test embeddings (default 2000)")
-    p.add_argument("--cohort", type=int, default=5_000, help="cohort size (default 5000)")
-    p.add_argument("--emb-size", type=int, default=256, help="embedding size d (default 256)")
-    p.add_argument("--top-n", type=int, default=300, help="AS-norm top N; 0 means S-norm over the whole cohort (300)")
-    p.add_argument("--direct-trials", type=int, default=200, help="trials the direct form is timed on (200)")
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--trials", int, 100_000, "trials (default 100000)"),
+        ("--enroll", int, 2_000, "enroll embeddings (default 2000)"),
+        ("--test", int, 2_000, "test embeddings (default 2000)"),
+        ("--cohort", int, 5_000, "cohort size (default 5000)"),
+        ("--emb-size", int, 256, "embedding size d (default 256)"),
+        ("--top-n", int, 300, "AS-norm top N; 0 means S-norm over the whole cohort (300)"),
+        ("--direct-trials", int, 200, "trials the direct form is timed on (200)"),
+    )
     benchlib.add_device_args(p)
     return p
 

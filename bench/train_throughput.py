@@ -7,7 +7,6 @@ loader; --image-path reads a real image source instead). The bound: one batch al
 device, stepped again and again. Both run TrainLoop.train_step, with fixed-length speech crops.
 """
 
-import argparse
 import os
 import tempfile
 import time
@@ -19,7 +18,7 @@ import data_load
 import data_prep
 import train
 from tasks import task_for_model
-from utils import ArgumentParser, cli
+from utils import add_options, cli
 
 EXAMPLE = """example:
   python bench/train_throughput.py --device cpu
@@ -101,23 +100,26 @@ def measure(flags, device, args):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="TDNN,resnet", help="comma-separated encoders (default TDNN,resnet)")
-    p.add_argument("--precisions", default=None, help="fp32 and/or bf16, comma-separated (default fp32 on a CPU)")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="timed steps per measurement (default 200 on a GPU, well past the loader's prefetch; 3 on a CPU)",
+    p = benchlib.make_parser(__doc__, EXAMPLE)
+    add_options(
+        p,
+        ("--models", str, "TDNN,resnet", "comma-separated encoders (default TDNN,resnet)"),
+        ("--precisions", str, None, "fp32 and/or bf16, comma-separated (default fp32 on a CPU)"),
+        (
+            "--steps",
+            int,
+            None,
+            "timed steps per measurement (default 200 on a GPU, well past the loader's prefetch; 3 on a CPU)",
+        ),
+        ("--warmup", int, 2, "untimed steps first (default 2)"),
+        ("--batch-size", int, None, "speaker groups (speech) or images per batch"),
+        ("--n-frames", int, None, "speech crop length (default 800 GPU, 200 CPU)"),
+        ("--workers", int, None, "loader workers (default train.py's)"),
+        ("--compile", "torch.compile the encoder"),
+        ("--image-path", str, None, "real images for ResNet (CIFAR-10, IDX, folders)"),
+        ("--speakers", int, None, "speakers of 20 utterances (default: 25 batches)"),
+        ("--work-dir", str, None, "folder for the Kaldi features and HDF5 (default: temporary)"),
     )
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="speaker groups (speech) or images per batch")
-    p.add_argument("--n-frames", type=int, default=None, help="speech crop length (default 800 GPU, 200 CPU)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default train.py's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-    p.add_argument("--image-path", default=None, help="real images for ResNet (CIFAR-10, IDX, folders)")
-    p.add_argument("--speakers", type=int, default=None, help="speakers of 20 utterances (default: 25 batches)")
-    p.add_argument("--work-dir", default=None, help="folder for the Kaldi features and HDF5 (default: temporary)")
     benchlib.add_device_args(p)
     return p
 
