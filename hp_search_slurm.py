@@ -9,6 +9,7 @@ trial: recorded, told to the optimizer, and the search goes on. Trials are recor
 again to resume a stopped search (jobs it left running are cancelled first).
 """
 
+import dataclasses
 import os
 import re
 import shutil
@@ -77,18 +78,18 @@ def fixed_values(base):
     return values
 
 
+@dataclasses.dataclass
 class ClusterTrials:
     """Runs a trial as one job: submit, wait, read the out-file. Job ids go to the trial log as they appear."""
 
-    def __init__(self, scheduler, sub_file, temp_folder, fixed, base, log):
-        self.scheduler = scheduler
-        self.sub_file = sub_file
-        self.temp_folder = temp_folder
-        self.fixed = fixed
-        self.base = base
-        self.log = log
-        self.jobs = {}
-        self.lock = threading.Lock()
+    scheduler: str  # slurm or sge
+    sub_file: str
+    temp_folder: str
+    fixed: dict  # the submit values every trial shares (fixed_values)
+    base: object  # the resolved training arguments
+    log: hp_space.TrialLog
+    jobs: dict = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def command(self, trial, values, log_file):
         """The submit command, an argument list (never a shell string)."""
