@@ -30,6 +30,30 @@ DIGITS_DEFAULTS = {
 }
 
 
+# The defaults of the training flags whose meaning differs by domain, filled in where the command line leaves
+# them unset (None; "auto" for --lr-schedule): flag -> (image, speech).
+DOMAIN_DEFAULTS = {
+    "lr": (0.1, 0.001),
+    "l2": (5e-4, 1e-5),
+    "valid_batch_size": (16, 64),
+    "max_gnorm": (0.0, 10.0),
+    "epochs": (500, 500),
+    "model": ("resnet", "TDNN"),
+    "lr_schedule": ("plateau", "noam"),
+    "workers": (0, 4),
+}
+DOMAINS = ("image", "speech")
+
+
+class Task:
+    """A domain's name, the flags that give its training and validation data, and its column of DOMAIN_DEFAULTS."""
+
+    def __init__(self, name, data_flag, valid_flag):
+        self.name, self.data_flag, self.valid_flag = name, data_flag, valid_flag
+        column = DOMAINS.index(name)
+        self.defaults = {flag: values[column] for flag, values in DOMAIN_DEFAULTS.items()}
+
+
 class FileInput:
     """How a trained model reads files (verify.py): `inputs(path)` -> model inputs, `embed(model, inputs, device)`
     -> (n, emb) embeddings whose mean is the file's."""
@@ -38,15 +62,8 @@ class FileInput:
         self.inputs, self.embed = inputs, embed
 
 
-class ImageTask:
+class ImageTask(Task):
     """Images: CIFAR-10, Fashion-MNIST IDX, image folders or the bundled digits; every test pair is a trial."""
-
-    name = "image"
-    defaults = {"lr": 0.1, "l2": 5e-4, "valid_batch_size": 16, "max_gnorm": 0.0, "epochs": 500, "model": "resnet"}
-    lr_schedule = "plateau"
-    workers = 0
-    data_flag = "--data-path"
-    valid_flag = "--valid-data-path"
 
     def resolve(self, args, given):
         """Domain defaults into the resolved namespace `args`; `given` = the flags typed on the command line."""
@@ -170,15 +187,8 @@ class ImageTask:
                 "dynamic": {0: "batch"}, "notes": notes}  # fmt: skip
 
 
-class SpeechTask:
+class SpeechTask(Task):
     """Speech: a speaker HDF5 from data_prep.py for training; a Kaldi trials file (or all pairs) for testing."""
-
-    name = "speech"
-    defaults = {"lr": 0.001, "l2": 1e-5, "valid_batch_size": 64, "max_gnorm": 10.0, "epochs": 500, "model": "TDNN"}
-    lr_schedule = "noam"
-    workers = 4
-    data_flag = "--train-hdf-file"
-    valid_flag = "--valid-hdf-file"
 
     def resolve(self, args, given):
         args.digits = False
@@ -331,7 +341,13 @@ class SpeechTask:
                 "dynamic": {0: "batch", 2: "frames"}, "notes": notes}  # fmt: skip
 
 
-TASKS = {task.name: task for task in (ImageTask(), SpeechTask())}
+TASKS = {
+    task.name: task
+    for task in (
+        ImageTask("image", "--data-path", "--valid-data-path"),
+        SpeechTask("speech", "--train-hdf-file", "--valid-hdf-file"),
+    )
+}
 
 
 def task_for_args(args):

@@ -284,13 +284,9 @@ def resolve_defaults(args, argv):
                 f"--model {args.model} is a {model_task.name} model but the data is {task.name} ({task.data_flag})"
             )
     for key, value in task.defaults.items():
-        if getattr(args, key) is None:
+        if getattr(args, key) in (None, "auto"):
             setattr(args, key, value)
     task.resolve(args, {a.split("=")[0] for a in (argv or [])})
-    if args.lr_schedule == "auto":
-        args.lr_schedule = task.lr_schedule
-    if args.workers is None:
-        args.workers = task.workers
     if args.checkpoint_path is None:
         args.checkpoint_path = os.getcwd()
     if os.path.exists(args.checkpoint_path) and not os.path.isdir(args.checkpoint_path):
