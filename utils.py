@@ -79,15 +79,25 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def add_options(parser, *rows):
-    """Add a table of options to `parser` (or one of its argument groups), in order. A row is
-    (flag, type, default, help) for an option that takes a value, or (flag, help) for an on/off switch."""
-    for flag, *spec in rows:
-        if len(spec) == 1:
-            parser.add_argument(flag, action="store_true", help=spec[0])
-        else:
-            kind, default, text = spec
-            parser.add_argument(flag, type=kind, default=default, help=text)
+def add_options(parser, *tables):
+    """Add tables of options to `parser` (or one of its argument groups), in order.
+
+    A table is a dict {flag: spec}. A spec is (type, default, help) for an option that takes a value,
+    (help,) for an on/off switch, or a dict of add_argument's keyword arguments for anything else (a plain
+    text option: dict(help=...); choices, nargs, dest, ...). A flag with aliases is a tuple of its spellings.
+    A table may also be a single row, (flag, type, default, help) or (flag, help).
+    """
+    for table in tables:
+        rows = table.items() if isinstance(table, dict) else [(table[0], table[1:])]
+        for flags, spec in rows:
+            flags = flags if isinstance(flags, tuple) else (flags,)
+            if isinstance(spec, dict):
+                parser.add_argument(*flags, **spec)
+            elif len(spec) == 1:
+                parser.add_argument(*flags, action="store_true", help=spec[0])
+            else:
+                kind, default, text = spec
+                parser.add_argument(*flags, type=kind, default=default, help=text)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import tempfile
 
 import benchlib
 
-from utils import UserError, add_options, cli
+from utils import UserError, cli
 
 EXAMPLE = """examples:
   python bench/accuracy.py --protocols digits-open,fonts --variants concat,sym --seeds 1,2,3 --out results/accuracy.md
@@ -172,27 +172,27 @@ def run_folder(args, name):
     return contextlib.nullcontext(folder)
 
 
+OPTIONS = {
+    "--protocols": (str, "digits-closed,digits-open", "comma-separated, from: " + ", ".join(PROTOCOLS)),
+    "--variants": (str, "concat,sym", "comma-separated, from: " + ", ".join(VARIANTS)),
+    "--seeds": (str, "1,2,3", "seeds of the image protocols (default 1,2,3)"),
+    "--folds": (str, "0-6", "Asterisk folds (default 0-6: every speaker held out twice)"),
+    "--image-epochs": (int, 10, "epochs of the image recipe (default 10)"),
+    "--speech-epochs": (int, 4, "epochs of the Asterisk recipe (default 4)"),
+    "--items-per-class": (int, 200, "training images per class (default 200)"),
+    "--test-items-per-class": (int, 300, "open-set test images per class (300)"),
+    "--max-per-speaker": (int, 150, "Asterisk prompts per speaker (default 150)"),
+    "--fonts": (str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing"),
+    "--threads": (int, 2, "OMP threads of each run (default 2)"),
+    "--speech-flags": (str, "", "more train.py flags for the Asterisk runs, e.g. '--model ECAPA_TDNN --specaug'"),
+    "--work-dir": (str, "runs/accuracy", "cached data sets (default runs/accuracy)"),
+    "--keep-dir": (str, None, "keep each run (checkpoint, scores) in DIR/<protocol>_<variant>_<run>"),
+    "--out": (str, None, "markdown table file (also printed); a .json of every run beside it"),
+}
+
+
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--protocols", str, "digits-closed,digits-open", "comma-separated, from: " + ", ".join(PROTOCOLS)),
-        ("--variants", str, "concat,sym", "comma-separated, from: " + ", ".join(VARIANTS)),
-        ("--seeds", str, "1,2,3", "seeds of the image protocols (default 1,2,3)"),
-        ("--folds", str, "0-6", "Asterisk folds (default 0-6: every speaker held out twice)"),
-        ("--image-epochs", int, 10, "epochs of the image recipe (default 10)"),
-        ("--speech-epochs", int, 4, "epochs of the Asterisk recipe (default 4)"),
-        ("--items-per-class", int, 200, "training images per class (default 200)"),
-        ("--test-items-per-class", int, 300, "open-set test images per class (300)"),
-        ("--max-per-speaker", int, 150, "Asterisk prompts per speaker (default 150)"),
-        ("--fonts", str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing"),
-        ("--threads", int, 2, "OMP threads of each run (default 2)"),
-        ("--speech-flags", str, "", "more train.py flags for the Asterisk runs, e.g. '--model ECAPA_TDNN --specaug'"),
-        ("--work-dir", str, "runs/accuracy", "cached data sets (default runs/accuracy)"),
-        ("--keep-dir", str, None, "keep each run (checkpoint, scores) in DIR/<protocol>_<variant>_<run>"),
-        ("--out", str, None, "markdown table file (also printed); a .json of every run beside it"),
-    )
-    return p
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
 
 
 def main(argv=None):

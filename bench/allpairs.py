@@ -13,7 +13,7 @@ import torch
 from metrics import compute_metrics
 from models.verifier import LearnedDistance
 from scoring import pair_chunk, score_all_pairs
-from utils import add_options, cli
+from utils import cli
 
 EXAMPLE = """example:
   python bench/allpairs.py --device cpu --n 2000
@@ -36,37 +36,31 @@ def concatenated_all_pairs(distance, emb, amp=False):
     return out
 
 
-def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--n", int, None, "embeddings (default 2000 on the CPU, 10000 on a GPU)"),
-        ("--emb-size", int, 512, "embedding size d (default 512)"),
-        ("--hidden-size", int, 350, "discriminator width (default 350)"),
-        ("--n-hidden", int, 3, "discriminator hidden layers (default 3)"),
-        ("--ndiscriminators", int, 1, "discriminator heads (default 1)"),
-    )
-    p.add_argument(
-        "--pair-features",
+OPTIONS = {
+    "--n": (int, None, "embeddings (default 2000 on the CPU, 10000 on a GPU)"),
+    "--emb-size": (int, 512, "embedding size d (default 512)"),
+    "--hidden-size": (int, 350, "discriminator width (default 350)"),
+    "--n-hidden": (int, 3, "discriminator hidden layers (default 3)"),
+    "--ndiscriminators": (int, 1, "discriminator heads (default 1)"),
+    "--pair-features": dict(
         choices=("concat", "sym"),
         default="concat",
         help="the learned distance timed in its projected (split) form; the baseline is always the research "
         "code's concatenated per-pair MLP of the same width (default concat)",
-    )
-    add_options(
-        p,
-        ("--classes", int, 10, "classes the embeddings are drawn from (default 10)"),
-        ("--amp", "bf16 autocast for both forms"),
-        ("--tf32", "allow TF32 matmuls on CUDA for both forms"),
-        ("--no-baseline", "time the split form only"),
-    )
-    benchlib.add_device_args(p)
-    return p
+    ),
+    "--classes": (int, 10, "classes the embeddings are drawn from (default 10)"),
+    "--amp": ("bf16 autocast for both forms",),
+    "--tf32": ("allow TF32 matmuls on CUDA for both forms",),
+    "--no-baseline": ("time the split form only",),
+}
+
+
+def build_parser():
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    device = benchlib.setup(args)
+    args, device = benchlib.start(build_parser(), argv)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     n = args.n or (10_000 if device.type == "cuda" else 2_000)

@@ -24,7 +24,7 @@ import torch
 import models
 from checkpoints import save_checkpoint
 from data_load import FASHION_DIR
-from utils import UserError, add_options, cli
+from utils import UserError, cli
 
 EXAMPLE = """examples:
   python bench/allpairs_eval.py --n 2000
@@ -71,22 +71,19 @@ def measure(repo, argv, env):
     return seconds, usage.ru_maxrss * 1024  # Linux reports kilobytes
 
 
+OPTIONS = {
+    "--data": (str, FASHION_DIR, f"Fashion-MNIST IDX folder (default {FASHION_DIR})"),
+    "--n": (int, 10_000, "test images, all pairs scored (default 10000)"),
+    "--model": (str, "resnet", "image encoder of the untrained checkpoint (default resnet)"),
+    "--variant": dict(nargs="+", choices=list(VARIANTS), default=["text", "none"], help="runs to measure"),
+    "--before": (str, None, "another checkout whose eval.py runs too (its score file: text)"),
+    "--threads": (int, 2, "OMP_NUM_THREADS of the eval.py runs (default 2)"),
+    "--keep": (str, None, "write the outputs here instead of a temporary folder"),
+}
+
+
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--data", str, FASHION_DIR, f"Fashion-MNIST IDX folder (default {FASHION_DIR})"),
-        ("--n", int, 10_000, "test images, all pairs scored (default 10000)"),
-        ("--model", str, "resnet", "image encoder of the untrained checkpoint (default resnet)"),
-    )
-    p.add_argument("--variant", nargs="+", choices=list(VARIANTS), default=["text", "none"], help="runs to measure")
-    add_options(
-        p,
-        ("--before", str, None, "another checkout whose eval.py runs too (its score file: text)"),
-        ("--threads", int, 2, "OMP_NUM_THREADS of the eval.py runs (default 2)"),
-        ("--keep", str, None, "write the outputs here instead of a temporary folder"),
-    )
-    return p
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
 
 
 def main(argv=None):

@@ -17,24 +17,24 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from utils import ArgumentParser, atomic_write  # noqa: E402
+from utils import ArgumentParser, add_options, atomic_write  # noqa: E402
+
+# --repeats: how often each measurement is timed.
+REPEATS = {"--repeats": (int, 3, "timed runs per measurement; the best counts (3)")}
+# --device, --repeats and --threads, common to every bench script that times torch code.
+DEVICE = {
+    "--device": dict(help="cpu, cuda or cuda:N (default cuda when available)"),
+    **REPEATS,
+    "--threads": (int, None, "torch CPU threads (default: torch's choice)"),
+}
 
 
-def make_parser(doc, example):
-    """A bench's parser: its module docstring as the description, its example command lines after the flags."""
-    return ArgumentParser(description=doc, epilog=example, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def add_repeats_arg(parser):
-    """--repeats: how often each measurement is timed."""
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts (3)")
-
-
-def add_device_args(parser):
-    """--device, --repeats and --threads, common to every bench script that times torch code."""
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
-    add_repeats_arg(parser)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+def make_parser(doc, example, *tables):
+    """A bench's parser: its module docstring as the description, its example command lines after the flags,
+    and the options of `tables` (see utils.add_options), in order."""
+    parser = ArgumentParser(description=doc, epilog=example, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser, *tables)
+    return parser
 
 
 def setup(args):
@@ -44,6 +44,12 @@ def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     return choose_device(args.device)
+
+
+def start(parser, argv):
+    """The start of a timing bench's main: -> (parsed `argv`, the device they name, set up)."""
+    args = parser.parse_args(argv)
+    return args, setup(args)
 
 
 def sync(device):

@@ -17,7 +17,7 @@ import benchlib
 import numpy as np
 from accuracy import IMAGE_RECIPE, VARIANTS, children_cpu_seconds, python
 
-from utils import UserError, add_options, atomic_path, atomic_write, cli
+from utils import UserError, atomic_path, atomic_write, cli
 
 EXAMPLE = """example:
   python bench/class_count.py --fonts runs/fonts32 --sizes 8,32,128,all --seeds 1,2,3 --out results/class_count"""
@@ -78,22 +78,22 @@ def plot(path, results, sizes_used):
     plt.close(fig)
 
 
+OPTIONS = {
+    "--fonts": (str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing"),
+    "--sizes": (str, "8,32,128,all", "training-font counts, 'all' for every one"),
+    "--seeds": (str, "1,2,3", "seeds (default 1,2,3)"),
+    "--variants": (str, "concat,sym", "learned-distance variants (default concat,sym)"),
+    "--steps": (int, 300, "optimisation steps of every run (default 300)"),
+    "--batch-size": (int, 60, "images per batch, groups of 5 (default 60)"),
+    "--width": (int, 16, "resnet first-stage width (default 16)"),
+    "--test-items-per-class": (int, 16, "glyphs of each test font scored (16)"),
+    "--threads": (int, 2, "OMP threads of each run (default 2)"),
+    "--out": (str, "runs/class_count", "output prefix: <out>.md, <out>.json, <out>.png"),
+}
+
+
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--fonts", str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing"),
-        ("--sizes", str, "8,32,128,all", "training-font counts, 'all' for every one"),
-        ("--seeds", str, "1,2,3", "seeds (default 1,2,3)"),
-        ("--variants", str, "concat,sym", "learned-distance variants (default concat,sym)"),
-        ("--steps", int, 300, "optimisation steps of every run (default 300)"),
-        ("--batch-size", int, 60, "images per batch, groups of 5 (default 60)"),
-        ("--width", int, 16, "resnet first-stage width (default 16)"),
-        ("--test-items-per-class", int, 16, "glyphs of each test font scored (16)"),
-        ("--threads", int, 2, "OMP threads of each run (default 2)"),
-        ("--out", str, "runs/class_count", "output prefix: <out>.md, <out>.json, <out>.png"),
-    )
-    return p
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
 
 
 def main(argv=None):

@@ -17,28 +17,26 @@ import torch
 import export
 import models
 from tasks import task_for_model
-from utils import UserError, add_options, cli
+from utils import UserError, cli
 
 EXAMPLE = """example:
   python bench/export_speed.py --threads 2
   python bench/export_speed.py --models TDNN --speech-batch 8 --frames 1000"""
 
 
+OPTIONS = {
+    "--models": dict(nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"),
+    "--speech-batch": (int, 32, "speech batch size (default 32)"),
+    "--frames": (int, 300, "frames per speech input (default 300)"),
+    "--ncoef": (int, 30, "coefficients per frame (default 30)"),
+    "--image-batch": (int, 64, "image batch size (default 64)"),
+    "--image-size": (int, 32, "image height = width in pixels (default 32)"),
+    "--opset": (int, 17, "ONNX opset (default 17)"),
+}
+
+
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    p.add_argument(
-        "--models", nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"
-    )
-    add_options(
-        p,
-        ("--speech-batch", int, 32, "speech batch size (default 32)"),
-        ("--frames", int, 300, "frames per speech input (default 300)"),
-        ("--ncoef", int, 30, "coefficients per frame (default 30)"),
-        ("--image-batch", int, 64, "image batch size (default 64)"),
-        ("--image-size", int, 32, "image height = width in pixels (default 32)"),
-        ("--opset", int, 17, "ONNX opset (default 17)"),
-    )
-    benchlib.add_device_args(p)
+    p = benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
     p.set_defaults(device="cpu")
     return p
 
@@ -104,8 +102,7 @@ def bench_encoder(name, args, device, folder):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    device = benchlib.setup(args)
+    args, device = benchlib.start(build_parser(), argv)
     if device.type != "cpu":
         raise UserError("this bench compares CPU inference: onnxruntime is installed as its CPU build")
     unknown = [name for name in args.models if name not in models.encoder_names()]

@@ -27,7 +27,7 @@ import benchlib
 import torch
 from accuracy import children_cpu_seconds, python
 
-from utils import UserError, add_options, cli
+from utils import UserError, cli
 
 EXAMPLE = """examples:
   python bench/learning_speed.py --seeds 1,2 --out results/learning_speed.md
@@ -176,35 +176,31 @@ def table(rows, args):
     return "\n".join(lines) + "\n"
 
 
-def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--rows", str, "baseline,research,recommended", "comma-separated, from: " + ", ".join(ROWS)),
-        ("--seeds", str, "1,2", "seeds, e.g. 1,2 or 1-3 (default 1,2)"),
-        ("--data-path", str, FASHION, f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION})"),
-        ("--train-items-per-class", int, 100, "training images per class (default 100)"),
-        ("--test-items-per-class", int, 200, "test images per class (default 200)"),
-        ("--width", int, 16, "resnet first-stage channels, every row (default 16)"),
-        ("--epochs", int, 10, "epochs of every row (default 10)"),
-        ("--early-epoch", int, 2, "the early test point, in epochs (default 2)"),
-        ("--batch-size", int, 64, "images per batch (default 64)"),
-        ("--lr", float, 1e-2, "SGD learning rate of every row (default 1e-2)"),
-    )
-    p.add_argument(
-        "--scorers",
+OPTIONS = {
+    "--rows": (str, "baseline,research,recommended", "comma-separated, from: " + ", ".join(ROWS)),
+    "--seeds": (str, "1,2", "seeds, e.g. 1,2 or 1-3 (default 1,2)"),
+    "--data-path": (str, FASHION, f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION})"),
+    "--train-items-per-class": (int, 100, "training images per class (default 100)"),
+    "--test-items-per-class": (int, 200, "test images per class (default 200)"),
+    "--width": (int, 16, "resnet first-stage channels, every row (default 16)"),
+    "--epochs": (int, 10, "epochs of every row (default 10)"),
+    "--early-epoch": (int, 2, "the early test point, in epochs (default 2)"),
+    "--batch-size": (int, 64, "images per batch (default 64)"),
+    "--lr": (float, 1e-2, "SGD learning rate of every row (default 1e-2)"),
+    "--scorers": dict(
         choices=("all", "cos"),
         default="all",
         help="all: toolkit rows scored by eval.py (e2e, cos, fus; default); cos: cosine only, computed here",
-    )
-    add_options(
-        p,
-        ("--device", str, "cpu", "device of every row: cpu (default), cuda or cuda:N"),
-        ("--threads", int, 2, "torch threads of each run (default 2)"),
-        ("--work-dir", str, "runs/learning_speed", "checkpoints and scores (default there)"),
-        ("--out", str, None, "markdown table file (also printed); a .json of every run beside it"),
-    )
-    return p
+    ),
+    "--device": (str, "cpu", "device of every row: cpu (default), cuda or cuda:N"),
+    "--threads": (int, 2, "torch threads of each run (default 2)"),
+    "--work-dir": (str, "runs/learning_speed", "checkpoints and scores (default there)"),
+    "--out": (str, None, "markdown table file (also printed); a .json of every run beside it"),
+}
+
+
+def build_parser():
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from metrics import compute_metrics
-from utils import add_options, cli
+from utils import cli
 
 EXAMPLE = """example:
   python bench/metric_speed.py --device cpu --n 10000000
@@ -27,21 +27,19 @@ def sklearn_eer(scores, labels):
     return (fnr[i] + fpr[i]) / 2
 
 
+OPTIONS = {
+    "--n": (int, 10_000_000, "scores (default 10,000,000)"),
+    "--decimals": (int, None, "round the scores to this many decimals (ties)"),
+    "--no-sklearn": ("skip the roc_curve baseline (slow for large N)",),
+}
+
+
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--n", int, 10_000_000, "scores (default 10,000,000)"),
-        ("--decimals", int, None, "round the scores to this many decimals (ties)"),
-        ("--no-sklearn", "skip the roc_curve baseline (slow for large N)"),
-    )
-    benchlib.add_device_args(p)
-    return p
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    device = benchlib.setup(args)
+    args, device = benchlib.start(build_parser(), argv)
     rng = np.random.default_rng(0)
     labels = rng.random(args.n) < 0.1
     scores = (rng.standard_normal(args.n, dtype=np.float32) + 2.0 * labels).astype(np.float32)

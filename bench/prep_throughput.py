@@ -13,7 +13,7 @@ import kaldiio
 import torch
 
 import data_prep
-from utils import add_options, cli
+from utils import cli
 
 EXAMPLE = """example:
   python bench/prep_throughput.py --speakers 100 --utts 20 --frames 400"""
@@ -33,18 +33,17 @@ def parse_matrices(scp):
     return sum(1 for _ in kaldiio.load_scp_sequential(scp))
 
 
+OPTIONS = {
+    "--speakers": (int, 100, "speakers (default 100)"),
+    "--utts": (int, 20, "utterances per speaker (default 20)"),
+    "--frames": (int, 400, "longest utterance in frames (default 400)"),
+    "--ncoef": (int, 30, "coefficients per frame (default 30)"),
+    "--work-dir": (str, None, "folder for the features and the HDF5 (default: a temporary one)"),
+}
+
+
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--speakers", int, 100, "speakers (default 100)"),
-        ("--utts", int, 20, "utterances per speaker (default 20)"),
-        ("--frames", int, 400, "longest utterance in frames (default 400)"),
-        ("--ncoef", int, 30, "coefficients per frame (default 30)"),
-        ("--work-dir", str, None, "folder for the features and the HDF5 (default: a temporary one)"),
-    )
-    benchlib.add_repeats_arg(p)
-    return p
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.REPEATS)
 
 
 def run(args, folder):

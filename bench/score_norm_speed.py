@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from score_norm import cosine_block, snorm_trials
-from utils import add_options, cli
+from utils import cli
 
 EXAMPLE = """example:
   python bench/score_norm_speed.py --device cpu
@@ -35,25 +35,23 @@ def direct_asnorm(raw, enroll, test, enroll_idx, test_idx, cohort, top_n=None):
     return out
 
 
+OPTIONS = {
+    "--trials": (int, 100_000, "trials (default 100000)"),
+    "--enroll": (int, 2_000, "enroll embeddings (default 2000)"),
+    "--test": (int, 2_000, "test embeddings (default 2000)"),
+    "--cohort": (int, 5_000, "cohort size (default 5000)"),
+    "--emb-size": (int, 256, "embedding size d (default 256)"),
+    "--top-n": (int, 300, "AS-norm top N; 0 means S-norm over the whole cohort (300)"),
+    "--direct-trials": (int, 200, "trials the direct form is timed on (200)"),
+}
+
+
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--trials", int, 100_000, "trials (default 100000)"),
-        ("--enroll", int, 2_000, "enroll embeddings (default 2000)"),
-        ("--test", int, 2_000, "test embeddings (default 2000)"),
-        ("--cohort", int, 5_000, "cohort size (default 5000)"),
-        ("--emb-size", int, 256, "embedding size d (default 256)"),
-        ("--top-n", int, 300, "AS-norm top N; 0 means S-norm over the whole cohort (300)"),
-        ("--direct-trials", int, 200, "trials the direct form is timed on (200)"),
-    )
-    benchlib.add_device_args(p)
-    return p
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    device = benchlib.setup(args)
+    args, device = benchlib.start(build_parser(), argv)
     top_n = args.top_n or None
     rng = np.random.default_rng(0)
     enroll = rng.standard_normal((args.enroll, args.emb_size), dtype=np.float32)

@@ -18,7 +18,7 @@ import data_load
 import data_prep
 import train
 from tasks import task_for_model
-from utils import add_options, cli
+from utils import cli
 
 EXAMPLE = """example:
   python bench/train_throughput.py --device cpu
@@ -99,29 +99,27 @@ def measure(flags, device, args):
     return alone, real, bound
 
 
+OPTIONS = {
+    "--models": (str, "TDNN,resnet", "comma-separated encoders (default TDNN,resnet)"),
+    "--precisions": (str, None, "fp32 and/or bf16, comma-separated (default fp32 on a CPU)"),
+    "--steps": (
+        int,
+        None,
+        "timed steps per measurement (default 200 on a GPU, well past the loader's prefetch; 3 on a CPU)",
+    ),
+    "--warmup": (int, 2, "untimed steps first (default 2)"),
+    "--batch-size": (int, None, "speaker groups (speech) or images per batch"),
+    "--n-frames": (int, None, "speech crop length (default 800 GPU, 200 CPU)"),
+    "--workers": (int, None, "loader workers (default train.py's)"),
+    "--compile": ("torch.compile the encoder",),
+    "--image-path": (str, None, "real images for ResNet (CIFAR-10, IDX, folders)"),
+    "--speakers": (int, None, "speakers of 20 utterances (default: 25 batches)"),
+    "--work-dir": (str, None, "folder for the Kaldi features and HDF5 (default: temporary)"),
+}
+
+
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE)
-    add_options(
-        p,
-        ("--models", str, "TDNN,resnet", "comma-separated encoders (default TDNN,resnet)"),
-        ("--precisions", str, None, "fp32 and/or bf16, comma-separated (default fp32 on a CPU)"),
-        (
-            "--steps",
-            int,
-            None,
-            "timed steps per measurement (default 200 on a GPU, well past the loader's prefetch; 3 on a CPU)",
-        ),
-        ("--warmup", int, 2, "untimed steps first (default 2)"),
-        ("--batch-size", int, None, "speaker groups (speech) or images per batch"),
-        ("--n-frames", int, None, "speech crop length (default 800 GPU, 200 CPU)"),
-        ("--workers", int, None, "loader workers (default train.py's)"),
-        ("--compile", "torch.compile the encoder"),
-        ("--image-path", str, None, "real images for ResNet (CIFAR-10, IDX, folders)"),
-        ("--speakers", int, None, "speakers of 20 utterances (default: 25 batches)"),
-        ("--work-dir", str, None, "folder for the Kaldi features and HDF5 (default: temporary)"),
-    )
-    benchlib.add_device_args(p)
-    return p
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
 
 
 def run(args, device, folder):
@@ -153,8 +151,7 @@ def run(args, device, folder):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    device = benchlib.setup(args)
+    args, device = benchlib.start(build_parser(), argv)
     if args.work_dir:
         os.makedirs(args.work_dir, exist_ok=True)
         run(args, device, args.work_dir)
