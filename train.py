@@ -26,6 +26,7 @@ from train_loop import TrainConfig, TrainLoop, noam_factor  # noqa: F401  (noam_
 from utils import (
     ArgumentParser,
     UserError,
+    add_options,
     cli,
     device_from_args,
     git_commit,
@@ -60,198 +61,167 @@ def non_negative(kind):
     return parse
 
 
-def build_parser(add_help=True):
-    """Every training flag, once; train_hp.py and the search scripts reuse it through `parents=`."""
-    p = ArgumentParser(
-        description=__doc__, add_help=add_help, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    d = p.add_argument_group("data")
-    d.add_argument(
-        "--data-path",
-        help="training images: CIFAR-10 folder, IDX folder or image-folder tree (default: scikit-learn's digits)",
-    )
-    d.add_argument("--valid-data-path", help="validation images (same kinds; CIFAR-10 and IDX use the test split)")
-    d.add_argument("--train-hdf-file", help="training HDF5 from data_prep.py (speech)")
-    d.add_argument("--valid-hdf-file", help="validation HDF5 from data_prep.py (speech)")
-    d.add_argument(
-        "--workers",
-        "--n-workers",
+# The training flags, a table per --help group (see utils.add_options); --model, whose help lists the encoders
+# registered when the parser is built, is added in build_parser.
+DATA_OPTIONS = {
+    "--data-path": dict(
+        help="training images: CIFAR-10 folder, IDX folder or image-folder tree (default: scikit-learn's digits)"
+    ),
+    "--valid-data-path": dict(help="validation images (same kinds; CIFAR-10 and IDX use the test split)"),
+    "--train-hdf-file": dict(help="training HDF5 from data_prep.py (speech)"),
+    "--valid-hdf-file": dict(help="validation HDF5 from data_prep.py (speech)"),
+    ("--workers", "--n-workers"): dict(
         dest="workers",
         type=non_negative(int),
         default=None,
         help="data-loader worker processes (default 4; 0 for in-memory images)",
-    )
-    d.add_argument("--ncoef", type=positive(int), default=23, help="feature coefficients per frame (default 23)")
-    d.add_argument("--n-frames", type=positive(int), default=1000, help="training crop length in frames (default 1000)")
-    d.add_argument(
-        "--samples-per-class",
-        type=positive(int),
-        default=5,
-        help="items of one class per group in a batch (default 5, as the seed)",
-    )
-    d.add_argument(
-        "--valid-max-items",
-        type=positive(int),
-        default=3000,
-        help="validation items scored all-pairs each epoch (default 3000)",
-    )
-    d.add_argument(
-        "--classes",
-        default=None,
-        help="images: train (and by default validate) on these classes only, e.g. 0-4 or 0,2,7; relabelled in order",
-    )
-    d.add_argument(
-        "--valid-classes",
-        default=None,
-        help="images: validate (select models) on these classes, e.g. held-out ones (default: --classes)",
-    )
-    d.add_argument(
-        "--test-classes",
-        default=None,
-        help="digits demo: classes of the final test (default: --valid-classes, else --classes, else all)",
-    )
-    d.add_argument(
-        "--items-per-class",
-        type=positive(int),
-        default=None,
-        help="images: train on at most this many items of each class (a seeded draw; default all)",
-    )
-    d.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="image folders: leave out (with a warning) files that do not decode and images of another size than "
+    ),
+    "--ncoef": (positive(int), 23, "feature coefficients per frame (default 23)"),
+    "--n-frames": (positive(int), 1000, "training crop length in frames (default 1000)"),
+    "--samples-per-class": (positive(int), 5, "items of one class per group in a batch (default 5, as the seed)"),
+    "--valid-max-items": (positive(int), 3000, "validation items scored all-pairs each epoch (default 3000)"),
+    "--classes": dict(
+        help="images: train (and by default validate) on these classes only, e.g. 0-4 or 0,2,7; relabelled in order"
+    ),
+    "--valid-classes": dict(
+        help="images: validate (select models) on these classes, e.g. held-out ones (default: --classes)"
+    ),
+    "--test-classes": dict(
+        help="digits demo: classes of the final test (default: --valid-classes, else --classes, else all)"
+    ),
+    "--items-per-class": (
+        positive(int),
+        None,
+        "images: train on at most this many items of each class (a seeded draw; default all)",
+    ),
+    "--skip-bad-images": (
+        "image folders: leave out (with a warning) files that do not decode and images of another size than "
         "most, instead of refusing the folder",
-    )
-    d.add_argument("--specaug", action="store_true", help="speech: SpecAugment time and frequency masks in training")
-    d.add_argument(
-        "--augment",
+    ),
+    "--specaug": ("speech: SpecAugment time and frequency masks in training",),
+    "--augment": dict(
         choices=data_load.AUGMENTATIONS,
         default="auto",
         help="images: training augmentation, random crop (zero-padded shift) and/or horizontal flip; auto (default) "
         "= the source's own: digits crop; IDX, CIFAR-10 and image folders crop+flip (use none or crop for digits "
         "and glyphs, which a flip turns into other shapes)",
-    )
-    d.add_argument(
-        "--sampler",
+    ),
+    "--sampler": dict(
         choices=("balanced", "random"),
         default="balanced",
         help="images: balanced (default) = batches of --samples-per-class items per class, as the research code's "
         "HDF5 loaders; random = shuffled batches of --batch-size items, as a plain DataLoader",
-    )
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default=None, help="encoder: " + ", ".join(models.encoder_names()))
-    m.add_argument("--softmax", choices=tuple(HEADS), default="softmax", help="classification head")
-    m.add_argument("--margin", type=non_negative(float), default=0.35, help="AM-softmax margin m (default 0.35)")
-    m.add_argument("--scale", type=positive(float), default=30.0, help="AM-softmax scale s (default 30)")
-    m.add_argument(
-        "--softmax-scale",
-        type=positive(float),
-        default=1.0,
-        help="--softmax softmax: multiply the normalised embedding by this before the linear layer (default 1, the "
+    ),
+}
+
+MODEL_OPTIONS = {
+    "--softmax": dict(choices=tuple(HEADS), default="softmax", help="classification head"),
+    "--margin": (non_negative(float), 0.35, "AM-softmax margin m (default 0.35)"),
+    "--scale": (positive(float), 30.0, "AM-softmax scale s (default 30)"),
+    "--softmax-scale": (
+        positive(float),
+        1.0,
+        "--softmax softmax: multiply the normalised embedding by this before the linear layer (default 1, the "
         "research code's head, whose logits stay small and learn slowly; e.g. 30)",
-    )
-    m.add_argument("--latent-size", type=positive(int), default=256, help="speech: classification projection size")
-    m.add_argument("--hidden-size", type=positive(int), default=512, help="learned-distance MLP width (default 512)")
-    m.add_argument("--n-hidden", type=positive(int), default=1, help="learned-distance hidden layers (default 1)")
-    m.add_argument("--dropout-prob", type=float, default=0.25, help="dropout before the distance output (default 0.25)")
-    m.add_argument("--ndiscriminators", type=positive(int), default=1, help="learned-distance heads, averaged")
-    m.add_argument("--rproj-size", type=int, default=-1, help="fixed random projection of each pair (<= 0: off)")
-    m.add_argument("--trainable-rproj", action="store_true", help="train the projection (what the seed code did)")
-    m.add_argument(
-        "--pair-features",
+    ),
+    "--latent-size": (positive(int), 256, "speech: classification projection size"),
+    "--hidden-size": (positive(int), 512, "learned-distance MLP width (default 512)"),
+    "--n-hidden": (positive(int), 1, "learned-distance hidden layers (default 1)"),
+    "--dropout-prob": (float, 0.25, "dropout before the distance output (default 0.25)"),
+    "--ndiscriminators": (positive(int), 1, "learned-distance heads, averaged"),
+    "--rproj-size": (int, -1, "fixed random projection of each pair (<= 0: off)"),
+    "--trainable-rproj": ("train the projection (what the seed code did)",),
+    "--pair-features": dict(
         choices=tuple(PAIR_FEATURES),
         default="concat",
         help="how the learned distance sees a pair: concat = [a; b] (research code, default); sym = "
         "[Pa*Pb, |Pa-Pb|] of normalised embeddings, order-invariant",
-    )
-    m.add_argument("--distance-norm", action="store_true", help="L2-normalise embeddings before a concat distance")
-    m.add_argument(
-        "--detach-distance", action="store_true", help="the pair loss trains the distance only, not the encoder"
-    )
-    m.add_argument(
-        "--channels", type=positive(int), default=None, help="speech encoders with a width (ECAPA_TDNN: 512 or 1024)"
-    )
-    m.add_argument("--width", type=positive(int), default=None, help="image resnet: first-stage channels (default 64)")
-    m.add_argument(
-        "--final-norm",
-        action="store_true",
-        help="image resnet: BN-ReLU after the last stage, as standard pre-activation ResNets (default off: the "
+    ),
+    "--distance-norm": ("L2-normalise embeddings before a concat distance",),
+    "--detach-distance": ("the pair loss trains the distance only, not the encoder",),
+    "--channels": (positive(int), None, "speech encoders with a width (ECAPA_TDNN: 512 or 1024)"),
+    "--width": (positive(int), None, "image resnet: first-stage channels (default 64)"),
+    "--final-norm": (
+        "image resnet: BN-ReLU after the last stage, as standard pre-activation ResNets (default off: the "
         "research code's ResNet pools the raw last stage)",
-    )
-    o = p.add_argument_group("optimisation")
-    o.add_argument(
-        "--batch-size",
-        type=positive(int),
-        default=64,
-        help="images per batch; speech: speaker groups of 5 utterances per batch (default 64)",
-    )
-    o.add_argument("--valid-batch-size", type=positive(int), default=None, help="validation batch size")
-    o.add_argument("--epochs", type=positive(int), default=None, help="epochs (default 500; digits demo 20)")
-    o.add_argument(
-        "--lr",
-        type=positive(float),
-        default=None,
-        help="learning rate (default 0.1 images); with the noam schedule a scale (default 0.001)",
-    )
-    o.add_argument("--momentum", type=non_negative(float), default=0.9, help="SGD momentum (default 0.9)")
-    o.add_argument(
-        "--l2", type=non_negative(float), default=None, help="weight decay (default 5e-4 images, 1e-5 speech)"
-    )
-    o.add_argument(
-        "--max-gnorm",
-        type=non_negative(float),
-        default=None,
-        help="gradient-norm clipping, 0 = off (default off images, 10 speech)",
-    )
-    o.add_argument(
-        "--lr-schedule",
+    ),
+}
+
+OPTIMISATION_OPTIONS = {
+    "--batch-size": (
+        positive(int),
+        64,
+        "images per batch; speech: speaker groups of 5 utterances per batch (default 64)",
+    ),
+    "--valid-batch-size": (positive(int), None, "validation batch size"),
+    "--epochs": (positive(int), None, "epochs (default 500; digits demo 20)"),
+    "--lr": (
+        positive(float),
+        None,
+        "learning rate (default 0.1 images); with the noam schedule a scale (default 0.001)",
+    ),
+    "--momentum": (non_negative(float), 0.9, "SGD momentum (default 0.9)"),
+    "--l2": (non_negative(float), None, "weight decay (default 5e-4 images, 1e-5 speech)"),
+    "--max-gnorm": (non_negative(float), None, "gradient-norm clipping, 0 = off (default off images, 10 speech)"),
+    "--lr-schedule": dict(
         choices=("auto", "plateau", "noam"),
         default="auto",
         help="plateau: halve on a validation-EER plateau (images); noam: warmup then 1/sqrt(step) "
         "(speech); auto picks by data",
-    )
-    o.add_argument("--warmup", type=positive(int), default=4000, help="noam warmup steps (default 4000)")
-    o.add_argument("--patience", type=non_negative(int), default=10, help="plateau epochs before halving the LR")
-    o.add_argument("--smoothing", type=non_negative(float), default=0.2, help="label smoothing (default 0.2)")
-    o.add_argument(
-        "--margin-warmup-epochs",
-        type=non_negative(int),
-        default=0,
-        help="raise the softmax margin linearly from 0 to --margin over these epochs (default 0: fixed margin)",
-    )
-    o.add_argument("--ablation", action="store_true", help="drop the classification loss (learned distance only)")
-    o.add_argument(
-        "--pair-weight",
-        type=non_negative(float),
-        default=1.0,
-        help="weight of the learned distance's pair loss beside the classification loss (default 1, the research "
+    ),
+    "--warmup": (positive(int), 4000, "noam warmup steps (default 4000)"),
+    "--patience": (non_negative(int), 10, "plateau epochs before halving the LR"),
+    "--smoothing": (non_negative(float), 0.2, "label smoothing (default 0.2)"),
+    "--margin-warmup-epochs": (
+        non_negative(int),
+        0,
+        "raise the softmax margin linearly from 0 to --margin over these epochs (default 0: fixed margin)",
+    ),
+    "--ablation": ("drop the classification loss (learned distance only)",),
+    "--pair-weight": (
+        non_negative(float),
+        1.0,
+        "weight of the learned distance's pair loss beside the classification loss (default 1, the research "
         "code's plain sum; 0: the distance is not trained)",
+    ),
+    "--amp": ("bf16 autocast (CUDA)",),
+    "--compile": ("torch.compile the encoder (off by default)",),
+}
+
+RUN_OPTIONS = {
+    "--checkpoint-path": dict(help="checkpoint folder (default: current folder)"),
+    "--checkpoint-epoch": (int, None, "resume from checkpoint_<N>ep.pt"),
+    "--cp-name": dict(help="fixed checkpoint file name (overwritten each save)"),
+    "--save-every": (positive(int), 1, "epochs between checkpoints (default 1)"),
+    "--keep-checkpoints": (
+        non_negative(int),
+        0,
+        "keep only the newest N epoch checkpoints besides the best (0 = keep all)",
+    ),
+    "--no-cp": ("write no checkpoints",),
+    "--logdir": dict(help="TensorBoard folder"),
+    "--seed": (int, 1, "random seed (default 1)"),
+    "--device": dict(help="cpu, cuda or cuda:N (default cuda when available)"),
+    "--cuda": (str2bool, None, "seed spelling: True/False"),
+    "--no-cuda": ("seed spelling of --device cpu",),
+    "--verbose": (int, 1, "0: quiet, 1: epoch lines and progress bars"),
+    "--pretrained-path": dict(
+        help="fine-tune: start from this checkpoint's encoder and learned distance (its architecture), new head"
+    ),
+}
+
+
+def build_parser(add_help=True):
+    """Every training flag, once; train_hp.py and the search scripts reuse it through `parents=`."""
+    p = ArgumentParser(
+        description=__doc__, add_help=add_help, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    o.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    o.add_argument("--compile", action="store_true", help="torch.compile the encoder (off by default)")
-    r = p.add_argument_group("run")
-    r.add_argument("--checkpoint-path", default=None, help="checkpoint folder (default: current folder)")
-    r.add_argument("--checkpoint-epoch", type=int, default=None, help="resume from checkpoint_<N>ep.pt")
-    r.add_argument("--cp-name", default=None, help="fixed checkpoint file name (overwritten each save)")
-    r.add_argument("--save-every", type=positive(int), default=1, help="epochs between checkpoints (default 1)")
-    r.add_argument(
-        "--keep-checkpoints",
-        type=non_negative(int),
-        default=0,
-        help="keep only the newest N epoch checkpoints besides the best (0 = keep all)",
-    )
-    r.add_argument("--no-cp", action="store_true", help="write no checkpoints")
-    r.add_argument("--logdir", default=None, help="TensorBoard folder")
-    r.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
-    r.add_argument("--cuda", type=str2bool, default=None, help="seed spelling: True/False")
-    r.add_argument("--no-cuda", action="store_true", help="seed spelling of --device cpu")
-    r.add_argument("--verbose", type=int, default=1, help="0: quiet, 1: epoch lines and progress bars")
-    r.add_argument(
-        "--pretrained-path",
-        default=None,
-        help="fine-tune: start from this checkpoint's encoder and learned distance (its architecture), new head",
-    )
+    add_options(p.add_argument_group("data"), DATA_OPTIONS)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="encoder: " + ", ".join(models.encoder_names()))
+    add_options(m, MODEL_OPTIONS)
+    add_options(p.add_argument_group("optimisation"), OPTIMISATION_OPTIONS)
+    add_options(p.add_argument_group("run"), RUN_OPTIONS)
     return p
 
 
