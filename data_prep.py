@@ -11,7 +11,7 @@ import os
 
 import augment
 import speech_data
-from utils import ArgumentParser, UserError, cli
+from utils import ArgumentParser, UserError, add_options, cli
 
 EPILOG = """example (the seed's command line, Kaldi features):
   python data_prep.py --path-to-data data/train/ --data-info-path data/train/ \\
@@ -28,141 +28,121 @@ example (80 log-mel filterbanks, speed perturbation, one noisy or reverberant co
       --rir-dir RIRS_NOISES/simulated_rirs --snr-range 0 15 --augment-copies 1 --seed 0"""
 
 
-def build_parser():
-    """The data_prep command line: the seed's flags plus the wav front end."""
-    parser = ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    kaldi = parser.add_argument_group("Kaldi features (the seed's flags)")
-    kaldi.add_argument(
-        "--path-to-data",
-        default=None,
+# The flags, a table per --help group (see utils.add_options); --wav-scp and --wav-dir exclude each other.
+KALDI_OPTIONS = {
+    "--path-to-data": dict(
         help="feats.scp, or a folder of feature *.scp files (its feats.scp when present; wav.scp and vad*.scp "
-        "are left out); default ./data/ when no --wav-scp or --wav-dir is given",
-    )
-    kaldi.add_argument(
-        "--data-info-path",
-        default=None,
-        help="folder holding spk2utt and/or utt2spk (default: the folder of --path-to-data or --wav-scp)",
-    )
-    kaldi.add_argument("--spk2utt", default=None, help="spk2utt file (default: <data-info-path>/spk2utt)")
-    kaldi.add_argument("--utt2spk", default=None, help="utt2spk file (default: <data-info-path>/utt2spk)")
-    kaldi.add_argument(
-        "--path-to-more-data",
-        default=None,
-        help="extra folder of *.scp files or feats.scp merged into the output (default: none)",
-    )
-    kaldi.add_argument(
-        "--more-data-info-path",
-        default=None,
-        help="folder with spk2utt/utt2spk of the extra data (default: its feature folder)",
-    )
-    kaldi.add_argument("--more-spk2utt", default=None, help="spk2utt of the extra data")
-    kaldi.add_argument("--more-utt2spk", default=None, help="utt2spk of the extra data")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out-path", default="./", help="output folder, created if missing (default ./)")
-    out.add_argument(
-        "--out-name", default="train.hdf", help="HDF5 file name; an existing one is replaced (default train.hdf)"
-    )
-    out.add_argument(
-        "--min-recordings",
-        type=int,
-        default=-1,
-        help="keep speakers with at least this many utterances in spk2utt (default -1: all)",
-    )
-    out.add_argument(
-        "--write-kaldi-feats",
+        "are left out); default ./data/ when no --wav-scp or --wav-dir is given"
+    ),
+    "--data-info-path": dict(
+        help="folder holding spk2utt and/or utt2spk (default: the folder of --path-to-data or --wav-scp)"
+    ),
+    "--spk2utt": dict(help="spk2utt file (default: <data-info-path>/spk2utt)"),
+    "--utt2spk": dict(help="utt2spk file (default: <data-info-path>/utt2spk)"),
+    "--path-to-more-data": dict(help="extra folder of *.scp files or feats.scp merged into the output (default: none)"),
+    "--more-data-info-path": dict(help="folder with spk2utt/utt2spk of the extra data (default: its feature folder)"),
+    "--more-spk2utt": dict(help="spk2utt of the extra data"),
+    "--more-utt2spk": dict(help="utt2spk of the extra data"),
+}
+
+OUTPUT_OPTIONS = {
+    "--out-path": dict(default="./", help="output folder, created if missing (default ./)"),
+    "--out-name": dict(default="train.hdf", help="HDF5 file name; an existing one is replaced (default train.hdf)"),
+    "--min-recordings": (int, -1, "keep speakers with at least this many utterances in spk2utt (default -1: all)"),
+    "--write-kaldi-feats": dict(
         default=None,
         metavar="DIR",
         help="also write DIR/feats.ark, feats.scp, utt2spk and spk2utt of what went into the "
         "HDF5, for eval.py and embed.py (default: off)",
-    )
-    out.add_argument(
-        "--cmn",
-        action="store_true",
-        help="subtract each utterance's mean (per-utterance CMN); off by default, as in the seed, "
+    ),
+    "--cmn": (
+        "subtract each utterance's mean (per-utterance CMN); off by default, as in the seed, "
         "so the HDF5 matches the features eval.py reads",
-    )
-    wav = parser.add_argument_group("Kaldi-free front end (MFCC or filterbanks with kaldi-native-fbank)")
-    source = wav.add_mutually_exclusive_group()
-    source.add_argument(
-        "--wav-scp",
-        default=None,
-        metavar="FILE",
-        help="Kaldi wav.scp of 16-bit PCM mono wav paths; commands and pipes are refused",
-    )
-    source.add_argument(
-        "--wav-dir",
+    ),
+}
+
+WAV_SOURCE_OPTIONS = {
+    "--wav-scp": dict(
+        default=None, metavar="FILE", help="Kaldi wav.scp of 16-bit PCM mono wav paths; commands and pipes are refused"
+    ),
+    "--wav-dir": dict(
         default=None,
         metavar="DIR",
         help="folder with one sub-folder of .wav files per speaker; utt ids are <spk>-<stem>",
-    )
-    wav.add_argument(
-        "--ncoef",
-        type=int,
-        default=None,
-        help="MFCC coefficients of the wav front end (default 30; as many mel bins unless --num-mel-bins); "
+    ),
+}
+
+WAV_OPTIONS = {
+    "--ncoef": (
+        int,
+        None,
+        "MFCC coefficients of the wav front end (default 30; as many mel bins unless --num-mel-bins); "
         "with Kaldi features, "
         "the width every matrix must have (default: that of the first one)",
-    )
-    wav.add_argument(
-        "--feature",
+    ),
+    "--feature": dict(
         choices=("mfcc", "fbank"),
         default=None,
         help="mfcc: Kaldi VoxCeleb MFCC; fbank: Kaldi log mel filterbank energies, same frames and band (default mfcc)",
-    )
-    wav.add_argument(
-        "--num-mel-bins",
+    ),
+    "--num-mel-bins": dict(
         type=int,
         default=None,
         metavar="N",
         help="mel filterbank channels (default: --ncoef for mfcc, 80 for fbank, where it is the feature width)",
-    )
-    wav.add_argument(
-        "--sample-rate",
+    ),
+    "--sample-rate": dict(
         type=int,
         default=None,
         metavar="HZ",
         help="resample every file to this rate in Hz (scipy resample_poly); default: the first file's rate, "
         "and a file at another rate is refused",
-    )
-    aug = parser.add_argument_group("augmentation of the audio (all off by default)")
-    aug.add_argument(
-        "--speed-perturb",
-        action="store_true",
-        help="add copies at speeds 0.9 and 1.1 (pitch and tempo, as sox speed) as new speakers "
+    ),
+}
+
+AUGMENTATION_OPTIONS = {
+    "--speed-perturb": (
+        "add copies at speeds 0.9 and 1.1 (pitch and tempo, as sox speed) as new speakers "
         "sp0.9-<spk> and sp1.1-<spk>, utterances sp0.9-<utt>, sp1.1-<utt> (default: off)",
-    )
-    aug.add_argument(
-        "--noise-dir",
+    ),
+    "--noise-dir": dict(
         default=None,
         metavar="DIR",
         help="wav files of noise (searched recursively, e.g. MUSAN) added to copies at a random SNR (default: none)",
-    )
-    aug.add_argument(
-        "--snr-range",
+    ),
+    "--snr-range": dict(
         type=float,
         nargs=2,
         default=None,
         metavar=("LOW", "HIGH"),
         help="signal-to-noise ratio of the noisy copies in dB, drawn uniformly (default 0 15)",
-    )
-    aug.add_argument(
-        "--rir-dir",
+    ),
+    "--rir-dir": dict(
         default=None,
         metavar="DIR",
         help="wav files of room impulse responses (searched recursively, e.g. RIRS_NOISES) to reverberate "
         "copies with (default: none)",
-    )
-    aug.add_argument(
-        "--augment-copies",
+    ),
+    "--augment-copies": dict(
         type=int,
         default=None,
         metavar="N",
         help="noisy or reverberant copies per utterance (and per speed copy), each drawing noise or reverb "
         "with equal odds when both folders are given; same speaker, id <utt>-noise<k> / <utt>-reverb<k> (default 1)",
-    )
-    aug.add_argument(
-        "--seed", type=int, default=0, help="seed of the augmentation draws, per utterance and copy (default 0)"
-    )
+    ),
+    "--seed": (int, 0, "seed of the augmentation draws, per utterance and copy (default 0)"),
+}
+
+
+def build_parser():
+    """The data_prep command line: the seed's flags plus the wav front end."""
+    parser = ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser.add_argument_group("Kaldi features (the seed's flags)"), KALDI_OPTIONS)
+    add_options(parser.add_argument_group("output"), OUTPUT_OPTIONS)
+    wav = parser.add_argument_group("Kaldi-free front end (MFCC or filterbanks with kaldi-native-fbank)")
+    add_options(wav.add_mutually_exclusive_group(), WAV_SOURCE_OPTIONS)
+    add_options(wav, WAV_OPTIONS)
+    add_options(parser.add_argument_group("augmentation of the audio (all off by default)"), AUGMENTATION_OPTIONS)
     return parser
 
 

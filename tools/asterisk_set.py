@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import speech_data
 from metrics import compute_eer
-from utils import ArgumentParser, UserError, cli
+from utils import ArgumentParser, UserError, add_options, cli
 
 SOUNDS = "/usr/share/asterisk/sounds"
 
@@ -208,6 +208,30 @@ def stats_cosine_eer(wav_paths, speakers, ncoef=30):
     return compute_eer(scores, labels)
 
 
+# The builder's flags (see utils.add_options).
+OPTIONS = {
+    "--out": dict(required=True, help="output folder (wav/, train/, valid/, test/, all/)"),
+    "--sounds": dict(default=SOUNDS, help=f"Asterisk sounds folder (default {SOUNDS})"),
+    "--max-per-speaker": (int, 0, "keep at most this many random prompts per speaker (default 0: all)"),
+    "--seed": (int, 0, "seed of subsampling, split and trials (default 0)"),
+    "--n-test-speakers": (int, 2, "speakers held out for test, when at least 2 remain for training (default 2)"),
+    "--test-speakers": dict(help="comma-separated speakers to hold out for test (overrides --n-test-speakers)"),
+    "--fold": (
+        int,
+        None,
+        "hold out the fold-th and the next speaker in sorted order (0..6): 7 folds cover every speaker twice",
+    ),
+    "--valid-fraction": (
+        float,
+        0.1,
+        "fraction of each training speaker's prompts held out for validation (default 0.1)",
+    ),
+    "--n-trials": (int, 20000, "trials in test/trials, half target, half non-target, at most (default 20000)"),
+    "--jobs": (int, 2, "parallel sox decodes (default 2)"),
+    "--no-floor": ("skip the MFCC-statistics cosine floor EER",),
+}
+
+
 def build_parser():
     """The command line of the Asterisk set builder."""
     parser = ArgumentParser(
@@ -215,46 +239,7 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python tools/asterisk_set.py --out data/asterisk --max-per-speaker 40 --seed 1",
     )
-    parser.add_argument("--out", required=True, help="output folder (wav/, train/, valid/, test/, all/)")
-    parser.add_argument("--sounds", default=SOUNDS, help=f"Asterisk sounds folder (default {SOUNDS})")
-    parser.add_argument(
-        "--max-per-speaker",
-        type=int,
-        default=0,
-        help="keep at most this many random prompts per speaker (default 0: all)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of subsampling, split and trials (default 0)")
-    parser.add_argument(
-        "--n-test-speakers",
-        type=int,
-        default=2,
-        help="speakers held out for test, when at least 2 remain for training (default 2)",
-    )
-    parser.add_argument(
-        "--test-speakers",
-        default=None,
-        help="comma-separated speakers to hold out for test (overrides --n-test-speakers)",
-    )
-    parser.add_argument(
-        "--fold",
-        type=int,
-        default=None,
-        help="hold out the fold-th and the next speaker in sorted order (0..6): 7 folds cover every speaker twice",
-    )
-    parser.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=0.1,
-        help="fraction of each training speaker's prompts held out for validation (default 0.1)",
-    )
-    parser.add_argument(
-        "--n-trials",
-        type=int,
-        default=20000,
-        help="trials in test/trials, half target, half non-target, at most (default 20000)",
-    )
-    parser.add_argument("--jobs", type=int, default=2, help="parallel sox decodes (default 2)")
-    parser.add_argument("--no-floor", action="store_true", help="skip the MFCC-statistics cosine floor EER")
+    add_options(parser, OPTIONS)
     return parser
 
 

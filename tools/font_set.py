@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import ArgumentParser, UserError, cli
+from utils import ArgumentParser, UserError, add_options, cli
 
 # The Debian packages scanned by default (scripts/install.sh --test installs them): about 1,030 font files.
 PACKAGES = (
@@ -327,6 +327,39 @@ def replace_folder(tmp, out):
         shutil.rmtree(old)
 
 
+# The builder's flags (see utils.add_options).
+OPTIONS = {
+    "--out": dict(required=True, help="output folder (train/, valid/, test/, fonts.tsv)"),
+    "--fonts-dir": dict(action="append", default=[], help="also scan this folder for font files (repeatable)"),
+    "--packages": dict(
+        nargs="*",
+        default=None,
+        help="Debian packages to take fonts from (default: the built-in list of 60; none: only --fonts-dir)",
+    ),
+    "--size": (int, 32, "image side in pixels (default 32)"),
+    "--min-glyphs": (int, 50, "keep fonts with at least this many real, distinct glyphs of a-z A-Z 0-9 (default 50)"),
+    "--test-families": (int, 40, "unseen families in test/ (default 40)"),
+    "--valid-glyphs": (int, 6, "glyphs per training font held out in valid/ (default 6; 0: no valid/)"),
+    "--valid-open": ("valid/ holds the fonts of --valid-families further unseen families instead of held-out glyphs",),
+    "--valid-families": (int, 20, "unseen families in valid/ with --valid-open (default 20)"),
+    "--dup-distance": (
+        float,
+        0.03,
+        "drop a font whose glyphs are within this RMS difference (0-1, 16-pixel thumbnails) of an earlier "
+        "kept font's: the same outlines under another name (default 0.03; 0: only identical ones)",
+    ),
+    "--group-distance": (
+        float,
+        0.08,
+        "put families on one side of the split when two of their fonts are within this RMS difference "
+        "(default 0.08: clones of one design; 0: families only)",
+    ),
+    "--seed": (int, 0, "seed of the family split and held-out glyphs (default 0)"),
+    "--jobs": (int, 2, "parallel rendering processes (default 2)"),
+    "--force": ("replace an existing non-empty --out",),
+}
+
+
 def build_parser():
     """The command line of the font set builder."""
     parser = ArgumentParser(
@@ -335,61 +368,7 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python tools/font_set.py --out data/fonts32 --size 32 --test-families 40 --jobs 2",
     )
-    parser.add_argument("--out", required=True, help="output folder (train/, valid/, test/, fonts.tsv)")
-    parser.add_argument(
-        "--fonts-dir",
-        action="append",
-        default=[],
-        help="also scan this folder for font files (repeatable)",
-    )
-    parser.add_argument(
-        "--packages",
-        nargs="*",
-        default=None,
-        help="Debian packages to take fonts from (default: the built-in list of 60; none: only --fonts-dir)",
-    )
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    parser.add_argument(
-        "--min-glyphs",
-        type=int,
-        default=50,
-        help="keep fonts with at least this many real, distinct glyphs of a-z A-Z 0-9 (default 50)",
-    )
-    parser.add_argument("--test-families", type=int, default=40, help="unseen families in test/ (default 40)")
-    parser.add_argument(
-        "--valid-glyphs",
-        type=int,
-        default=6,
-        help="glyphs per training font held out in valid/ (default 6; 0: no valid/)",
-    )
-    parser.add_argument(
-        "--valid-open",
-        action="store_true",
-        help="valid/ holds the fonts of --valid-families further unseen families instead of held-out glyphs",
-    )
-    parser.add_argument(
-        "--valid-families",
-        type=int,
-        default=20,
-        help="unseen families in valid/ with --valid-open (default 20)",
-    )
-    parser.add_argument(
-        "--dup-distance",
-        type=float,
-        default=0.03,
-        help="drop a font whose glyphs are within this RMS difference (0-1, 16-pixel thumbnails) of an earlier "
-        "kept font's: the same outlines under another name (default 0.03; 0: only identical ones)",
-    )
-    parser.add_argument(
-        "--group-distance",
-        type=float,
-        default=0.08,
-        help="put families on one side of the split when two of their fonts are within this RMS difference "
-        "(default 0.08: clones of one design; 0: families only)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the family split and held-out glyphs (default 0)")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel rendering processes (default 2)")
-    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    add_options(parser, OPTIONS)
     return parser
 
 
