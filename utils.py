@@ -100,6 +100,16 @@ def add_options(parser, *tables):
                 parser.add_argument(*flags, type=kind, default=default, help=text)
 
 
+def make_parser(doc, epilog, *tables, **kwargs):
+    """A script's parser: `doc` (its module docstring) as the description, `epilog` (example command lines)
+    after the flags, kept as written, and the options of `tables` (see add_options), in order."""
+    parser = ArgumentParser(
+        description=doc, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    )
+    add_options(parser, *tables)
+    return parser
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` on success, delete it on failure."""

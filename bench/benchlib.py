@@ -5,7 +5,6 @@ Every bench script times a candidate against a baseline in the same run, on the 
 prints the ratio; absolute numbers depend on the machine, ratios much less.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -17,7 +16,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from utils import ArgumentParser, add_options, atomic_write  # noqa: E402
+# make_parser(doc, example, *tables): a bench's parser, as every script's.
+from utils import atomic_write, make_parser  # noqa: E402, F401
 
 # --repeats: how often each measurement is timed.
 REPEATS = {"--repeats": (int, 3, "timed runs per measurement; the best counts (3)")}
@@ -27,14 +27,6 @@ DEVICE = {
     **REPEATS,
     "--threads": (int, None, "torch CPU threads (default: torch's choice)"),
 }
-
-
-def make_parser(doc, example, *tables):
-    """A bench's parser: its module docstring as the description, its example command lines after the flags,
-    and the options of `tables` (see utils.add_options), in order."""
-    parser = ArgumentParser(description=doc, epilog=example, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(parser, *tables)
-    return parser
 
 
 def setup(args):

@@ -6,7 +6,6 @@ together here (one language per speaker, except Allison, who records both the En
 core prompts), so any EER on this set measures speaker and language discrimination at once.
 """
 
-import argparse
 import hashlib
 import os
 import random
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import speech_data
 from metrics import compute_eer
-from utils import ArgumentParser, UserError, add_options, cli
+from utils import UserError, cli, make_parser
 
 SOUNDS = "/usr/share/asterisk/sounds"
 
@@ -208,6 +207,8 @@ def stats_cosine_eer(wav_paths, speakers, ncoef=30):
     return compute_eer(scores, labels)
 
 
+EXAMPLE = "example:\n  python tools/asterisk_set.py --out data/asterisk --max-per-speaker 40 --seed 1"
+
 # The builder's flags (see utils.add_options).
 OPTIONS = {
     "--out": dict(required=True, help="output folder (wav/, train/, valid/, test/, all/)"),
@@ -234,13 +235,7 @@ OPTIONS = {
 
 def build_parser():
     """The command line of the Asterisk set builder."""
-    parser = ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  python tools/asterisk_set.py --out data/asterisk --max-per-speaker 40 --seed 1",
-    )
-    add_options(parser, OPTIONS)
-    return parser
+    return make_parser(__doc__, EXAMPLE, OPTIONS)
 
 
 def main(argv=None):

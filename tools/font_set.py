@@ -8,7 +8,6 @@ go to test/, the rest train; valid/ holds held-out glyphs of the training fonts 
 of further unseen families). The trees are image folders that data_load.load_images reads.
 """
 
-import argparse
 import hashlib
 import io
 import os
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import ArgumentParser, UserError, add_options, cli
+from utils import UserError, cli, make_parser
 
 # The Debian packages scanned by default (scripts/install.sh --test installs them): about 1,030 font files.
 PACKAGES = (
@@ -327,6 +326,8 @@ def replace_folder(tmp, out):
         shutil.rmtree(old)
 
 
+EXAMPLE = "example:\n  python tools/font_set.py --out data/fonts32 --size 32 --test-families 40 --jobs 2"
+
 # The builder's flags (see utils.add_options).
 OPTIONS = {
     "--out": dict(required=True, help="output folder (train/, valid/, test/, fonts.tsv)"),
@@ -362,14 +363,7 @@ OPTIONS = {
 
 def build_parser():
     """The command line of the font set builder."""
-    parser = ArgumentParser(
-        description=__doc__,
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  python tools/font_set.py --out data/fonts32 --size 32 --test-families 40 --jobs 2",
-    )
-    add_options(parser, OPTIONS)
-    return parser
+    return make_parser(__doc__, EXAMPLE, OPTIONS, allow_abbrev=False)
 
 
 def check_args(args):
