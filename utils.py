@@ -85,11 +85,9 @@ def add_options(parser, *tables):
     A table is a dict {flag: spec}. A spec is (type, default, help) for an option that takes a value,
     (help,) for an on/off switch, or a dict of add_argument's keyword arguments for anything else (a plain
     text option: dict(help=...); choices, nargs, dest, ...). A flag with aliases is a tuple of its spellings.
-    A table may also be a single row, (flag, type, default, help) or (flag, help).
     """
     for table in tables:
-        rows = table.items() if isinstance(table, dict) else [(table[0], table[1:])]
-        for flags, spec in rows:
+        for flags, spec in table.items():
             flags = flags if isinstance(flags, tuple) else (flags,)
             if isinstance(spec, dict):
                 parser.add_argument(*flags, **spec)
