@@ -10,6 +10,7 @@ folds, EER, minDCF(0.01), actDCF(0.01) and Cllr of every scorer, and the mean ra
 """
 
 import os
+import re
 import statistics
 
 import benchlib
@@ -20,6 +21,7 @@ from utils import UserError, cli
 EXAMPLE = """example:
   python bench/accuracy.py --protocols asterisk --variants concat --folds 0-6 --keep-dir runs/keep/tdnn
   python bench/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md"""
+CHECKPOINT = re.compile(r"checkpoint_(\d+)ep\.pt")
 COLUMNS = (("EER", "eer"), ("minDCF(0.01)", "mindcf_0.01"), ("actDCF(0.01)", "act_dcf_0.01"), ("Cllr", "cllr"))
 
 
@@ -27,10 +29,10 @@ def fold_paths(args, fold):
     """(the fold's data folder, its kept run folder, the run's final checkpoint)."""
     data = os.path.join(args.work_dir, f"asterisk_fold{fold}")
     run = os.path.join(args.runs, f"asterisk_{args.variant}_{fold}")
-    cps = sorted(name for name in os.listdir(os.path.join(run, "cp")) if name.endswith("ep.pt"))
-    if not cps:
-        raise UserError(f"no checkpoint in {run}/cp")
-    return data, run, os.path.join(run, "cp", max(cps, key=lambda n: int(n.split("_")[-1][:-4])))
+    epochs = [int(m.group(1)) for m in map(CHECKPOINT.fullmatch, os.listdir(os.path.join(run, "cp"))) if m]
+    if not epochs:
+        raise UserError(f"no checkpoint_<N>ep.pt in {run}/cp")
+    return data, run, os.path.join(run, "cp", f"checkpoint_{max(epochs)}ep.pt")
 
 
 def score(args, fold, out, extra=()):
