@@ -35,9 +35,9 @@ def fold_paths(args, fold):
     return data, run, os.path.join(run, "cp", f"checkpoint_{max(epochs)}ep.pt")
 
 
-def score(args, fold, out, extra=()):
+def score(args, paths, out, extra=()):
     """eval.py on the fold's test trials with the cohort and PLDA back-ends; -> metrics of every scorer."""
-    data, run, cp = fold_paths(args, fold)
+    data, run, cp = paths
     embeddings = os.path.join(run, "train_embeddings")
     python("eval.py", "--test-data", f"{data}/test_feats/feats.scp", "--trials-path", f"{data}/test/trials",
            "--cp-path", cp, "--device", "cpu", "--cohort", os.path.join(embeddings, "embeddings.h5"),
@@ -45,12 +45,14 @@ def score(args, fold, out, extra=()):
     return metrics_of(out + ".json")
 
 
-def prepare(args, fold):
-    """Embed the training speakers and train PLDA on them (the fold's back-end data)."""
-    data, run, cp = fold_paths(args, fold)
+def prepare(args, paths):
+    """Embed the training speakers (tiled to eval.py's 100 frames, as the test items are) and train PLDA on
+    them: the fold's back-end data."""
+    data, run, cp = paths
     embeddings = os.path.join(run, "train_embeddings")
     python("embed.py", "--data", f"{data}/train_feats/feats.scp", "--utt2spk", f"{data}/train_feats/utt2spk",
-           "--cp-path", cp, "--out-path", embeddings, "--device", "cpu", threads=args.threads)  # fmt: skip
+           "--cp-path", cp, "--out-path", embeddings, "--device", "cpu", "--min-frames", "100",
+           threads=args.threads)  # fmt: skip
     lda = ["--lda-dim", str(args.lda_dim)] if args.lda_dim else []
     python("train_plda.py", "--embeddings", embeddings, "--out", os.path.join(run, "plda.json"), *lda)
 
@@ -93,17 +95,18 @@ def main(argv=None):
     folds = data_load.parse_classes(args.folds)
     if len(folds) < 2:
         raise UserError("--folds needs at least two folds: each is calibrated on another")
+    paths = {fold: fold_paths(args, fold) for fold in folds}
     for fold in folds:
-        prepare(args, fold)
-        score(args, fold, os.path.join(fold_paths(args, fold)[1], "dev_scores.out"))
+        prepare(args, paths[fold])
+        score(args, paths[fold], os.path.join(paths[fold][1], "dev_scores.out"))
     per_fold = []
     for i, fold in enumerate(folds):
         dev_fold = folds[(i + 1) % len(folds)]
-        dev_scores = os.path.join(fold_paths(args, dev_fold)[1], "dev_scores.out")
-        calibration = os.path.join(fold_paths(args, fold)[1], f"calibration_from_fold{dev_fold}.json")
+        dev_scores = os.path.join(paths[dev_fold][1], "dev_scores.out")
+        calibration = os.path.join(paths[fold][1], f"calibration_from_fold{dev_fold}.json")
         python("calibrate.py", "--scores", dev_scores, "--out", calibration, threads=args.threads)
-        out = os.path.join(fold_paths(args, fold)[1], "calibrated_scores.out")
-        per_fold.append(score(args, fold, out, ("--calibration", calibration)))
+        out = os.path.join(paths[fold][1], "calibrated_scores.out")
+        per_fold.append(score(args, paths[fold], out, ("--calibration", calibration)))
         print(f"fold {fold} (calibrated on fold {dev_fold}): " + "  ".join(
             f"{s} {m['eer']:.4f}" for s, m in per_fold[-1].items()), flush=True)  # fmt: skip
     benchlib.write_results(table(per_fold), dict(zip(map(str, folds), per_fold)), args.out)
