@@ -100,11 +100,17 @@ def add_options(parser, *tables):
 
 def make_parser(doc, epilog, *tables, **kwargs):
     """A script's parser: `doc` (its module docstring) as the description, `epilog` (example command lines)
-    after the flags, kept as written, and the options of `tables` (see add_options), in order."""
+    after the flags, kept as written, and the options of `tables` (see add_options), in order. A table given
+    as (title, table) becomes a --help section of that title."""
     parser = ArgumentParser(
         description=doc, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
     )
-    add_options(parser, *tables)
+    for table in tables:
+        if isinstance(table, tuple):
+            title, table = table
+            add_options(parser.add_argument_group(title), table)
+        else:
+            add_options(parser, table)
     return parser
 
 

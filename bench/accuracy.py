@@ -177,40 +177,58 @@ def run_folder(args, name):
     return contextlib.nullcontext(folder)
 
 
-OPTIONS = {
+# --variants, shared with bench/class_count.py; choose_names checks it.
+VARIANT_OPTION = {
+    "--variants": (str, "concat,sym", "learned-distance variants, comma-separated, from: " + ", ".join(VARIANTS))
+}
+RUN_OPTIONS = {
     "--protocols": (str, "digits-closed,digits-open", "comma-separated, from: " + ", ".join(PROTOCOLS)),
-    "--variants": (str, "concat,sym", "comma-separated, from: " + ", ".join(VARIANTS)),
     "--seeds": (str, "1,2,3", "seeds of the image protocols (default 1,2,3)"),
     "--folds": (str, "0-6", "Asterisk folds (default 0-6: every speaker held out twice)"),
+}
+IMAGE_OPTIONS = {
     "--image-epochs": (int, 10, "epochs of the image recipe (default 10)"),
-    "--speech-epochs": (int, 8, "epochs of the Asterisk recipe (default 8)"),
     "--items-per-class": (int, 200, "training images per class (default 200)"),
     "--test-items-per-class": (int, 300, "open-set test images per class (300)"),
+}
+SPEECH_OPTIONS = {
+    "--speech-epochs": (int, 8, "epochs of the Asterisk recipe (default 8)"),
     "--max-per-speaker": (int, 150, "Asterisk prompts per speaker (default 150)"),
-    "--fonts": (str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing"),
-    "--threads": (int, 2, "OMP threads of each run (default 2)"),
     "--speech-flags": (str, "", "more train.py flags for the Asterisk runs, e.g. '--model ECAPA_TDNN --specaug'"),
+}
+FILE_OPTIONS = {
     "--work-dir": (str, "runs/accuracy", "cached data sets (default runs/accuracy)"),
     "--keep-dir": (str, None, "keep each run (checkpoint, scores) in DIR/<protocol>_<variant>_<run>"),
-    "--out": (str, None, "markdown table file (also printed); a .json of every run beside it"),
 }
 
 
+def choose_names(text, known, what):
+    """The comma-separated names of `text`, each one of `known`: -> a list (a UserError names a stray one)."""
+    names = text.split(",")
+    for name in names:
+        if name not in known:
+            raise UserError(f"unknown {what} {name}; choose from {', '.join(known)}")
+    return names
+
+
 def build_parser():
-    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
+    return benchlib.make_parser(
+        __doc__,
+        EXAMPLE,
+        benchlib.RUN_THREADS,
+        ("what to run", {**RUN_OPTIONS, **VARIANT_OPTION}),
+        ("image recipe", IMAGE_OPTIONS),
+        ("speech recipe", SPEECH_OPTIONS),
+        ("files", {**benchlib.FONTS, **FILE_OPTIONS, **benchlib.OUT_TABLE}),
+    )
 
 
 def main(argv=None):
     import data_load
 
     args = build_parser().parse_args(argv)
-    protocols, variants = args.protocols.split(","), args.variants.split(",")
-    for name in protocols:
-        if name not in PROTOCOLS:
-            raise UserError(f"unknown protocol {name}; choose from {', '.join(PROTOCOLS)}")
-    for name in variants:
-        if name not in VARIANTS:
-            raise UserError(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
+    protocols = choose_names(args.protocols, PROTOCOLS, "protocol")
+    variants = choose_names(args.variants, VARIANTS, "variant")
     seeds = data_load.parse_classes(args.seeds)
     folds = data_load.parse_classes(args.folds)
     os.makedirs(args.work_dir, exist_ok=True)

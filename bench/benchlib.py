@@ -21,6 +21,12 @@ from utils import atomic_write, make_parser  # noqa: E402, F401
 
 # --repeats: how often each measurement is timed.
 REPEATS = {"--repeats": (int, 3, "timed runs per measurement; the best counts (3)")}
+# --threads of the benches that start whole runs (train.py, eval.py, ...) as subprocesses.
+RUN_THREADS = {"--threads": (int, 2, "OMP threads of each run (default 2)")}
+# --fonts: the font set of the benches that train on fonts.
+FONTS = {"--fonts": (str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing")}
+# --out of the benches that write a result table (benchlib.write_results).
+OUT_TABLE = {"--out": (str, None, "markdown table file (also printed); a .json of every run beside it")}
 # --device, --repeats and --threads, common to every bench script that times torch code.
 DEVICE = {
     "--device": dict(help="cpu, cuda or cuda:N (default cuda when available)"),

@@ -15,7 +15,7 @@ import tempfile
 
 import benchlib
 import numpy as np
-from accuracy import IMAGE_RECIPE, VARIANTS, children_cpu_seconds, python
+from accuracy import IMAGE_RECIPE, VARIANT_OPTION, VARIANTS, children_cpu_seconds, choose_names, python
 
 from utils import UserError, atomic_path, atomic_write, cli
 
@@ -78,22 +78,28 @@ def plot(path, results, sizes_used):
     plt.close(fig)
 
 
-OPTIONS = {
-    "--fonts": (str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing"),
+RUN_OPTIONS = {
     "--sizes": (str, "8,32,128,all", "training-font counts, 'all' for every one"),
     "--seeds": (str, "1,2,3", "seeds (default 1,2,3)"),
-    "--variants": (str, "concat,sym", "learned-distance variants (default concat,sym)"),
+}
+RECIPE_OPTIONS = {
     "--steps": (int, 300, "optimisation steps of every run (default 300)"),
     "--batch-size": (int, 60, "images per batch, groups of 5 (default 60)"),
     "--width": (int, 16, "resnet first-stage width (default 16)"),
     "--test-items-per-class": (int, 16, "glyphs of each test font scored (16)"),
-    "--threads": (int, 2, "OMP threads of each run (default 2)"),
-    "--out": (str, "runs/class_count", "output prefix: <out>.md, <out>.json, <out>.png"),
 }
+OUT_OPTION = {"--out": (str, "runs/class_count", "output prefix: <out>.md, <out>.json, <out>.png")}
 
 
 def build_parser():
-    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
+    return benchlib.make_parser(
+        __doc__,
+        EXAMPLE,
+        benchlib.RUN_THREADS,
+        ("what to run", {**RUN_OPTIONS, **VARIANT_OPTION}),
+        ("recipe", RECIPE_OPTIONS),
+        ("files", {**benchlib.FONTS, **OUT_OPTION}),
+    )
 
 
 def main(argv=None):
@@ -108,7 +114,7 @@ def main(argv=None):
     if any(s < 2 or s > n_all for s in sizes):
         raise UserError(f"--sizes must be between 2 and the {n_all} training fonts")
     seeds = data_load.parse_classes(args.seeds)
-    variants = args.variants.split(",")
+    variants = choose_names(args.variants, VARIANTS, "variant")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     results, cpu, steps = {v: {s: [] for s in sizes} for v in variants}, {}, {}
     for variant in variants:

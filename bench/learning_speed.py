@@ -176,17 +176,9 @@ def table(rows, args):
     return "\n".join(lines) + "\n"
 
 
-OPTIONS = {
+RUN_OPTIONS = {
     "--rows": (str, "baseline,research,recommended", "comma-separated, from: " + ", ".join(ROWS)),
     "--seeds": (str, "1,2", "seeds, e.g. 1,2 or 1-3 (default 1,2)"),
-    "--data-path": (str, FASHION, f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION})"),
-    "--train-items-per-class": (int, 100, "training images per class (default 100)"),
-    "--test-items-per-class": (int, 200, "test images per class (default 200)"),
-    "--width": (int, 16, "resnet first-stage channels, every row (default 16)"),
-    "--epochs": (int, 10, "epochs of every row (default 10)"),
-    "--early-epoch": (int, 2, "the early test point, in epochs (default 2)"),
-    "--batch-size": (int, 64, "images per batch (default 64)"),
-    "--lr": (float, 1e-2, "SGD learning rate of every row (default 1e-2)"),
     "--scorers": dict(
         choices=("all", "cos"),
         default="all",
@@ -194,13 +186,31 @@ OPTIONS = {
     ),
     "--device": (str, "cpu", "device of every row: cpu (default), cuda or cuda:N"),
     "--threads": (int, 2, "torch threads of each run (default 2)"),
-    "--work-dir": (str, "runs/learning_speed", "checkpoints and scores (default there)"),
-    "--out": (str, None, "markdown table file (also printed); a .json of every run beside it"),
 }
+DATA_OPTIONS = {
+    "--data-path": (str, FASHION, f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION})"),
+    "--train-items-per-class": (int, 100, "training images per class (default 100)"),
+    "--test-items-per-class": (int, 200, "test images per class (default 200)"),
+}
+RECIPE_OPTIONS = {
+    "--width": (int, 16, "resnet first-stage channels, every row (default 16)"),
+    "--epochs": (int, 10, "epochs of every row (default 10)"),
+    "--early-epoch": (int, 2, "the early test point, in epochs (default 2)"),
+    "--batch-size": (int, 64, "images per batch (default 64)"),
+    "--lr": (float, 1e-2, "SGD learning rate of every row (default 1e-2)"),
+}
+FILE_OPTIONS = {"--work-dir": (str, "runs/learning_speed", "checkpoints and scores (default there)")}
 
 
 def build_parser():
-    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
+    return benchlib.make_parser(
+        __doc__,
+        EXAMPLE,
+        ("what to run", RUN_OPTIONS),
+        ("data", DATA_OPTIONS),
+        ("recipe, the same for every row", RECIPE_OPTIONS),
+        ("files", {**FILE_OPTIONS, **benchlib.OUT_TABLE}),
+    )
 
 
 def main(argv=None):

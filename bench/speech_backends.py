@@ -79,13 +79,11 @@ OPTIONS = {
     "--folds": dict(default="0-6", help="folds to use, at least two (default 0-6)"),
     "--work-dir": dict(default="runs/accuracy", help="the folds' data (bench/accuracy.py --work-dir)"),
     "--lda-dim": (int, 0, "PLDA's LDA size (default 0: no LDA)"),
-    "--threads": (int, 2, "OMP threads of each run (default 2)"),
-    "--out": dict(help="markdown table file (also printed); a .json of every fold beside it"),
 }
 
 
 def build_parser():
-    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.RUN_THREADS, benchlib.OUT_TABLE)
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from checkpoints import load_checkpoint, save_checkpoint
 from metrics import compute_auc, compute_eer, compute_metrics, compute_mindcf
-from utils import UserError, atomic_write, str2bool
+from utils import UserError, atomic_write, make_parser, str2bool
 
 
 def sklearn_eer(scores, labels):
@@ -127,3 +127,18 @@ def test_str2bool_is_strict():
     assert str2bool("True") is True and str2bool("false") is False
     with pytest.raises(ValueError):
         str2bool("maybe")
+
+
+def test_make_parser_reads_option_tables_and_titled_sections():
+    runs = {"--seeds": (str, "1,2", "seeds"), "--fast": ("a switch",)}
+    files = {("--out", "-o"): dict(required=True, help="where to write")}
+    parser = make_parser(
+        "doc", "example: x", {"--threads": (int, 2, "threads")}, ("what to run", runs), ("files", files)
+    )
+    args = parser.parse_args(["-o", "x.md", "--fast", "--threads", "3"])
+    assert (args.seeds, args.fast, args.threads, args.out) == ("1,2", True, 3, "x.md")
+    sections = {group.title: [a.dest for a in group._group_actions] for group in parser._action_groups}
+    assert sections["what to run"] == ["seeds", "fast"] and sections["files"] == ["out"]
+    assert "threads" in sections["options"]
+    with pytest.raises(UserError, match="--threads"):
+        parser.parse_args(["--threads", "x", "-o", "y"])
