@@ -1,12 +1,20 @@
-"""Speech back-ends on the Asterisk folds: PLDA, S-norm / AS-norm and calibration across folds.
+"""Speech back-ends on the Asterisk folds: PLDA, S-norm / AS-norm, and calibration from other data.
 
 Reads the Asterisk runs that bench/accuracy.py kept (--keep-dir): each fold's checkpoint, and the
 fold's features under --work-dir. For every fold it embeds the training speakers' utterances (the
 score-normalisation cohort and the PLDA training set), trains PLDA, and scores the fold's test trials
-with every scorer (eval.py --cohort --plda). Then each fold is calibrated on another fold's scores
-(fold k on fold k+1, cyclically: another model and other test speakers, as a user calibrates a
-recipe on a development set) and scored again with the calibrated scorers. Prints, mean +- sd over
-folds, EER, minDCF(0.01), actDCF(0.01) and Cllr of every scorer, and the mean ratio actDCF/minDCF.
+with every scorer (eval.py --cohort --plda). Then it calibrates (prior-weighted logistic regression at
+p_target 0.01, calibration.fit_calibration, as calibrate.py) each fold's scores on development scores
+of each --dev protocol:
+  next    the next fold's score file (another model, two other speakers), as in calibrating a recipe
+          on another run of it;
+  others  the pooled score files of every other fold (six models, six other speaker pairs);
+  halves  the same fold: each held-out speaker's utterances alternate between two halves, the trials
+          within one half are calibrated on the trials within the other (same model and speakers,
+          disjoint utterances): what calibration misses when development data match the test.
+Prints, mean +- sd over folds, EER, minDCF(0.01), actDCF(0.01) and Cllr of every scorer, then for each
+protocol and calibrated scorer the mean actDCF(0.01) / minDCF(0.01) and how many test sets have their
+actDCF within 10 % of their minDCF.
 """
 
 import os
@@ -14,14 +22,21 @@ import re
 import statistics
 
 import benchlib
-from accuracy import mean_sd, metrics_of, python
+import numpy as np
+from accuracy import choose_names, mean_sd, metrics_of, python
 
+from calibration import apply_calibration, fit_calibration, read_score_file
+from metrics import act_dcf, compute_eer, compute_mindcf, llr_metrics
 from utils import UserError, cli
 
 EXAMPLE = """example:
   python bench/accuracy.py --protocols asterisk --variants concat --folds 0-6 --keep-dir runs/keep/tdnn
   python bench/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md"""
 CHECKPOINT = re.compile(r"checkpoint_(\d+)ep\.pt")
+DEV_PROTOCOLS = ("next", "others", "halves")
+P_TARGET = 0.01
+CALIBRATED = ("cos", "asnorm_cos", "e2e_logit")  # calibrated alone; and fused:
+FUSION = ("e2e_logit", "cos")
 COLUMNS = (("EER", "eer"), ("minDCF(0.01)", "mindcf_0.01"), ("actDCF(0.01)", "act_dcf_0.01"), ("Cllr", "cllr"))
 
 
@@ -60,16 +75,119 @@ def prepare(args, paths):
 def table(per_fold):
     """Markdown: a row per scorer, mean +- sd over folds of each column present."""
     scorers = list(per_fold[0])
-    lines = ["| scorer | " + " | ".join(name for name, _ in COLUMNS) + " | actDCF / minDCF |", "|---" * 6 + "|"]
+    lines = ["| scorer | " + " | ".join(name for name, _ in COLUMNS) + " |", "|---" * 5 + "|"]
     for scorer in scorers:
         cells = []
         for _, key in COLUMNS:
             values = [m[scorer][key] for m in per_fold if key in m[scorer]]
             cells.append(mean_sd(values) if len(values) == len(per_fold) else "")
-        ratio = ""
-        if all("act_dcf_0.01" in m[scorer] for m in per_fold):
-            ratio = f"{statistics.mean(m[scorer]['act_dcf_0.01'] / m[scorer]['mindcf_0.01'] for m in per_fold):.2f}"
-        lines.append(f"| {scorer} | " + " | ".join(cells) + f" | {ratio} |")
+        lines.append(f"| {scorer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def utterance_halves(utt2spk):
+    """{utt: 0 or 1}: each speaker's utterances, in sorted order, alternate between half 0 and half 1."""
+    by_speaker = {}
+    with open(utt2spk) as handle:
+        for line in handle:
+            utt, speaker = line.split()
+            by_speaker.setdefault(speaker, []).append(utt)
+    return {utt: i % 2 for utts in by_speaker.values() for i, utt in enumerate(sorted(utts))}
+
+
+def subset(trials, keep):
+    """(columns, labels) of the trials where `keep` is true."""
+    columns, labels = trials
+    return {name: values[keep] for name, values in columns.items()}, labels[keep]
+
+
+def pooled(trial_sets):
+    """(columns, labels) of several score files' trials together."""
+    names = trial_sets[0][0]
+    columns = {name: np.concatenate([t[0][name] for t in trial_sets]) for name in names}
+    return columns, np.concatenate([t[1] for t in trial_sets])
+
+
+def calibration_sets(protocol, folds, scores, halves):
+    """(test-set name, development trials, test trials) of each calibration `protocol` makes.
+
+    scores: {fold: (columns, labels, enroll, test)} of the first pass; halves: {fold: utterance_halves}.
+    """
+    for i, fold in enumerate(folds):
+        trials = scores[fold][:2]
+        if protocol == "next":
+            dev = folds[(i + 1) % len(folds)]
+            yield f"fold {fold} on fold {dev}", scores[dev][:2], trials
+        elif protocol == "others":
+            yield f"fold {fold} on the others", pooled([scores[f][:2] for f in folds if f != fold]), trials
+        else:
+            enroll, test = scores[fold][2:]
+            side = np.array([[halves[fold][e], halves[fold][t]] for e, t in zip(enroll, test)])
+            for half in (0, 1):
+                inside = (side == half).all(1)
+                other = (side == 1 - half).all(1)
+                yield f"fold {fold} half {half}", subset(trials, other), subset(trials, inside)
+
+
+def threshold_at_mindcf(llr, labels, p_target=P_TARGET):
+    """The threshold (accept llr >= it) of the lowest detection cost on these trials; inf: reject all."""
+    order = np.argsort(-llr, kind="stable")
+    ranked, targets = llr[order], labels[order]
+    n_tar, n_non = int(targets.sum()), int((~targets).sum())
+    # Accepting the k best-scored trials, k = 0..n; only cuts between distinct scores are thresholds.
+    p_miss = 1.0 - np.concatenate([[0], np.cumsum(targets)]) / n_tar
+    p_fa = np.concatenate([[0], np.cumsum(~targets)]) / n_non
+    cost = p_target * p_miss + (1.0 - p_target) * p_fa
+    cut = np.concatenate([[True], ranked[1:] != ranked[:-1], [True]])
+    k = int(np.flatnonzero(cut)[np.argmin(cost[cut])])
+    return np.inf if k == 0 else float(ranked[k - 1])
+
+
+def dcf_at_threshold(llr, labels, threshold, p_target=P_TARGET):
+    """Normalised detection cost of accepting the trials with llr >= threshold."""
+    return act_dcf(llr - threshold + np.log((1.0 - p_target) / p_target), labels, p_target)
+
+
+def calibrated_metrics(dev, test):
+    """Calibrate the CALIBRATED scorers and the FUSION on `dev`; -> {cal_<name>: metrics on `test`}, with
+    "dev_threshold_dcf": the test cost at the threshold that is best on `dev` (what no calibration fitted
+    on `dev` can beat by more than luck)."""
+    params = fit_calibration(*dev, P_TARGET, fusions=[list(FUSION)], scorers=list(CALIBRATED))
+    dev_llrs = apply_calibration(params, dev[0])
+    out = {}
+    for name, llr in apply_calibration(params, test[0]).items():
+        out[name] = {
+            "eer": compute_eer(llr, test[1]),
+            "mindcf_0.01": compute_mindcf(llr, test[1], P_TARGET),
+            **llr_metrics(llr, test[1], p_targets=(P_TARGET,)),
+            "dev_threshold_dcf": dcf_at_threshold(llr, test[1], threshold_at_mindcf(dev_llrs[name], dev[1])),
+        }
+    return out
+
+
+def within_10_percent(ratios):
+    """'k of n': how many cost ratios (actual / minimum) are at most 1.1."""
+    return f"{sum(ratio <= 1.1 for ratio in ratios)} of {len(ratios)}"
+
+
+def calibration_table(results):
+    """Markdown: a row per (protocol, calibrated scorer): test sets, means and the count within 10 %."""
+    lines = [
+        "| development data | scorer | test sets | minDCF(0.01) | actDCF(0.01) | Cllr | actDCF / minDCF "
+        "| within 10 % | DCF at the development set's best threshold | within 10 % |",
+        "|---" * 10 + "|",
+    ]
+    for protocol, sets in results.items():
+        for scorer in next(iter(sets.values())):
+            rows = [m[scorer] for m in sets.values()]
+            ratios = [r["act_dcf_0.01"] / r["mindcf_0.01"] for r in rows]
+            cells = [mean_sd([r[key] for r in rows]) for key in ("mindcf_0.01", "act_dcf_0.01", "cllr")]
+            best = [r["dev_threshold_dcf"] for r in rows]
+            lines.append(
+                f"| {protocol} | {scorer} | {len(rows)} | " + " | ".join(cells)
+                + f" | {statistics.mean(ratios):.2f} | {within_10_percent(ratios)} | {mean_sd(best)}"
+                + f" | {within_10_percent([b / r['mindcf_0.01'] for b, r in zip(best, rows)])} |"
+            )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +195,11 @@ OPTIONS = {
     "--runs": dict(required=True, help="bench/accuracy.py --keep-dir of the Asterisk runs"),
     "--variant": dict(default="concat", help="the runs' learned-distance variant (default concat)"),
     "--folds": dict(default="0-6", help="folds to use, at least two (default 0-6)"),
+    "--dev": (
+        str,
+        ",".join(DEV_PROTOCOLS),
+        "development data of the calibration, comma-separated, from: " + ", ".join(DEV_PROTOCOLS) + " (default all)",
+    ),  # fmt: skip
     "--work-dir": dict(default="runs/accuracy", help="the folds' data (bench/accuracy.py --work-dir)"),
     "--lda-dim": (int, 0, "PLDA's LDA size (default 0: no LDA)"),
 }
@@ -91,23 +214,26 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     folds = data_load.parse_classes(args.folds)
-    if len(folds) < 2:
-        raise UserError("--folds needs at least two folds: each is calibrated on another")
+    protocols = choose_names(args.dev, DEV_PROTOCOLS, "development protocol")
+    if len(folds) < 2 and set(protocols) - {"halves"}:
+        raise UserError("--folds needs at least two folds to calibrate one on another")
     paths = {fold: fold_paths(args, fold) for fold in folds}
+    per_fold, scores = [], {}
     for fold in folds:
         prepare(args, paths[fold])
-        score(args, paths[fold], os.path.join(paths[fold][1], "dev_scores.out"))
-    per_fold = []
-    for i, fold in enumerate(folds):
-        dev_fold = folds[(i + 1) % len(folds)]
-        dev_scores = os.path.join(paths[dev_fold][1], "dev_scores.out")
-        calibration = os.path.join(paths[fold][1], f"calibration_from_fold{dev_fold}.json")
-        python("calibrate.py", "--scores", dev_scores, "--out", calibration, threads=args.threads)
-        out = os.path.join(paths[fold][1], "calibrated_scores.out")
-        per_fold.append(score(args, paths[fold], out, ("--calibration", calibration)))
-        print(f"fold {fold} (calibrated on fold {dev_fold}): " + "  ".join(
-            f"{s} {m['eer']:.4f}" for s, m in per_fold[-1].items()), flush=True)  # fmt: skip
-    benchlib.write_results(table(per_fold), dict(zip(map(str, folds), per_fold)), args.out)
+        out = os.path.join(paths[fold][1], "backend_scores.out")
+        per_fold.append(score(args, paths[fold], out))
+        scores[fold] = read_score_file(out)
+    halves = {fold: utterance_halves(os.path.join(paths[fold][0], "test", "utt2spk")) for fold in folds}
+    results = {}
+    for protocol in protocols:
+        results[protocol] = {}
+        for name, dev, test in calibration_sets(protocol, folds, scores, halves):
+            results[protocol][name] = metrics = calibrated_metrics(dev, test)
+            pairs = (f"{s} {m['act_dcf_0.01']:.3f}/{m['mindcf_0.01']:.3f}" for s, m in metrics.items())
+            print(f"{protocol}: {name}: actDCF/minDCF " + "  ".join(pairs), flush=True)
+    text = table(per_fold) + "\n" + calibration_table(results)
+    benchlib.write_results(text, {"folds": dict(zip(map(str, folds), per_fold)), "calibration": results}, args.out)
     return 0
 
 

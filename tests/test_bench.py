@@ -1,9 +1,11 @@
 """The bench scripts run end to end at tiny sizes and their built-in checks hold (no timing is asserted)."""
 
 import importlib
+import itertools
 import os
 import re
 
+import numpy as np
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -44,3 +46,49 @@ def test_train_throughput(bench, capsys, tmp_path):
     assert bench("train_throughput").main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("of the in-memory bound") == 2, out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_speech_backends_dev_threshold_reaches_the_minimum_cost(bench, seed):
+    """The threshold picked on a set costs exactly that set's minDCF (ties between trials included)."""
+    from metrics import compute_mindcf
+
+    backends = bench("speech_backends")
+    rng = np.random.default_rng(seed)
+    labels = rng.random(3000) < 0.3
+    scores = np.round(rng.normal(size=3000) + 2.0 * labels, 1)
+    for p_target in (0.01, 0.05, 0.5):
+        threshold = backends.threshold_at_mindcf(scores, labels, p_target)
+        cost = backends.dcf_at_threshold(scores, labels, threshold, p_target)
+        assert cost == pytest.approx(compute_mindcf(scores, labels, p_target), abs=1e-9)
+    everything_rejected = backends.threshold_at_mindcf(scores - 100 * labels, labels)
+    assert everything_rejected == np.inf
+
+
+def test_speech_backends_calibration_sets(bench, tmp_path):
+    """next / others / halves: what calibrates which test set, and the halves never share an utterance."""
+    backends = bench("speech_backends")
+    utt2spk = tmp_path / "utt2spk"
+    utts = [(f"{spk}-{i}", spk) for spk in ("a", "b") for i in range(6)]
+    utt2spk.write_text("".join(f"{u} {s}\n" for u, s in utts))
+    halves = backends.utterance_halves(str(utt2spk))
+    assert [halves[f"a-{i}"] for i in range(6)] == [0, 1, 0, 1, 0, 1] and sum(halves.values()) == 6
+    pairs = [(u, v) for (u, _), (v, _) in itertools.combinations(utts, 2)]
+    labels = np.array([u[0] == v[0] for u, v in pairs])
+    scores = {}
+    for fold in (3, 5, 6):
+        columns = {"cos": np.arange(len(pairs), dtype=float) + 1000 * fold}
+        scores[fold] = (columns, labels, [u for u, _ in pairs], [v for _, v in pairs])
+    folds = [3, 5, 6]
+    made = list(backends.calibration_sets("next", folds, scores, {}))
+    assert [name for name, _, _ in made] == ["fold 3 on fold 5", "fold 5 on fold 6", "fold 6 on fold 3"]
+    assert made[2][1][0]["cos"][0] == 3000 and made[2][2][0]["cos"][0] == 6000
+    others = list(backends.calibration_sets("others", folds, scores, {}))
+    assert sorted(set(others[0][1][0]["cos"] // 1000)) == [5, 6] and len(others[0][1][1]) == 2 * len(pairs)
+    made = list(backends.calibration_sets("halves", [3], scores, {3: halves}))
+    assert [name for name, _, _ in made] == ["fold 3 half 0", "fold 3 half 1"]
+    for _, dev, test in made:
+        dev_utts = {u for k in dev[0]["cos"].astype(int) % 1000 for u in pairs[k]}
+        test_utts = {u for k in test[0]["cos"].astype(int) % 1000 for u in pairs[k]}
+        assert not dev_utts & test_utts and len(dev_utts) == len(test_utts) == 6
+        assert len(dev[1]) == len(test[1]) == 15 and dev[1].sum() == test[1].sum() == 6
