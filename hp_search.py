@@ -12,7 +12,7 @@ import sys
 import torch
 
 import hp_space
-import train
+import training
 from utils import cli, user_message
 
 EXAMPLE = """--model all searches the encoder too; --optimizer RandomSearch samples as the seed did.
@@ -30,7 +30,7 @@ TRIAL_ERRORS = (Exception,)
 
 def build_parser():
     """train.py's parser plus the search flags; returns (parser, the search flags' actions)."""
-    p = train.extended_parser(__doc__, EXAMPLE)
+    p = training.extended_parser(__doc__, EXAMPLE)
     return p, hp_space.add_search_flags(p, budget=100)
 
 
@@ -54,7 +54,7 @@ class SerialTrials:
         argv = self.command(trial, params)
         print(f"trial {trial}: train.py {' '.join(argv)}", flush=True)
         try:
-            best = hp_space.train_objective(train.build_parser().parse_args(argv), argv)
+            best = hp_space.train_objective(training.build_parser().parse_args(argv), argv)
         except TRIAL_ERRORS as err:
             return {"status": "failed", "error": f"{type(err).__name__}: {user_message(err)}", "command": argv}
         finally:

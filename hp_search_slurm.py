@@ -19,7 +19,7 @@ import threading
 import uuid
 
 import hp_space
-import train
+import training
 from utils import UserError, cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -43,13 +43,13 @@ NOT_CARRIED_OK = {"seed", "save_every", "checkpoint_path", "no_cuda", "cuda", "d
 
 def build_parser():
     """train.py's parser plus the search and cluster flags; returns (parser, the added flags' actions)."""
-    p = train.extended_parser(__doc__, EXAMPLE)
+    p = training.extended_parser(__doc__, EXAMPLE)
     own = hp_space.add_search_flags(p, budget=30)
     g = p.add_argument_group("cluster")
     own += [
         g.add_argument("--sub-file", help="submit script (default run_hp_slurm.sh; run_hp_sge.sh with sge)"),
         g.add_argument("--temp-folder", default="temp", help="trial out-files and job logs (default temp)"),
-        g.add_argument("--hp-workers", type=train.positive(int), default=1, help="trials in flight (default 1)"),
+        g.add_argument("--hp-workers", type=training.positive(int), default=1, help="trials in flight (default 1)"),
         g.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="slurm", help="sbatch --wait or qsub -sync y"),
     ]
     return p, own
@@ -57,7 +57,7 @@ def build_parser():
 
 def check_carried(train_argv):
     """Refuse training flags a job would never see: the submit script passes only its 27 arguments."""
-    parser = train.build_parser()
+    parser = training.build_parser()
     given, default = vars(parser.parse_args(train_argv)), vars(parser.parse_args([]))
     lost = [k for k, v in given.items() if v != default[k] and k not in hp_space.SUBMIT_FIELDS + tuple(NOT_CARRIED_OK)]
     if lost:

@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import nevergrad as ng
 
 import models
-import train
+import training
 from tasks import task_for_args
 from utils import UserError, write_json
 
@@ -73,7 +73,7 @@ def add_search_flags(parser, budget):
     """The flags every search adds to the training parser; returns their actions (see `training_argv`)."""
     g = parser.add_argument_group("search")
     return [
-        g.add_argument("--budget", type=train.positive(int), default=budget, help=f"trials (default {budget})"),
+        g.add_argument("--budget", type=training.positive(int), default=budget, help=f"trials (default {budget})"),
         g.add_argument(
             "--optimizer",
             default=DEFAULT_OPTIMIZER,
@@ -109,11 +109,11 @@ def training_argv(argv, own_actions):
 
 def resolve_base(argv):
     """Parse and resolve the training part of a search command line; returns (args, models searched or None)."""
-    args = train.build_parser().parse_args(argv)
+    args = training.build_parser().parse_args(argv)
     search_all = args.model == "all"
     if search_all:
         args.model = None
-    args = train.resolve_defaults(args, argv)
+    args = training.resolve_defaults(args, argv)
     task = task_for_args(args)
     search_models = models.encoder_names(task.name) if search_all else None
     for flag in ("data_path", "valid_data_path", "train_hdf_file", "valid_hdf_file"):
@@ -213,9 +213,9 @@ def submit_args(values):
 
 
 def train_objective(args, argv):
-    """Train through train.build and train.fit; returns the best validation EERs {'e2e', 'cos'}, the objective
+    """Train through training.build and training.fit; returns the best validation EERs {'e2e', 'cos'}, the objective
     being e2e."""
-    trainer = train.fit(train.build(args, argv)).trainer
+    trainer = training.fit(training.build(args, argv)).trainer
     best = {k: float(v) for k, v in trainer.best.items()}
     if not math.isfinite(best["e2e"]):
         raise UserError("training ended with no validation EER (is there validation data?)")

@@ -12,7 +12,7 @@ import os
 import sys
 
 import hp_space
-import train
+import training
 from utils import UserError, atomic_write, cli
 
 EXAMPLE = """example (one trial, as run_hp_slurm.sh starts it):
@@ -21,7 +21,7 @@ EXAMPLE = """example (one trial, as run_hp_slurm.sh starts it):
 
 
 def build_parser():
-    p = train.extended_parser(__doc__, EXAMPLE)
+    p = training.extended_parser(__doc__, EXAMPLE)
     p.add_argument("--out-file", default="objective.txt", help="where the objective goes (default objective.txt)")
     # The seed's train_hp.py frame default; checkpoints only when validation improves (and at the end).
     p.set_defaults(n_frames=800, save_every=sys.maxsize)

@@ -17,18 +17,23 @@ trained into the encoder).
 """
 
 import contextlib
-import json
 import os
-import resource
 import shlex
-import statistics
-import subprocess
-import sys
 import tempfile
 
 import benchlib
+from benchlib import (
+    IMAGE_RECIPE,
+    VARIANT_OPTION,
+    VARIANTS,
+    children_cpu_seconds,
+    choose_names,
+    mean_sd,
+    metrics_of,
+    python,
+)
 
-from utils import UserError, cli
+from utils import cli
 
 EXAMPLE = """examples:
   python bench/accuracy.py --protocols digits-open,fonts --variants concat,sym --seeds 1,2,3 --out results/accuracy.md
@@ -36,17 +41,7 @@ EXAMPLE = """examples:
 
 ROOT = benchlib.ROOT
 FASHION = "/usr/share/datasets/fashion-mnist"
-VARIANTS = {
-    "concat": [],
-    "sym": ["--pair-features", "sym"],
-    "concat-norm": ["--distance-norm"],
-    "sym-detach": ["--pair-features", "sym", "--detach-distance"],
-}
 SCORERS = ("e2e", "cos", "fus")
-# A small image recipe for 2 CPU cores: a narrow pre-activation ResNet-18, the plateau schedule.
-IMAGE_RECIPE = ["--model", "resnet", "--width", "16", "--batch-size", "64", "--lr", "0.05", "--l2", "1e-4"]
-IMAGE_RECIPE += ["--softmax", "am_softmax", "--smoothing", "0.05", "--hidden-size", "256", "--n-hidden", "2"]
-IMAGE_RECIPE += ["--dropout-prob", "0.01", "--valid-max-items", "600", "--patience", "3", "--max-gnorm", "5"]
 # The README's Asterisk run (TDNN, 8 epochs), its Noam warmup scaled to the capped data: with 150 prompts
 # per speaker an epoch is ~17 steps, so warmup 50 peaks about a third into training, as warmup 200 does on
 # all prompts. (Warmup 200 for 4 epochs never left the warmup: lr <= 0.012, the distance stayed untrained.)
@@ -54,20 +49,6 @@ SPEECH_RECIPE = ["--model", "TDNN", "--max-gnorm", "20", "--batch-size", "8", "-
 SPEECH_RECIPE += ["--lr", "0.5", "--momentum", "0.85", "--l2", "1e-5", "--warmup", "50", "--ncoef", "30"]
 SPEECH_RECIPE += ["--n-frames", "150", "--latent-size", "256", "--hidden-size", "256", "--n-hidden", "2"]
 SPEECH_RECIPE += ["--dropout-prob", "0.01", "--softmax", "am_softmax", "--smoothing", "0.05", "--workers", "0"]
-
-
-def python(script, *argv, threads=2):
-    """Run one of the toolkit's scripts in a subprocess (argument list, no shell); fail loudly."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise UserError(f"{script} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    return done.stdout
-
-
-def metrics_of(json_path):
-    with open(json_path) as handle:
-        return json.load(handle)["metrics"]
 
 
 def run_digits(folder, seed, variant, args, open_set):
@@ -145,17 +126,6 @@ PROTOCOLS = {
 }
 
 
-def children_cpu_seconds():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def mean_sd(values):
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 def table(rows):
     """Markdown: one row per (protocol, variant), mean ± sd over runs."""
     head = "| protocol | variant | runs | " + " | ".join(f"{s} EER" for s in SCORERS)
@@ -177,10 +147,6 @@ def run_folder(args, name):
     return contextlib.nullcontext(folder)
 
 
-# --variants, shared with bench/class_count.py; choose_names checks it.
-VARIANT_OPTION = {
-    "--variants": (str, "concat,sym", "learned-distance variants, comma-separated, from: " + ", ".join(VARIANTS))
-}
 RUN_OPTIONS = {
     "--protocols": (str, "digits-closed,digits-open", "comma-separated, from: " + ", ".join(PROTOCOLS)),
     "--seeds": (str, "1,2,3", "seeds of the image protocols (default 1,2,3)"),
@@ -200,15 +166,6 @@ FILE_OPTIONS = {
     "--work-dir": (str, "runs/accuracy", "cached data sets (default runs/accuracy)"),
     "--keep-dir": (str, None, "keep each run (checkpoint, scores) in DIR/<protocol>_<variant>_<run>"),
 }
-
-
-def choose_names(text, known, what):
-    """The comma-separated names of `text`, each one of `known`: -> a list (a UserError names a stray one)."""
-    names = text.split(",")
-    for name in names:
-        if name not in known:
-            raise UserError(f"unknown {what} {name}; choose from {', '.join(known)}")
-    return names
 
 
 def build_parser():

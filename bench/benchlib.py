@@ -1,5 +1,6 @@
 """Shared bits of the bench scripts: the repository root on sys.path, their command line, a synchronised
-timer, ratio lines and the written results.
+timer, ratio lines and the written results; for the accuracy benches, the learned-distance variants, the
+image recipe and running the toolkit's scripts in subprocesses.
 
 Every bench script times a candidate against a baseline in the same run, on the same device, and
 prints the ratio; absolute numbers depend on the machine, ratios much less.
@@ -7,6 +8,9 @@ prints the ratio; absolute numbers depend on the machine, ratios much less.
 
 import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
 import time
 
@@ -17,7 +21,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 # make_parser(doc, example, *tables): a bench's parser, as every script's.
-from utils import atomic_write, make_parser  # noqa: E402, F401
+from utils import UserError, atomic_write, make_parser  # noqa: E402, F401
 
 # --repeats: how often each measurement is timed.
 REPEATS = {"--repeats": (int, 3, "timed runs per measurement; the best counts (3)")}
@@ -124,3 +128,70 @@ def make_kaldi_features(folder, speakers, utts_per_speaker, frames, ncoef, seed=
     with open(os.path.join(folder, "utt2spk"), "w") as handle:
         handle.writelines(f"{utt} {spk}\n" for spk, utts in spk2utt.items() for utt in utts)
     return ark
+
+
+def kaldi_to_hdf5(folder, out_name="train.hdf"):
+    """Convert `folder`'s feats.scp (+ spk2utt / utt2spk) to the training HDF5 `folder`/`out_name`, as
+    data_prep.py does for Kaldi features (every speaker kept, no CMN); -> the HDF5 path."""
+    import speech_data
+
+    source = speech_data.KaldiFeatures(speech_data.list_scp_files(os.path.join(folder, "feats.scp")))
+    spk2utt, utt2spk = speech_data.speaker_info(folder)
+    out_file = os.path.join(folder, out_name)
+    speech_data.write_training_data(out_file, [source], utt2spk, set(spk2utt))
+    return out_file
+
+
+# ----------------------------------------------------------------------------- the accuracy benches' runs
+# The learned-distance variants the accuracy benches compare: train.py flags of each.
+VARIANTS = {
+    "concat": [],
+    "sym": ["--pair-features", "sym"],
+    "concat-norm": ["--distance-norm"],
+    "sym-detach": ["--pair-features", "sym", "--detach-distance"],
+}
+# A small image recipe for 2 CPU cores: a narrow pre-activation ResNet-18, the plateau schedule.
+IMAGE_RECIPE = ["--model", "resnet", "--width", "16", "--batch-size", "64", "--lr", "0.05", "--l2", "1e-4"]
+IMAGE_RECIPE += ["--softmax", "am_softmax", "--smoothing", "0.05", "--hidden-size", "256", "--n-hidden", "2"]
+IMAGE_RECIPE += ["--dropout-prob", "0.01", "--valid-max-items", "600", "--patience", "3", "--max-gnorm", "5"]
+# --variants of the accuracy benches; choose_names checks it.
+VARIANT_OPTION = {
+    "--variants": (str, "concat,sym", "learned-distance variants, comma-separated, from: " + ", ".join(VARIANTS))
+}
+
+
+def python(script, *argv, threads=2):
+    """Run one of the toolkit's scripts in a subprocess (argument list, no shell); fail loudly."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise UserError(f"{script} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    return done.stdout
+
+
+def metrics_of(json_path):
+    """The "metrics" of a score file's JSON (eval.py or the digits demo writes it beside the scores)."""
+    with open(json_path) as handle:
+        return json.load(handle)["metrics"]
+
+
+def children_cpu_seconds():
+    """CPU seconds (user + system) of the finished subprocesses so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def mean_sd(values):
+    """'mean ± sd' of the values to 4 decimals (the value alone when there is one)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def choose_names(text, known, what):
+    """The comma-separated names of `text`, each one of `known`: -> a list (a UserError names a stray one)."""
+    names = text.split(",")
+    for name in names:
+        if name not in known:
+            raise UserError(f"unknown {what} {name}; choose from {', '.join(known)}")
+    return names

@@ -15,7 +15,7 @@ import tempfile
 
 import benchlib
 import numpy as np
-from accuracy import IMAGE_RECIPE, VARIANT_OPTION, VARIANTS, children_cpu_seconds, choose_names, python
+from benchlib import IMAGE_RECIPE, VARIANT_OPTION, VARIANTS, children_cpu_seconds, choose_names, python
 
 from utils import UserError, atomic_path, atomic_write, cli
 

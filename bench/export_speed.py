@@ -14,8 +14,8 @@ import benchlib
 import numpy as np
 import torch
 
-import export
 import models
+import onnx_graphs
 from tasks import task_for_model
 from utils import UserError, cli
 
@@ -79,12 +79,12 @@ def bench_encoder(name, args, device, folder):
     }
     torch.manual_seed(0)
     model = models.build_model(config).to(device).eval()
-    spec = export.input_spec(model, args.image_size)
+    spec = onnx_graphs.input_spec(model, args.image_size)
     out = os.path.join(folder, name)
     os.makedirs(out)
-    export.export_model(model, out, spec, args.opset, "torchscript")
+    onnx_graphs.export_model(model, out, spec, args.opset, "torchscript")
     sess = session(os.path.join(out, "encoder.onnx"), torch.get_num_threads())
-    x = export.example_features(spec, batch=batch, frames=args.frames, seed=3)
+    x = onnx_graphs.example_features(spec, batch=batch, frames=args.frames, seed=3)
     feed = {"features": x.numpy()}
 
     def run_torch():

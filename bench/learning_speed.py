@@ -25,7 +25,7 @@ import time
 
 import benchlib
 import torch
-from accuracy import children_cpu_seconds, python
+from benchlib import children_cpu_seconds, python
 
 from utils import UserError, cli
 

@@ -1,7 +1,8 @@
 """data_prep.py throughput: Kaldi feats.scp/ark -> training HDF5, against reading the same ark bytes.
 
-Random features are written as a real Kaldi ark/scp with speaker tables; data_prep.main converts
-them to the HDF5 the training loader reads. Baselines: reading the ark's bytes (the I/O floor, page
+Random features are written as a real Kaldi ark/scp with speaker tables; data_prep's conversion
+(speech_data.write_training_data over the scp, benchlib.kaldi_to_hdf5) turns them into the HDF5 the
+training loader reads. Baselines: reading the ark's bytes (the I/O floor, page
 cache warm) and parsing every matrix with kaldiio alone (no HDF5 writing).
 """
 
@@ -12,7 +13,6 @@ import benchlib
 import kaldiio
 import torch
 
-import data_prep
 from utils import cli
 
 EXAMPLE = """example:
@@ -53,8 +53,7 @@ def run(args, folder):
     megabytes = os.path.getsize(ark) / 1e6
     n_utts = args.speakers * args.utts
     print(f"{n_utts} utterances of {args.ncoef} coefficients, ark {megabytes:.1f} MB")
-    argv = ["--path-to-data", scp, "--data-info-path", folder, "--out-path", folder, "--out-name", "train.hdf"]
-    prep_s, _ = benchlib.best_time(lambda: data_prep.main(argv), cpu, args.repeats)
+    prep_s, _ = benchlib.best_time(lambda: benchlib.kaldi_to_hdf5(folder), cpu, args.repeats)
     read_s, _ = benchlib.best_time(lambda: read_bytes(ark), cpu, args.repeats)
     parse_s, _ = benchlib.best_time(lambda: parse_matrices(scp), cpu, args.repeats)
     for name, seconds in (("data_prep.py", prep_s), ("read ark bytes", read_s), ("kaldiio parse", parse_s)):

@@ -23,7 +23,7 @@ import statistics
 
 import benchlib
 import numpy as np
-from accuracy import choose_names, mean_sd, metrics_of, python
+from benchlib import choose_names, mean_sd, metrics_of, python
 
 from calibration import apply_calibration, fit_calibration, read_score_file
 from metrics import act_dcf, compute_eer, compute_mindcf, llr_metrics

@@ -15,8 +15,7 @@ import benchlib
 import torch
 
 import data_load
-import data_prep
-import train
+import training
 from tasks import task_for_model
 from utils import cli
 
@@ -35,27 +34,25 @@ def endless(loader):
 
 
 def make_speech_hdf5(folder, speakers_flag=None):
-    """A writer of random features -> Kaldi ark/scp -> data_prep.py -> train.hdf in `folder` (the task calls it)."""
+    """A writer of random features -> Kaldi ark/scp -> data_prep's conversion -> train.hdf in `folder` (the
+    task calls it)."""
 
     def make(speakers, utts, n_frames, ncoef):
         benchlib.make_kaldi_features(folder, speakers_flag or speakers, utts, 2 * n_frames, ncoef)
-        scp = os.path.join(folder, "feats.scp")
-        flags = ["--path-to-data", scp, "--data-info-path", folder, "--out-path", folder, "--out-name", "train.hdf"]
-        data_prep.main(flags)
-        return os.path.join(folder, "train.hdf")
+        return benchlib.kaldi_to_hdf5(folder)
 
     return make
 
 
 def build_trainer(flags, device):
     """train.py's own builder for `flags`: -> (TrainLoop, loader). With no data flag, CIFAR-shaped noise in memory."""
-    args = train.build_parser().parse_args(flags)
+    args = training.build_parser().parse_args(flags)
     datasets = None
     if not args.train_hdf_file and not args.data_path:
         images, labels = torch.randn(5000, 3, 32, 32), torch.arange(5000) % 10
         noise = data_load.TensorImages(images, labels, pad=4, flip=True, name="cifar-shaped")
         datasets = (noise, None, 10, {"in_channels": 3, "stem": "cifar"})
-    run = train.build(args, flags, device, announce=False, datasets=datasets)
+    run = training.build(args, flags, device, announce=False, datasets=datasets)
     run.trainer.valid_loader = None
     return run.trainer, run.trainer.train_loader
 

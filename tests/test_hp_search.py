@@ -21,8 +21,8 @@ import hp_search
 import hp_search_slurm
 import hp_space
 import models
-import train
 import train_hp
+import training
 from utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def test_submit_scripts_pass_position_n_as_the_seed_flag_train_hp_parses(script)
 
 
 def test_cluster_command_is_an_argument_list(tmp_path):
-    base = train.build_parser().parse_args([])
+    base = training.build_parser().parse_args([])
     for scheduler, head in (("slurm", ["sbatch", "--wait"]), ("sge", ["qsub", "-sync", "y"])):
         runner = hp_search_slurm.ClusterTrials(scheduler, "/x/run.sh", str(tmp_path), {}, base, None)
         cmd = runner.command(3, SEED_SUBMIT_VALUES, "/t/trial.log")
@@ -97,7 +97,7 @@ def test_spaces_hold_only_what_applies_to_the_data_kind():
 
 
 def test_rproj_fraction_is_of_the_learned_distance_input():
-    base = train.build_parser().parse_args([])
+    base = training.build_parser().parse_args([])
     base.model = "resnet"
     values = hp_space.training_values({"rproj": 0.5, "lr": np.float64(0.1)}, base)
     assert values == {"rproj_size": 512, "lr": 0.1}  # half of [a; b], 2 x 512

@@ -11,7 +11,7 @@ from tiny_data import model_config
 
 import data_load
 import models
-import train
+import training
 from checkpoints import load_model, save_checkpoint
 from models.verifier import LearnedDistance
 from scoring import score_all_pairs, score_trials
@@ -116,7 +116,7 @@ def test_class_selection_leaks_no_item_of_other_classes():
 def test_training_on_train_classes_never_reads_a_test_class(tmp_path):
     argv = ["--classes", "0-4", "--valid-classes", "5-9", "--epochs", "1", "--no-cp", "--verbose", "0"]
     argv += ["--checkpoint-path", str(tmp_path)]
-    run = train.build(train.build_parser().parse_args(argv), argv)
+    run = training.build(training.build_parser().parse_args(argv), argv)
     train_set, valid_set = run.datasets
     full_train = data_load.load_images(None, "train")
     assert set(full_train.labels[train_set.indices].tolist()) == {0, 1, 2, 3, 4}

@@ -7,6 +7,7 @@ import torch
 from tiny_data import make_image_tree
 
 import train
+import training
 from checkpoints import load_checkpoint
 from frontend import FrontEnd
 from pretrained import pretrained_config
@@ -38,7 +39,7 @@ def fine_tune_argv(d, out, *extra):
 
 def test_fine_tuning_copies_encoder_and_distance_and_builds_a_new_head(d, tmp_path):
     argv = fine_tune_argv(d, tmp_path / "ft")
-    run = train.build(train.build_parser().parse_args(argv), argv)
+    run = training.build(training.build_parser().parse_args(argv), argv)
     config = run.model.config
     arch = (config["model"], config["hidden_size"], config["n_hidden"], config["ndiscriminators"])
     assert arch == ("resnet", 16, 2, 2)  # from the checkpoint; the flags' defaults would give 512, 1, 1
@@ -67,13 +68,13 @@ def test_fine_tuning_copies_encoder_and_distance_and_builds_a_new_head(d, tmp_pa
 def test_flags_contradicting_the_checkpoint_are_one_error(d, tmp_path, flags, message):
     argv = fine_tune_argv(d, tmp_path / "ft", *flags)
     with pytest.raises(UserError, match=message):
-        train.build(train.build_parser().parse_args(argv), argv)
+        training.build(training.build_parser().parse_args(argv), argv)
     assert not (tmp_path / "ft").exists()
 
 
 def test_flags_repeating_the_checkpoint_are_fine(d, tmp_path):
     argv = fine_tune_argv(d, tmp_path / "ft", *ARCH)
-    assert train.build(train.build_parser().parse_args(argv), argv).model.config["hidden_size"] == 16
+    assert training.build(training.build_parser().parse_args(argv), argv).model.config["hidden_size"] == 16
 
 
 def test_data_and_front_end_must_fit_the_encoder():

@@ -17,7 +17,7 @@ from tiny_data import make_image_tree
 
 import data_load
 import models
-import train
+import training
 from checkpoints import load_model
 from losses import SoftmaxHead, build_head, pair_loss
 from utils import UserError
@@ -31,11 +31,11 @@ def digits_run(tmp_path, *extra, cp=False):
     argv = ["--epochs", "1", "--width", "4", "--verbose", "0", "--device", "cpu", "--checkpoint-path", str(tmp_path)]
     argv += [] if cp else ["--no-cp"]
     argv += list(extra)
-    return train.build(train.build_parser().parse_args(argv), argv)
+    return training.build(training.build_parser().parse_args(argv), argv)
 
 
 def trained_weights(tmp_path, *extra):
-    run = train.fit(digits_run(tmp_path, *extra))
+    run = training.fit(digits_run(tmp_path, *extra))
     return {k: v.clone() for k, v in run.model.state_dict().items()}
 
 
@@ -141,9 +141,9 @@ def test_train_flag_reaches_the_training_images(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--augment", "none"], ["--sampler", "random"], ["--final-norm"]])
 def test_image_only_flags_are_refused_for_speech(flags):
-    args = train.build_parser().parse_args(["--train-hdf-file", "x.hdf", *flags])
+    args = training.build_parser().parse_args(["--train-hdf-file", "x.hdf", *flags])
     with pytest.raises(UserError, match="images|image resnet"):
-        train.resolve_defaults(args, [])
+        training.resolve_defaults(args, [])
 
 
 # ----------------------------------------------------------------------------- --final-norm
@@ -154,7 +154,7 @@ def test_final_norm_adds_bn_relu_and_the_checkpoint_rebuilds_it(tmp_path):
     assert plain.encoder.final is None
     assert "final_norm" not in plain.config["encoder_args"]
     assert not any("final" in k for k in plain.state_dict())
-    run = train.fit(digits_run(tmp_path / "b", "--final-norm", cp=True))
+    run = training.fit(digits_run(tmp_path / "b", "--final-norm", cp=True))
     final = run.model.encoder.final
     assert isinstance(final[0], torch.nn.BatchNorm2d) and isinstance(final[1], torch.nn.ReLU)
     assert run.model.config["encoder_args"]["final_norm"] is True

@@ -18,6 +18,7 @@ from tiny_data import make_image_tree
 
 import hp_search
 import train
+import training
 from checkpoints import load_checkpoint
 from utils import cli
 
@@ -121,7 +122,7 @@ def refused(main, argv, out, capsys, *words):
 
 
 def fit(argv):
-    return train.fit(train.build(train.build_parser().parse_args(argv), argv))
+    return training.fit(training.build(training.build_parser().parse_args(argv), argv))
 
 
 # ----------------------------------------------------------------------------- items 1 and 2: exact resume
@@ -165,10 +166,10 @@ def test_resume_with_another_lr_schedule_is_one_line(d, tmp_path, capsys):
 
 def test_capped_validation_is_drawn_over_all_classes_before_training(d, tmp_path, capsys):
     argv = image_argv(d["images"], str(tmp_path / "cp"), "--valid-data-path", d["valid"], "--valid-max-items", "12")
-    run = train.build(train.build_parser().parse_args(argv), argv)
+    run = training.build(training.build_parser().parse_args(argv), argv)
     labels = np.asarray(run.datasets[1].labels)
     assert len(labels) == 12 and np.bincount(labels).tolist() == [3, 3, 3, 3]
-    train.fit(run)
+    training.fit(run)
     assert np.isfinite(run.trainer.history["e2e_eer"][0])
     out = str(tmp_path / "one")
     argv = image_argv(d["images"], out, "--valid-data-path", d["valid"], "--valid-max-items", "3")

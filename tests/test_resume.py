@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny_data import make_image_tree, read_terminal, start_on_terminal
 
-import train
+import training
 from checkpoints import load_checkpoint, save_checkpoint
 from utils import UserError
 
@@ -118,18 +118,18 @@ def test_sigkill_inside_an_epoch_then_resume_equals_uninterrupted(images, tmp_pa
 def test_two_epochs_equal_one_epoch_then_resume_in_process(few_images, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     argv = train_argv(few_images, straight, "--verbose", "0")
-    train.fit(train.build(train.build_parser().parse_args(argv), argv))
+    training.fit(training.build(training.build_parser().parse_args(argv), argv))
     argv = train_argv(few_images, resumed, "--verbose", "0", "--epochs", "1")
-    train.fit(train.build(train.build_parser().parse_args(argv), argv))
+    training.fit(training.build(training.build_parser().parse_args(argv), argv))
     argv = train_argv(few_images, resumed, "--verbose", "0", "--checkpoint-epoch", "1")
-    train.fit(train.build(train.build_parser().parse_args(argv), argv))
+    training.fit(training.build(training.build_parser().parse_args(argv), argv))
     compare_final(straight, resumed)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(few_images, tmp_path):
     cp = str(tmp_path / "cp")
     argv = train_argv(few_images, cp, "--verbose", "0", "--epochs", "1")
-    train.fit(train.build(train.build_parser().parse_args(argv), argv))
+    training.fit(training.build(training.build_parser().parse_args(argv), argv))
     good = os.path.join(cp, "checkpoint_1ep.pt")
     state = load_checkpoint(good)
     for group in state["optimizer_state"]["param_groups"]:
@@ -139,7 +139,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(few_i
 
     argv = train_argv(few_images, cp, "--verbose", "0", "--checkpoint-epoch", "1")
     with pytest.raises(UserError) as stop:
-        train.fit(train.build(train.build_parser().parse_args(argv), argv))
+        training.fit(training.build(training.build_parser().parse_args(argv), argv))
     message = str(stop.value)
     found = re.search(r"loss became (nan|inf|-inf) at epoch 2, step (\d+)", message)
     assert found, message

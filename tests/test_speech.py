@@ -17,6 +17,7 @@ import data_prep
 import embed
 import eval as eval_script
 import train
+import training
 from checkpoints import load_checkpoint
 from scoring import embed_matrices
 from utils import UserError
@@ -185,10 +186,10 @@ def voxceleb_train_argv(speech_set, cp, logdir):
 
 
 def test_seed_voxceleb_lr_is_a_noam_scale():
-    args = train.build_parser().parse_args(["--train-hdf-file", "x.hdf", "--lr", "1.5", "--warmup", "2000"])
-    args = train.resolve_defaults(args, [])
+    args = training.build_parser().parse_args(["--train-hdf-file", "x.hdf", "--lr", "1.5", "--warmup", "2000"])
+    args = training.resolve_defaults(args, [])
     model = torch.nn.Linear(2, 2)
-    opt, sched = train.make_optimizer(args, model)
+    opt, sched = training.make_optimizer(args, model)
     assert args.lr_schedule == "noam" and opt.param_groups[0]["nesterov"]
     used = {}
     for step in range(1, 8001):

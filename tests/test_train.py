@@ -10,6 +10,7 @@ from tiny_data import make_image_tree
 
 import eval as eval_script
 import train
+import training
 from checkpoints import load_checkpoint
 
 
@@ -108,7 +109,7 @@ def test_tensorboard_scalars_are_written(tmp_path):
 def test_noam_schedule_matches_the_seed_formula():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=1.5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.noam_factor(2000))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.noam_factor(2000))
     seen = {}
     for step in range(1, 8001):
         seen[step] = opt.param_groups[0]["lr"]
@@ -124,8 +125,8 @@ def test_same_seed_same_weights_with_two_threads(tmp_path):
     weights = []
     for run in range(2):
         argv = ["--epochs", "1", "--no-cp", "--verbose", "0", "--checkpoint-path", str(tmp_path / str(run))]
-        args = train.build_parser().parse_args(argv)
-        model = train.fit(train.build(args, argv)).model
+        args = training.build_parser().parse_args(argv)
+        model = training.fit(training.build(args, argv)).model
         weights.append(model.state_dict())
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
