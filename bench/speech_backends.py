@@ -4,7 +4,7 @@ Reads the Asterisk runs that bench/accuracy.py kept (--keep-dir): each fold's ch
 fold's features under --work-dir. For every fold it embeds the training speakers' utterances (the
 score-normalisation cohort and the PLDA training set), trains PLDA, and scores the fold's test trials
 with every scorer (eval.py --cohort --plda). Then it calibrates (prior-weighted logistic regression at
-p_target 0.01, calibration.fit_calibration, as calibrate.py) each fold's scores on development scores
+--p-target, default 0.01, calibration.fit_calibration, as calibrate.py) each fold's scores on development scores
 of each --dev protocol:
   next    the next fold's score file (another model, two other speakers), as in calibrating a recipe
           on another run of it;
@@ -13,7 +13,7 @@ of each --dev protocol:
           within one half are calibrated on the trials within the other (same model and speakers,
           disjoint utterances): what calibration misses when development data match the test.
 Prints, mean +- sd over folds, EER, minDCF(0.01), actDCF(0.01) and Cllr of every scorer, then for each
-protocol and calibrated scorer the mean actDCF(0.01) / minDCF(0.01) and how many test sets have their
+protocol and calibrated scorer the mean actDCF / minDCF at --p-target and how many test sets have their
 actDCF within 10 % of their minDCF.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from benchlib import choose_names, mean_sd, metrics_of, python
 
 from calibration import apply_calibration, fit_calibration, read_score_file
-from metrics import act_dcf, compute_eer, compute_mindcf, llr_metrics
+from metrics import act_dcf, cllr, compute_eer, compute_mindcf
 from utils import UserError, cli
 
 EXAMPLE = """example:
@@ -34,7 +34,6 @@ EXAMPLE = """example:
   python bench/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md"""
 CHECKPOINT = re.compile(r"checkpoint_(\d+)ep\.pt")
 DEV_PROTOCOLS = ("next", "others", "halves")
-P_TARGET = 0.01
 CALIBRATED = ("cos", "asnorm_cos", "e2e_logit")  # calibrated alone; and fused:
 FUSION = ("e2e_logit", "cos")
 COLUMNS = (("EER", "eer"), ("minDCF(0.01)", "mindcf_0.01"), ("actDCF(0.01)", "act_dcf_0.01"), ("Cllr", "cllr"))
@@ -129,7 +128,7 @@ def calibration_sets(protocol, folds, scores, halves):
                 yield f"fold {fold} half {half}", subset(trials, other), subset(trials, inside)
 
 
-def threshold_at_mindcf(llr, labels, p_target=P_TARGET):
+def threshold_at_mindcf(llr, labels, p_target):
     """The threshold (accept llr >= it) of the lowest detection cost on these trials; inf: reject all."""
     order = np.argsort(-llr, kind="stable")
     ranked, targets = llr[order], labels[order]
@@ -143,24 +142,27 @@ def threshold_at_mindcf(llr, labels, p_target=P_TARGET):
     return np.inf if k == 0 else float(ranked[k - 1])
 
 
-def dcf_at_threshold(llr, labels, threshold, p_target=P_TARGET):
+def dcf_at_threshold(llr, labels, threshold, p_target):
     """Normalised detection cost of accepting the trials with llr >= threshold."""
     return act_dcf(llr - threshold + np.log((1.0 - p_target) / p_target), labels, p_target)
 
 
-def calibrated_metrics(dev, test):
+def calibrated_metrics(dev, test, p_target):
     """Calibrate the CALIBRATED scorers and the FUSION on `dev`; -> {cal_<name>: metrics on `test`}, with
-    "dev_threshold_dcf": the test cost at the threshold that is best on `dev` (what no calibration fitted
-    on `dev` can beat by more than luck)."""
-    params = fit_calibration(*dev, P_TARGET, fusions=[list(FUSION)], scorers=list(CALIBRATED))
+    "dev_threshold_dcf": the test cost at the threshold that is best on `dev` (how far the best decision on
+    the development trials carries to the test trials)."""
+    params = fit_calibration(*dev, p_target, fusions=[list(FUSION)], scorers=list(CALIBRATED))
     dev_llrs = apply_calibration(params, dev[0])
     out = {}
     for name, llr in apply_calibration(params, test[0]).items():
         out[name] = {
             "eer": compute_eer(llr, test[1]),
-            "mindcf_0.01": compute_mindcf(llr, test[1], P_TARGET),
-            **llr_metrics(llr, test[1], p_targets=(P_TARGET,)),
-            "dev_threshold_dcf": dcf_at_threshold(llr, test[1], threshold_at_mindcf(dev_llrs[name], dev[1])),
+            "min_dcf": compute_mindcf(llr, test[1], p_target),
+            "act_dcf": act_dcf(llr, test[1], p_target),
+            "cllr": cllr(llr, test[1]),
+            "dev_threshold_dcf": dcf_at_threshold(
+                llr, test[1], threshold_at_mindcf(dev_llrs[name], dev[1], p_target), p_target
+            ),
         }
     return out
 
@@ -170,23 +172,23 @@ def within_10_percent(ratios):
     return f"{sum(ratio <= 1.1 for ratio in ratios)} of {len(ratios)}"
 
 
-def calibration_table(results):
+def calibration_table(results, p_target):
     """Markdown: a row per (protocol, calibrated scorer): test sets, means and the count within 10 %."""
     lines = [
-        "| development data | scorer | test sets | minDCF(0.01) | actDCF(0.01) | Cllr | actDCF / minDCF "
-        "| within 10 % | DCF at the development set's best threshold | within 10 % |",
+        f"| development data | scorer | test sets | minDCF({p_target:g}) | actDCF({p_target:g}) | Cllr "
+        "| actDCF / minDCF | within 10 % | DCF at the development set's best threshold | within 10 % |",
         "|---" * 10 + "|",
     ]
     for protocol, sets in results.items():
         for scorer in next(iter(sets.values())):
             rows = [m[scorer] for m in sets.values()]
-            ratios = [r["act_dcf_0.01"] / r["mindcf_0.01"] for r in rows]
-            cells = [mean_sd([r[key] for r in rows]) for key in ("mindcf_0.01", "act_dcf_0.01", "cllr")]
+            ratios = [r["act_dcf"] / r["min_dcf"] for r in rows]
+            cells = [mean_sd([r[key] for r in rows]) for key in ("min_dcf", "act_dcf", "cllr")]
             best = [r["dev_threshold_dcf"] for r in rows]
             lines.append(
                 f"| {protocol} | {scorer} | {len(rows)} | " + " | ".join(cells)
                 + f" | {statistics.mean(ratios):.2f} | {within_10_percent(ratios)} | {mean_sd(best)}"
-                + f" | {within_10_percent([b / r['mindcf_0.01'] for b, r in zip(best, rows)])} |"
+                + f" | {within_10_percent([b / r['min_dcf'] for b, r in zip(best, rows)])} |"
             )  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -200,6 +202,7 @@ OPTIONS = {
         ",".join(DEV_PROTOCOLS),
         "development data of the calibration, comma-separated, from: " + ", ".join(DEV_PROTOCOLS) + " (default all)",
     ),  # fmt: skip
+    "--p-target": (float, 0.01, "target prior of the calibration and its costs (default 0.01)"),
     "--work-dir": dict(default="runs/accuracy", help="the folds' data (bench/accuracy.py --work-dir)"),
     "--lda-dim": (int, 0, "PLDA's LDA size (default 0: no LDA)"),
 }
@@ -215,6 +218,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     folds = data_load.parse_classes(args.folds)
     protocols = choose_names(args.dev, DEV_PROTOCOLS, "development protocol")
+    if not 0.0 < args.p_target < 1.0:
+        raise UserError(f"--p-target must lie strictly between 0 and 1, got {args.p_target}")
     if len(folds) < 2 and set(protocols) - {"halves"}:
         raise UserError("--folds needs at least two folds to calibrate one on another")
     paths = {fold: fold_paths(args, fold) for fold in folds}
@@ -229,10 +234,10 @@ def main(argv=None):
     for protocol in protocols:
         results[protocol] = {}
         for name, dev, test in calibration_sets(protocol, folds, scores, halves):
-            results[protocol][name] = metrics = calibrated_metrics(dev, test)
-            pairs = (f"{s} {m['act_dcf_0.01']:.3f}/{m['mindcf_0.01']:.3f}" for s, m in metrics.items())
+            results[protocol][name] = metrics = calibrated_metrics(dev, test, args.p_target)
+            pairs = (f"{s} {m['act_dcf']:.3f}/{m['min_dcf']:.3f}" for s, m in metrics.items())
             print(f"{protocol}: {name}: actDCF/minDCF " + "  ".join(pairs), flush=True)
-    text = table(per_fold) + "\n" + calibration_table(results)
+    text = table(per_fold) + "\n" + calibration_table(results, args.p_target)
     benchlib.write_results(text, {"folds": dict(zip(map(str, folds), per_fold)), "calibration": results}, args.out)
     return 0
 

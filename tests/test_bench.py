@@ -61,7 +61,7 @@ def test_speech_backends_dev_threshold_reaches_the_minimum_cost(bench, seed):
         threshold = backends.threshold_at_mindcf(scores, labels, p_target)
         cost = backends.dcf_at_threshold(scores, labels, threshold, p_target)
         assert cost == pytest.approx(compute_mindcf(scores, labels, p_target), abs=1e-9)
-    everything_rejected = backends.threshold_at_mindcf(scores - 100 * labels, labels)
+    everything_rejected = backends.threshold_at_mindcf(scores - 100 * labels, labels, 0.01)
     assert everything_rejected == np.inf
 
 
