@@ -24,7 +24,6 @@ import tempfile
 import benchlib
 from benchlib import (
     IMAGE_RECIPE,
-    VARIANT_OPTION,
     VARIANTS,
     children_cpu_seconds,
     choose_names,
@@ -169,15 +168,9 @@ FILE_OPTIONS = {
 
 
 def build_parser():
-    return benchlib.make_parser(
-        __doc__,
-        EXAMPLE,
-        benchlib.RUN_THREADS,
-        ("what to run", {**RUN_OPTIONS, **VARIANT_OPTION}),
-        ("image recipe", IMAGE_OPTIONS),
-        ("speech recipe", SPEECH_OPTIONS),
-        ("files", {**benchlib.FONTS, **FILE_OPTIONS, **benchlib.OUT_TABLE}),
-    )
+    recipes = ("image recipe", IMAGE_OPTIONS), ("speech recipe", SPEECH_OPTIONS)
+    files = {**FILE_OPTIONS, **benchlib.OUT_TABLE}
+    return benchlib.accuracy_parser(__doc__, EXAMPLE, RUN_OPTIONS, *recipes, files=files)
 
 
 def main(argv=None):

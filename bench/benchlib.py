@@ -160,6 +160,13 @@ VARIANT_OPTION = {
 }
 
 
+def accuracy_parser(doc, example, runs, *recipes, files):
+    """The parser of an accuracy bench: --threads; "what to run" (`runs` and --variants); the `recipes`
+    sections, each (title, table); and "files" (--fonts and `files`)."""
+    what = ("what to run", {**runs, **VARIANT_OPTION})
+    return make_parser(doc, example, RUN_THREADS, what, *recipes, ("files", {**FONTS, **files}))
+
+
 def python(script, *argv, threads=2):
     """Run one of the toolkit's scripts in a subprocess (argument list, no shell); fail loudly."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

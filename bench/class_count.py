@@ -15,7 +15,7 @@ import tempfile
 
 import benchlib
 import numpy as np
-from benchlib import IMAGE_RECIPE, VARIANT_OPTION, VARIANTS, children_cpu_seconds, choose_names, python
+from benchlib import IMAGE_RECIPE, VARIANTS, children_cpu_seconds, choose_names, python
 
 from utils import UserError, atomic_path, atomic_write, cli
 
@@ -92,14 +92,7 @@ OUT_OPTION = {"--out": (str, "runs/class_count", "output prefix: <out>.md, <out>
 
 
 def build_parser():
-    return benchlib.make_parser(
-        __doc__,
-        EXAMPLE,
-        benchlib.RUN_THREADS,
-        ("what to run", {**RUN_OPTIONS, **VARIANT_OPTION}),
-        ("recipe", RECIPE_OPTIONS),
-        ("files", {**benchlib.FONTS, **OUT_OPTION}),
-    )
+    return benchlib.accuracy_parser(__doc__, EXAMPLE, RUN_OPTIONS, ("recipe", RECIPE_OPTIONS), files=OUT_OPTION)
 
 
 def main(argv=None):
