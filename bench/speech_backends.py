@@ -18,24 +18,19 @@ actDCF within 10 % of their minDCF.
 """
 
 import os
-import re
-import statistics
 
 import benchlib
-import numpy as np
+import calibration_study as study
 from benchlib import choose_names, mean_sd, metrics_of, python
 
-from calibration import apply_calibration, fit_calibration, read_score_file
-from metrics import act_dcf, cllr, compute_eer, compute_mindcf
+from calibration import read_score_file
 from utils import UserError, cli
 
 EXAMPLE = """example:
   python bench/accuracy.py --protocols asterisk --variants concat --folds 0-6 --keep-dir runs/keep/tdnn
   python bench/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md"""
-CHECKPOINT = re.compile(r"checkpoint_(\d+)ep\.pt")
 DEV_PROTOCOLS = ("next", "others", "halves")
-CALIBRATED = ("cos", "asnorm_cos", "e2e_logit")  # calibrated alone; and fused:
-FUSION = ("e2e_logit", "cos")
+CALIBRATED = ("cos", "asnorm_cos", "e2e_logit")  # calibrated alone; and fused: study.FUSION
 COLUMNS = (("EER", "eer"), ("minDCF(0.01)", "mindcf_0.01"), ("actDCF(0.01)", "act_dcf_0.01"), ("Cllr", "cllr"))
 
 
@@ -43,10 +38,7 @@ def fold_paths(args, fold):
     """(the fold's data folder, its kept run folder, the run's final checkpoint)."""
     data = os.path.join(args.work_dir, f"asterisk_fold{fold}")
     run = os.path.join(args.runs, f"asterisk_{args.variant}_{fold}")
-    epochs = [int(m.group(1)) for m in map(CHECKPOINT.fullmatch, os.listdir(os.path.join(run, "cp"))) if m]
-    if not epochs:
-        raise UserError(f"no checkpoint_<N>ep.pt in {run}/cp")
-    return data, run, os.path.join(run, "cp", f"checkpoint_{max(epochs)}ep.pt")
+    return data, run, study.last_checkpoint(run)
 
 
 def score(args, paths, out, extra=()):
@@ -91,20 +83,7 @@ def utterance_halves(utt2spk):
         for line in handle:
             utt, speaker = line.split()
             by_speaker.setdefault(speaker, []).append(utt)
-    return {utt: i % 2 for utts in by_speaker.values() for i, utt in enumerate(sorted(utts))}
-
-
-def subset(trials, keep):
-    """(columns, labels) of the trials where `keep` is true."""
-    columns, labels = trials
-    return {name: values[keep] for name, values in columns.items()}, labels[keep]
-
-
-def pooled(trial_sets):
-    """(columns, labels) of several score files' trials together."""
-    names = trial_sets[0][0]
-    columns = {name: np.concatenate([t[0][name] for t in trial_sets]) for name in names}
-    return columns, np.concatenate([t[1] for t in trial_sets])
+    return study.alternating_halves(by_speaker)
 
 
 def calibration_sets(protocol, folds, scores, halves):
@@ -118,79 +97,9 @@ def calibration_sets(protocol, folds, scores, halves):
             dev = folds[(i + 1) % len(folds)]
             yield f"fold {fold} on fold {dev}", scores[dev][:2], trials
         elif protocol == "others":
-            yield f"fold {fold} on the others", pooled([scores[f][:2] for f in folds if f != fold]), trials
+            yield f"fold {fold} on the others", study.pooled([scores[f][:2] for f in folds if f != fold]), trials
         else:
-            enroll, test = scores[fold][2:]
-            side = np.array([[halves[fold][e], halves[fold][t]] for e, t in zip(enroll, test)])
-            for half in (0, 1):
-                inside = (side == half).all(1)
-                other = (side == 1 - half).all(1)
-                yield f"fold {fold} half {half}", subset(trials, other), subset(trials, inside)
-
-
-def threshold_at_mindcf(llr, labels, p_target):
-    """The threshold (accept llr >= it) of the lowest detection cost on these trials; inf: reject all."""
-    order = np.argsort(-llr, kind="stable")
-    ranked, targets = llr[order], labels[order]
-    n_tar, n_non = int(targets.sum()), int((~targets).sum())
-    # Accepting the k best-scored trials, k = 0..n; only cuts between distinct scores are thresholds.
-    p_miss = 1.0 - np.concatenate([[0], np.cumsum(targets)]) / n_tar
-    p_fa = np.concatenate([[0], np.cumsum(~targets)]) / n_non
-    cost = p_target * p_miss + (1.0 - p_target) * p_fa
-    cut = np.concatenate([[True], ranked[1:] != ranked[:-1], [True]])
-    k = int(np.flatnonzero(cut)[np.argmin(cost[cut])])
-    return np.inf if k == 0 else float(ranked[k - 1])
-
-
-def dcf_at_threshold(llr, labels, threshold, p_target):
-    """Normalised detection cost of accepting the trials with llr >= threshold."""
-    return act_dcf(llr - threshold + np.log((1.0 - p_target) / p_target), labels, p_target)
-
-
-def calibrated_metrics(dev, test, p_target):
-    """Calibrate the CALIBRATED scorers and the FUSION on `dev`; -> {cal_<name>: metrics on `test`}, with
-    "dev_threshold_dcf": the test cost at the threshold that is best on `dev` (how far the best decision on
-    the development trials carries to the test trials)."""
-    params = fit_calibration(*dev, p_target, fusions=[list(FUSION)], scorers=list(CALIBRATED))
-    dev_llrs = apply_calibration(params, dev[0])
-    out = {}
-    for name, llr in apply_calibration(params, test[0]).items():
-        out[name] = {
-            "eer": compute_eer(llr, test[1]),
-            "min_dcf": compute_mindcf(llr, test[1], p_target),
-            "act_dcf": act_dcf(llr, test[1], p_target),
-            "cllr": cllr(llr, test[1]),
-            "dev_threshold_dcf": dcf_at_threshold(
-                llr, test[1], threshold_at_mindcf(dev_llrs[name], dev[1], p_target), p_target
-            ),
-        }
-    return out
-
-
-def within_10_percent(ratios):
-    """'k of n': how many cost ratios (actual / minimum) are at most 1.1."""
-    return f"{sum(ratio <= 1.1 for ratio in ratios)} of {len(ratios)}"
-
-
-def calibration_table(results, p_target):
-    """Markdown: a row per (protocol, calibrated scorer): test sets, means and the count within 10 %."""
-    lines = [
-        f"| development data | scorer | test sets | minDCF({p_target:g}) | actDCF({p_target:g}) | Cllr "
-        "| actDCF / minDCF | within 10 % | DCF at the development set's best threshold | within 10 % |",
-        "|---" * 10 + "|",
-    ]
-    for protocol, sets in results.items():
-        for scorer in next(iter(sets.values())):
-            rows = [m[scorer] for m in sets.values()]
-            ratios = [r["act_dcf"] / r["min_dcf"] for r in rows]
-            cells = [mean_sd([r[key] for r in rows]) for key in ("min_dcf", "act_dcf", "cllr")]
-            best = [r["dev_threshold_dcf"] for r in rows]
-            lines.append(
-                f"| {protocol} | {scorer} | {len(rows)} | " + " | ".join(cells)
-                + f" | {statistics.mean(ratios):.2f} | {within_10_percent(ratios)} | {mean_sd(best)}"
-                + f" | {within_10_percent([b / r['min_dcf'] for b, r in zip(best, rows)])} |"
-            )  # fmt: skip
-    return "\n".join(lines) + "\n"
+            yield from study.half_sets(f"fold {fold}", trials, *scores[fold][2:], halves[fold])
 
 
 OPTIONS = {
@@ -234,10 +143,10 @@ def main(argv=None):
     for protocol in protocols:
         results[protocol] = {}
         for name, dev, test in calibration_sets(protocol, folds, scores, halves):
-            results[protocol][name] = metrics = calibrated_metrics(dev, test, args.p_target)
+            results[protocol][name] = metrics = study.calibrated_metrics(dev, test, args.p_target, CALIBRATED)
             pairs = (f"{s} {m['act_dcf']:.3f}/{m['min_dcf']:.3f}" for s, m in metrics.items())
             print(f"{protocol}: {name}: actDCF/minDCF " + "  ".join(pairs), flush=True)
-    text = table(per_fold) + "\n" + calibration_table(results, args.p_target)
+    text = table(per_fold) + "\n" + study.calibration_table(results, args.p_target)
     benchlib.write_results(text, {"folds": dict(zip(map(str, folds), per_fold)), "calibration": results}, args.out)
     return 0
 

@@ -49,19 +49,19 @@ def test_train_throughput(bench, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_speech_backends_dev_threshold_reaches_the_minimum_cost(bench, seed):
+def test_calibration_study_dev_threshold_reaches_the_minimum_cost(bench, seed):
     """The threshold picked on a set costs exactly that set's minDCF (ties between trials included)."""
     from metrics import compute_mindcf
 
-    backends = bench("speech_backends")
+    study = bench("calibration_study")
     rng = np.random.default_rng(seed)
     labels = rng.random(3000) < 0.3
     scores = np.round(rng.normal(size=3000) + 2.0 * labels, 1)
     for p_target in (0.01, 0.05, 0.5):
-        threshold = backends.threshold_at_mindcf(scores, labels, p_target)
-        cost = backends.dcf_at_threshold(scores, labels, threshold, p_target)
+        threshold = study.threshold_at_mindcf(scores, labels, p_target)
+        cost = study.dcf_at_threshold(scores, labels, threshold, p_target)
         assert cost == pytest.approx(compute_mindcf(scores, labels, p_target), abs=1e-9)
-    everything_rejected = backends.threshold_at_mindcf(scores - 100 * labels, labels, 0.01)
+    everything_rejected = study.threshold_at_mindcf(scores - 100 * labels, labels, 0.01)
     assert everything_rejected == np.inf
 
 
