@@ -39,7 +39,7 @@ EXAMPLE = """examples:
   python bench/accuracy.py --protocols asterisk --variants concat,sym --folds 0-6"""
 
 ROOT = benchlib.ROOT
-FASHION = "/usr/share/datasets/fashion-mnist"
+FASHION = benchlib.FASHION
 SCORERS = ("e2e", "cos", "fus")
 # The README's Asterisk run (TDNN, 8 epochs), its Noam warmup scaled to the capped data: with 150 prompts
 # per speaker an epoch is ~17 steps, so warmup 50 peaks about a third into training, as warmup 200 does on

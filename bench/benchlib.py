@@ -143,6 +143,7 @@ def kaldi_to_hdf5(folder, out_name="train.hdf"):
 
 
 # ----------------------------------------------------------------------------- the accuracy benches' runs
+FASHION = "/usr/share/datasets/fashion-mnist"  # Fashion-MNIST's IDX files (scripts/install.sh --test)
 # The learned-distance variants the accuracy benches compare: train.py flags of each.
 VARIANTS = {
     "concat": [],

@@ -100,10 +100,12 @@ def within_10_percent(ratios):
     return f"{sum(ratio <= 1.1 for ratio in ratios)} of {len(ratios)}"
 
 
-def calibration_table(results, p_target):
-    """Markdown: a row per (protocol, calibrated scorer): test sets, means and the count within 10 %."""
+def calibration_table(results, p_target, group="development data"):
+    """Markdown: a row per (group of test sets, scorer): test sets, means and the counts within 10 %.
+
+    results: {group: {test set: {scorer: costs}}} (costs as calibrated_metrics's)."""
     lines = [
-        f"| development data | scorer | test sets | minDCF({p_target:g}) | actDCF({p_target:g}) | Cllr "
+        f"| {group} | scorer | test sets | minDCF({p_target:g}) | actDCF({p_target:g}) | Cllr "
         "| actDCF / minDCF | within 10 % | DCF at the development set's best threshold | within 10 % |",
         "|---" * 10 + "|",
     ]

@@ -34,7 +34,7 @@ EXAMPLE = """examples:
   python bench/learning_speed.py --rows research,no-flip,no-augment,final-norm,pair-weight-0,random-batches \\
       --width 8 --seeds 1 --scorers cos --out results/learning_speed_ablation.md"""
 
-FASHION = "/usr/share/datasets/fashion-mnist"
+FASHION = benchlib.FASHION
 SCORERS = ("cos", "e2e", "fus")
 # The research code's CIFAR-10 command line (seed README) less its paths, run length and batch size.
 RESEARCH = ["--hidden-size", "350", "--n-hidden", "3", "--dropout-prob", "0.01", "--softmax", "am_softmax"]

@@ -1,0 +1,131 @@
+"""Likelihood ratios on the Fashion-MNIST sets: the learned distance's raw logit beside calibrated scores.
+
+Reads the Fashion-MNIST runs that bench/accuracy.py kept (--keep-dir). For each run it scores the
+protocol's test images again with eval.py (all pairs, into a compact .npz) and splits the images in two
+halves, alternating in their order: the trials within one half are calibrated (cosine, e2e logit and
+their fusion, prior-weighted at each --p-targets value, as calibrate.py) on the trials within the other;
+trials across the halves are left out. Printed per prior and variant, mean +- sd over runs x halves:
+minDCF, actDCF and
+Cllr of the raw e2e logit read as a log-likelihood ratio (the paper's claim: the distance, trained on
+balanced pairs, outputs one) and of each calibrated scorer, with how many test halves have actDCF within
+10 % of minDCF. The development half is subsampled to --max-dev-trials for the fit (the objective weighs
+targets and non-targets by the prior, not by their counts).
+"""
+
+import os
+
+import benchlib
+import calibration_study as study
+import numpy as np
+from benchlib import VARIANT_OPTION, VARIANTS, choose_names, python
+
+from metrics import act_dcf, cllr, compute_mindcf
+from utils import UserError, cli
+
+EXAMPLE = """example:
+  python bench/accuracy.py --protocols fmnist-open --variants concat,sym --seeds 1,2,3 --keep-dir runs/keep/fmnist
+  python bench/image_calibration.py --runs runs/keep/fmnist --protocol fmnist-open --out results/fmnist_llr.md"""
+SCORERS = ("cos", "e2e_logit")  # calibrated alone; and fused: study.FUSION
+
+
+def test_flags(protocol, items_per_class):
+    """eval.py's data flags for the protocol's test images (bench/accuracy.py's Fashion-MNIST protocols)."""
+    flags = ["--data-path", benchlib.FASHION]
+    if protocol == "fmnist-open":
+        flags += ["--classes", "5-9", "--items-per-class", str(items_per_class)]
+    return flags
+
+
+def read_pairs(path):
+    """eval.py's .npz: -> ({scorer: (P,) float64} of SCORERS, labels (P,) bool, enroll and test item indices)."""
+    with np.load(path, allow_pickle=False) as data:
+        columns = {name: data[name].astype(np.float64) for name in SCORERS}
+        return columns, data["label"], data["enroll"], data["test"]
+
+
+def raw_metrics(dev, test, name, p_target):
+    """Costs of column `name` read as LLRs on `test` (no calibration), and at `dev`'s best threshold."""
+    llr, labels = test[0][name], test[1]
+    threshold = study.threshold_at_mindcf(dev[0][name], dev[1], p_target)
+    return {
+        "min_dcf": compute_mindcf(llr, labels, p_target),
+        "act_dcf": act_dcf(llr, labels, p_target),
+        "cllr": cllr(llr, labels),
+        "dev_threshold_dcf": study.dcf_at_threshold(llr, labels, threshold, p_target),
+    }
+
+
+def at_most(trials, n, seed=0):
+    """The trials, or a seeded random `n` of them."""
+    count = len(trials[1])
+    if count <= n:
+        return trials
+    return study.subset(trials, np.sort(np.random.default_rng(seed).choice(count, n, replace=False)))
+
+
+def study_run(args, run, p_targets):
+    """Score the run's test images again; -> {p_target: {"<run> half <h>": {scorer: costs}}}, both halves."""
+    out = os.path.join(run, "pairs.npz")
+    python("eval.py", "--cp-path", study.last_checkpoint(run), "--out-path", out, "--score-format", "npy",
+           "--device", "cpu", *test_flags(args.protocol, args.test_items_per_class), threads=args.threads)  # fmt: skip
+    columns, labels, enroll, test = read_pairs(out)
+    os.remove(out)  # 0.6 GB for the closed set's 50 M pairs: the metrics JSON stays
+    halves = np.arange(max(enroll.max(), test.max()) + 1) % 2  # item index -> half
+    side = np.stack([halves[enroll], halves[test]], 1)
+    results = {p: {} for p in p_targets}
+    for half in (0, 1):
+        dev = at_most(study.subset((columns, labels), (side == 1 - half).all(1)), args.max_dev_trials)
+        trials = study.subset((columns, labels), (side == half).all(1))
+        name = f"{os.path.basename(run)} half {half}"
+        for p in p_targets:
+            costs = {"e2e_logit (raw)": raw_metrics(dev, trials, "e2e_logit", p)}
+            costs.update(study.calibrated_metrics(dev, trials, p, SCORERS))
+            results[p][name] = costs
+            print(f"{name}, p_target {p:g}: actDCF/minDCF " + "  ".join(
+                f"{s} {m['act_dcf']:.3f}/{m['min_dcf']:.3f}" for s, m in costs.items()), flush=True)  # fmt: skip
+    return results
+
+
+OPTIONS = {
+    "--runs": dict(required=True, help="bench/accuracy.py --keep-dir of the runs"),
+    "--protocol": dict(choices=("fmnist-open", "fmnist-closed"), default="fmnist-open", help="(default fmnist-open)"),
+    "--seeds": (str, "1,2,3", "the runs' seeds (default 1,2,3)"),
+    "--test-items-per-class": (int, 300, "fmnist-open: test images per class, as the runs' (default 300)"),
+    "--p-targets": (str, "0.01,0.5", "target priors of the calibration and its costs, comma-separated (0.01,0.5)"),
+    "--max-dev-trials": (int, 2_000_000, "development trials the calibration is fitted on, at most (2000000)"),
+}
+
+
+def build_parser():
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, VARIANT_OPTION, benchlib.RUN_THREADS, benchlib.OUT_TABLE)
+
+
+def main(argv=None):
+    import data_load
+
+    args = build_parser().parse_args(argv)
+    variants = choose_names(args.variants, VARIANTS, "variant")
+    seeds = data_load.parse_classes(args.seeds)
+    try:
+        p_targets = [float(p) for p in args.p_targets.split(",")]
+    except ValueError:
+        raise UserError(f"--p-targets takes comma-separated numbers, got {args.p_targets!r}") from None
+    if not all(0.0 < p < 1.0 for p in p_targets):
+        raise UserError(f"--p-targets must lie strictly between 0 and 1, got {args.p_targets}")
+    if args.max_dev_trials < 1000:
+        raise UserError(f"--max-dev-trials must be at least 1000, got {args.max_dev_trials}")
+    runs = {v: [os.path.join(args.runs, f"{args.protocol}_{v}_{seed}") for seed in seeds] for v in variants}
+    for run in (run for group in runs.values() for run in group):
+        study.last_checkpoint(run)  # every run is there before the first is scored
+    results = {p: {v: {} for v in variants} for p in p_targets}
+    for variant, group in runs.items():
+        for run in group:
+            for p, sets in study_run(args, run, p_targets).items():
+                results[p][variant].update(sets)
+    text = "\n".join(study.calibration_table(results[p], p, "variant") for p in p_targets)
+    benchlib.write_results(text, {str(p): results[p] for p in p_targets}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
