@@ -2,12 +2,16 @@
 
 import importlib
 import itertools
+import json
 import os
 import re
 
 import numpy as np
 import pytest
 
+from utils import UserError
+
+FASHION = "/usr/share/datasets/fashion-mnist"
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
@@ -92,3 +96,30 @@ def test_speech_backends_calibration_sets(bench, tmp_path):
         test_utts = {u for k in test[0]["cos"].astype(int) % 1000 for u in pairs[k]}
         assert not dev_utts & test_utts and len(dev_utts) == len(test_utts) == 6
         assert len(dev[1]) == len(test[1]) == 15 and dev[1].sum() == test[1].sum() == 6
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
+def test_image_calibration_on_a_kept_fashion_mnist_run(bench, tmp_path, capsys):
+    """A tiny kept run (accuracy.py's layout) -> both halves calibrated on each other, at two priors."""
+    import train
+
+    run = tmp_path / "fmnist-open_concat_1"
+    argv = ["--data-path", FASHION, "--valid-data-path", FASHION, "--classes", "0-4", "--valid-classes", "5-9"]
+    argv += ["--items-per-class", "20", "--model", "resnet", "--width", "4", "--epochs", "1", "--batch-size", "20"]
+    argv += ["--valid-max-items", "50", "--checkpoint-path", str(run / "cp"), "--verbose", "0", "--device", "cpu"]
+    assert train.main(argv) == 0
+    out = tmp_path / "llr.md"
+    flags = ["--runs", str(tmp_path), "--variants", "concat", "--seeds", "1", "--test-items-per-class", "12"]
+    assert bench("image_calibration").main([*flags, "--p-targets", "0.01,0.5", "--out", str(out)]) == 0
+    results = json.loads((tmp_path / "llr.md.json").read_text())
+    assert sorted(results) == ["0.01", "0.5"]
+    halves = results["0.5"]["concat"]
+    assert sorted(halves) == ["fmnist-open_concat_1 half 0", "fmnist-open_concat_1 half 1"]
+    for costs in halves.values():
+        assert sorted(costs) == ["cal_cos", "cal_e2e_logit", "cal_e2e_logit+cos", "e2e_logit (raw)"]
+        for metrics in costs.values():
+            assert 0.0 <= metrics["min_dcf"] <= metrics["act_dcf"] + 1e-12 and metrics["cllr"] > 0
+    assert out.read_text().count("| concat | cal_cos | 2 |") == 2
+    assert not (run / "pairs.npz").exists()
+    with pytest.raises(UserError, match="--p-targets"):
+        bench("image_calibration").main([*flags, "--p-targets", "0.01,1"])
