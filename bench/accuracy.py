@@ -148,7 +148,6 @@ def run_folder(args, name):
 
 RUN_OPTIONS = {
     "--protocols": (str, "digits-closed,digits-open", "comma-separated, from: " + ", ".join(PROTOCOLS)),
-    "--seeds": (str, "1,2,3", "seeds of the image protocols (default 1,2,3)"),
     "--folds": (str, "0-6", "Asterisk folds (default 0-6: every speaker held out twice)"),
 }
 IMAGE_OPTIONS = {

@@ -23,6 +23,8 @@ import torch  # noqa: E402
 # make_parser(doc, example, *tables): a bench's parser, as every script's.
 from utils import UserError, atomic_write, make_parser  # noqa: E402, F401
 
+# --ncoef of the benches that make random speech features.
+NCOEF_OPTION = {"--ncoef": (int, 30, "coefficients per frame (default 30)")}
 # --repeats: how often each measurement is timed.
 REPEATS = {"--repeats": (int, 3, "timed runs per measurement; the best counts (3)")}
 # --threads of the benches that start whole runs (train.py, eval.py, ...) as subprocesses.
@@ -155,6 +157,8 @@ VARIANTS = {
 IMAGE_RECIPE = ["--model", "resnet", "--width", "16", "--batch-size", "64", "--lr", "0.05", "--l2", "1e-4"]
 IMAGE_RECIPE += ["--softmax", "am_softmax", "--smoothing", "0.05", "--hidden-size", "256", "--n-hidden", "2"]
 IMAGE_RECIPE += ["--dropout-prob", "0.01", "--valid-max-items", "600", "--patience", "3", "--max-gnorm", "5"]
+# --seeds of the benches that repeat runs over seeds (data_load.parse_classes reads it).
+SEEDS_OPTION = {"--seeds": (str, "1,2,3", "seeds of the runs, e.g. 1,2,3 or 1-3 (default 1,2,3)")}
 # --variants of the accuracy benches; choose_names checks it.
 VARIANT_OPTION = {
     "--variants": (str, "concat,sym", "learned-distance variants, comma-separated, from: " + ", ".join(VARIANTS))
@@ -162,9 +166,9 @@ VARIANT_OPTION = {
 
 
 def accuracy_parser(doc, example, runs, *recipes, files):
-    """The parser of an accuracy bench: --threads; "what to run" (`runs` and --variants); the `recipes`
-    sections, each (title, table); and "files" (--fonts and `files`)."""
-    what = ("what to run", {**runs, **VARIANT_OPTION})
+    """The parser of an accuracy bench: --threads; "what to run" (`runs`, --seeds and --variants); the
+    `recipes` sections, each (title, table); and "files" (--fonts and `files`)."""
+    what = ("what to run", {**runs, **SEEDS_OPTION, **VARIANT_OPTION})
     return make_parser(doc, example, RUN_THREADS, what, *recipes, ("files", {**FONTS, **files}))
 
 

@@ -80,7 +80,6 @@ def plot(path, results, sizes_used):
 
 RUN_OPTIONS = {
     "--sizes": (str, "8,32,128,all", "training-font counts, 'all' for every one"),
-    "--seeds": (str, "1,2,3", "seeds (default 1,2,3)"),
 }
 RECIPE_OPTIONS = {
     "--steps": (int, 300, "optimisation steps of every run (default 300)"),

@@ -28,7 +28,6 @@ OPTIONS = {
     "--models": dict(nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"),
     "--speech-batch": (int, 32, "speech batch size (default 32)"),
     "--frames": (int, 300, "frames per speech input (default 300)"),
-    "--ncoef": (int, 30, "coefficients per frame (default 30)"),
     "--image-batch": (int, 64, "image batch size (default 64)"),
     "--image-size": (int, 32, "image height = width in pixels (default 32)"),
     "--opset": (int, 17, "ONNX opset (default 17)"),
@@ -36,7 +35,7 @@ OPTIONS = {
 
 
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
+    p = benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.NCOEF_OPTION, benchlib.DEVICE)
     p.set_defaults(device="cpu")
     return p
 

@@ -17,7 +17,7 @@ import os
 import benchlib
 import calibration_study as study
 import numpy as np
-from benchlib import VARIANT_OPTION, VARIANTS, choose_names, python
+from benchlib import SEEDS_OPTION, VARIANT_OPTION, VARIANTS, choose_names, python
 
 from metrics import act_dcf, cllr, compute_mindcf
 from utils import UserError, cli
@@ -89,7 +89,6 @@ def study_run(args, run, p_targets):
 OPTIONS = {
     "--runs": dict(required=True, help="bench/accuracy.py --keep-dir of the runs"),
     "--protocol": dict(choices=("fmnist-open", "fmnist-closed"), default="fmnist-open", help="(default fmnist-open)"),
-    "--seeds": (str, "1,2,3", "the runs' seeds (default 1,2,3)"),
     "--test-items-per-class": (int, 300, "fmnist-open: test images per class, as the runs' (default 300)"),
     "--p-targets": (str, "0.01,0.5", "target priors of the calibration and its costs, comma-separated (0.01,0.5)"),
     "--max-dev-trials": (int, 2_000_000, "development trials the calibration is fitted on, at most (2000000)"),
@@ -97,7 +96,9 @@ OPTIONS = {
 
 
 def build_parser():
-    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, VARIANT_OPTION, benchlib.RUN_THREADS, benchlib.OUT_TABLE)
+    return benchlib.make_parser(
+        __doc__, EXAMPLE, OPTIONS, SEEDS_OPTION, VARIANT_OPTION, benchlib.RUN_THREADS, benchlib.OUT_TABLE
+    )
 
 
 def main(argv=None):

@@ -37,13 +37,12 @@ OPTIONS = {
     "--speakers": (int, 100, "speakers (default 100)"),
     "--utts": (int, 20, "utterances per speaker (default 20)"),
     "--frames": (int, 400, "longest utterance in frames (default 400)"),
-    "--ncoef": (int, 30, "coefficients per frame (default 30)"),
     "--work-dir": (str, None, "folder for the features and the HDF5 (default: a temporary one)"),
 }
 
 
 def build_parser():
-    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.REPEATS)
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.NCOEF_OPTION, benchlib.REPEATS)
 
 
 def run(args, folder):
