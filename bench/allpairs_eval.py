@@ -77,13 +77,12 @@ OPTIONS = {
     "--model": (str, "resnet", "image encoder of the untrained checkpoint (default resnet)"),
     "--variant": dict(nargs="+", choices=list(VARIANTS), default=["text", "none"], help="runs to measure"),
     "--before": (str, None, "another checkout whose eval.py runs too (its score file: text)"),
-    "--threads": (int, 2, "OMP_NUM_THREADS of the eval.py runs (default 2)"),
     "--keep": (str, None, "write the outputs here instead of a temporary folder"),
 }
 
 
 def build_parser():
-    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS)
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.RUN_THREADS)
 
 
 def main(argv=None):
