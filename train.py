@@ -9,7 +9,8 @@ import sys
 
 import torch.distributed as dist
 
-from training import build, build_parser, fit, init_distributed
+import training
+from training import build, fit, init_distributed
 from utils import cli
 
 EXAMPLE = """example:
@@ -17,9 +18,14 @@ EXAMPLE = """example:
       --model resnet --batch-size 128 --lr 1e-2 --epochs 600 --softmax am_softmax --smoothing 0.05"""
 
 
+def build_parser():
+    """train.py's command line: every training flag (training.build_parser), with this script's help."""
+    return training.build_parser(description=__doc__, epilog=EXAMPLE)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv  # resolve_defaults reads which flags were given
-    parsed = build_parser(description=__doc__, epilog=EXAMPLE).parse_args(argv)
+    parsed = build_parser().parse_args(argv)
     rank, world_size, device = init_distributed(parsed)
     try:
         run = fit(build(parsed, argv, device, rank, world_size))
