@@ -32,6 +32,7 @@ from benchlib import (
     python,
 )
 
+from data_load import FASHION_DIR
 from utils import cli
 
 EXAMPLE = """examples:
@@ -39,7 +40,6 @@ EXAMPLE = """examples:
   python bench/accuracy.py --protocols asterisk --variants concat,sym --folds 0-6"""
 
 ROOT = benchlib.ROOT
-FASHION = benchlib.FASHION
 SCORERS = ("e2e", "cos", "fus")
 # The README's Asterisk run (TDNN, 8 epochs), its Noam warmup scaled to the capped data: with 150 prompts
 # per speaker an epoch is ~17 steps, so warmup 50 peaks about a third into training, as warmup 200 does on
@@ -70,8 +70,8 @@ def train_and_eval_images(folder, seed, variant, args, train_flags, test_flags):
 
 def run_fmnist(folder, seed, variant, args, open_set):
     n = str(args.items_per_class)
-    data = ["--data-path", FASHION, "--valid-data-path", FASHION, "--items-per-class", n]
-    test = ["--data-path", FASHION]
+    data = ["--data-path", FASHION_DIR, "--valid-data-path", FASHION_DIR, "--items-per-class", n]
+    test = ["--data-path", FASHION_DIR]
     if open_set:
         data += ["--classes", "0-4", "--valid-classes", "5-9"]
         test += ["--classes", "5-9", "--items-per-class", str(args.test_items_per_class)]

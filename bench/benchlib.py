@@ -21,7 +21,6 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 # make_parser(doc, example, *tables): a bench's parser, as every script's.
-from data_load import FASHION_DIR  # noqa: E402
 from utils import UserError, atomic_write, make_parser  # noqa: E402, F401
 
 # --ncoef of the benches that make random speech features.
@@ -146,7 +145,6 @@ def kaldi_to_hdf5(folder, out_name="train.hdf"):
 
 
 # ----------------------------------------------------------------------------- the accuracy benches' runs
-FASHION = FASHION_DIR  # Fashion-MNIST's IDX files (scripts/install.sh --test)
 # The learned-distance variants the accuracy benches compare: train.py flags of each.
 VARIANTS = {
     "concat": [],

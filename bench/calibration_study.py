@@ -34,10 +34,10 @@ def alternating_halves(groups):
     return {item: i % 2 for items in groups.values() for i, item in enumerate(sorted(items))}
 
 
-def half_sets(name, trials, enroll, test, halves):
+def half_sets(name, trials, side):
     """(set name, development trials, test trials) twice: the trials within each half of the items, calibrated
-    on the trials within the other half (trials across the halves are left out)."""
-    side = np.array([[halves[e], halves[t]] for e, t in zip(enroll, test)])
+    on the trials within the other half (trials across the halves are left out). `side`: (n, 2), the half
+    (0 or 1) of each trial's enrollment and test item."""
     for half in (0, 1):
         inside, other = (side == half).all(1), (side == 1 - half).all(1)
         yield f"{name} half {half}", subset(trials, other), subset(trials, inside)
@@ -75,24 +75,26 @@ def dcf_at_threshold(llr, labels, threshold, p_target):
     return act_dcf(llr - threshold + np.log((1.0 - p_target) / p_target), labels, p_target)
 
 
+def costs(llr, labels, dev_llr, dev_labels, p_target):
+    """{min_dcf, act_dcf, cllr} of LLRs on their trials, and "dev_threshold_dcf": their cost at the threshold
+    that is best on the development LLRs (how far the best decision on those trials carries to these)."""
+    threshold = threshold_at_mindcf(dev_llr, dev_labels, p_target)
+    return {
+        "min_dcf": compute_mindcf(llr, labels, p_target),
+        "act_dcf": act_dcf(llr, labels, p_target),
+        "cllr": cllr(llr, labels),
+        "dev_threshold_dcf": dcf_at_threshold(llr, labels, threshold, p_target),
+    }
+
+
 def calibrated_metrics(dev, test, p_target, scorers):
-    """Calibrate `scorers` alone and FUSED together on `dev`; -> {cal_<name>: metrics on `test`}, with
-    "dev_threshold_dcf": the test cost at the threshold that is best on `dev` (how far the best decision on
-    the development trials carries to the test trials)."""
+    """Calibrate `scorers` alone and FUSED together on `dev`; -> {cal_<name>: EER and costs on `test`}."""
     params = fit_calibration(*dev, p_target, fusions=[list(FUSION)], scorers=list(scorers))
     dev_llrs = apply_calibration(params, dev[0])
-    out = {}
-    for name, llr in apply_calibration(params, test[0]).items():
-        out[name] = {
-            "eer": compute_eer(llr, test[1]),
-            "min_dcf": compute_mindcf(llr, test[1], p_target),
-            "act_dcf": act_dcf(llr, test[1], p_target),
-            "cllr": cllr(llr, test[1]),
-            "dev_threshold_dcf": dcf_at_threshold(
-                llr, test[1], threshold_at_mindcf(dev_llrs[name], dev[1], p_target), p_target
-            ),
-        }
-    return out
+    return {
+        name: {"eer": compute_eer(llr, test[1]), **costs(llr, test[1], dev_llrs[name], dev[1], p_target)}
+        for name, llr in apply_calibration(params, test[0]).items()
+    }
 
 
 def within_10_percent(ratios):

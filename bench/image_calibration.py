@@ -5,11 +5,10 @@ protocol's test images again with eval.py (all pairs, into a compact .npz) and s
 halves, alternating in their order: the trials within one half are calibrated (cosine, e2e logit and
 their fusion, prior-weighted at each --p-targets value, as calibrate.py) on the trials within the other;
 trials across the halves are left out. Printed per prior and variant, mean +- sd over runs x halves:
-minDCF, actDCF and
-Cllr of the raw e2e logit read as a log-likelihood ratio (the paper's claim: the distance, trained on
-balanced pairs, outputs one) and of each calibrated scorer, with how many test halves have actDCF within
-10 % of minDCF. The development half is subsampled to --max-dev-trials for the fit (the objective weighs
-targets and non-targets by the prior, not by their counts).
+minDCF, actDCF and Cllr of the raw e2e logit read as a log-likelihood ratio (the paper's claim: the
+distance, trained on balanced pairs, outputs one) and of each calibrated scorer, with how many test
+halves have actDCF within 10 % of minDCF. The development half is subsampled to --max-dev-trials for the
+fit (the objective weighs targets and non-targets by the prior, not by their counts).
 """
 
 import os
@@ -19,7 +18,7 @@ import calibration_study as study
 import numpy as np
 from benchlib import SEEDS_OPTION, VARIANT_OPTION, VARIANTS, choose_names, python
 
-from metrics import act_dcf, cllr, compute_mindcf
+from data_load import FASHION_DIR
 from utils import UserError, cli
 
 EXAMPLE = """example:
@@ -30,7 +29,7 @@ SCORERS = ("cos", "e2e_logit")  # calibrated alone; and fused: study.FUSION
 
 def test_flags(protocol, items_per_class):
     """eval.py's data flags for the protocol's test images (bench/accuracy.py's Fashion-MNIST protocols)."""
-    flags = ["--data-path", benchlib.FASHION]
+    flags = ["--data-path", FASHION_DIR]
     if protocol == "fmnist-open":
         flags += ["--classes", "5-9", "--items-per-class", str(items_per_class)]
     return flags
@@ -41,18 +40,6 @@ def read_pairs(path):
     with np.load(path, allow_pickle=False) as data:
         columns = {name: data[name].astype(np.float64) for name in SCORERS}
         return columns, data["label"], data["enroll"], data["test"]
-
-
-def raw_metrics(dev, test, name, p_target):
-    """Costs of column `name` read as LLRs on `test` (no calibration), and at `dev`'s best threshold."""
-    llr, labels = test[0][name], test[1]
-    threshold = study.threshold_at_mindcf(dev[0][name], dev[1], p_target)
-    return {
-        "min_dcf": compute_mindcf(llr, labels, p_target),
-        "act_dcf": act_dcf(llr, labels, p_target),
-        "cllr": cllr(llr, labels),
-        "dev_threshold_dcf": study.dcf_at_threshold(llr, labels, threshold, p_target),
-    }
 
 
 def at_most(trials, n, seed=0):
@@ -70,16 +57,13 @@ def study_run(args, run, p_targets):
            "--device", "cpu", *test_flags(args.protocol, args.test_items_per_class), threads=args.threads)  # fmt: skip
     columns, labels, enroll, test = read_pairs(out)
     os.remove(out)  # 0.6 GB for the closed set's 50 M pairs: the metrics JSON stays
-    halves = np.arange(max(enroll.max(), test.max()) + 1) % 2  # item index -> half
-    side = np.stack([halves[enroll], halves[test]], 1)
+    side = np.stack([enroll % 2, test % 2], 1)  # the images alternate between the halves
     results = {p: {} for p in p_targets}
-    for half in (0, 1):
-        dev = at_most(study.subset((columns, labels), (side == 1 - half).all(1)), args.max_dev_trials)
-        trials = study.subset((columns, labels), (side == half).all(1))
-        name = f"{os.path.basename(run)} half {half}"
+    for name, dev, trials in study.half_sets(os.path.basename(run), (columns, labels), side):
+        dev = at_most(dev, args.max_dev_trials)
         for p in p_targets:
-            costs = {"e2e_logit (raw)": raw_metrics(dev, trials, "e2e_logit", p)}
-            costs.update(study.calibrated_metrics(dev, trials, p, SCORERS))
+            raw = study.costs(trials[0]["e2e_logit"], trials[1], dev[0]["e2e_logit"], dev[1], p)
+            costs = {"e2e_logit (raw)": raw, **study.calibrated_metrics(dev, trials, p, SCORERS)}
             results[p][name] = costs
             print(f"{name}, p_target {p:g}: actDCF/minDCF " + "  ".join(
                 f"{s} {m['act_dcf']:.3f}/{m['min_dcf']:.3f}" for s, m in costs.items()), flush=True)  # fmt: skip

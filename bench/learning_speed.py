@@ -27,6 +27,7 @@ import benchlib
 import torch
 from benchlib import children_cpu_seconds, python
 
+from data_load import FASHION_DIR
 from utils import UserError, cli
 
 EXAMPLE = """examples:
@@ -34,7 +35,6 @@ EXAMPLE = """examples:
   python bench/learning_speed.py --rows research,no-flip,no-augment,final-norm,pair-weight-0,random-batches \\
       --width 8 --seeds 1 --scorers cos --out results/learning_speed_ablation.md"""
 
-FASHION = benchlib.FASHION
 SCORERS = ("cos", "e2e", "fus")
 # The research code's CIFAR-10 command line (seed README) less its paths, run length and batch size.
 RESEARCH = ["--hidden-size", "350", "--n-hidden", "3", "--dropout-prob", "0.01", "--softmax", "am_softmax"]
@@ -188,7 +188,7 @@ RUN_OPTIONS = {
     "--threads": (int, 2, "torch threads of each run (default 2)"),
 }
 DATA_OPTIONS = {
-    "--data-path": (str, FASHION, f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION})"),
+    "--data-path": (str, FASHION_DIR, f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION_DIR})"),
     "--train-items-per-class": (int, 100, "training images per class (default 100)"),
     "--test-items-per-class": (int, 200, "test images per class (default 200)"),
 }

@@ -2,8 +2,8 @@
 
 Random features are written as a real Kaldi ark/scp with speaker tables; data_prep's conversion
 (speech_data.write_training_data over the scp, benchlib.kaldi_to_hdf5) turns them into the HDF5 the
-training loader reads. Baselines: reading the ark's bytes (the I/O floor, page
-cache warm) and parsing every matrix with kaldiio alone (no HDF5 writing).
+training loader reads. Baselines: reading the ark's bytes (the I/O floor, page cache warm) and parsing
+every matrix with kaldiio alone (no HDF5 writing).
 """
 
 import os

@@ -21,8 +21,10 @@ import os
 
 import benchlib
 import calibration_study as study
+import numpy as np
 from benchlib import choose_names, mean_sd, metrics_of, python
 
+import speech_data
 from calibration import read_score_file
 from utils import UserError, cli
 
@@ -41,13 +43,13 @@ def fold_paths(args, fold):
     return data, run, study.last_checkpoint(run)
 
 
-def score(args, paths, out, extra=()):
+def score(args, paths, out):
     """eval.py on the fold's test trials with the cohort and PLDA back-ends; -> metrics of every scorer."""
     data, run, cp = paths
     embeddings = os.path.join(run, "train_embeddings")
     python("eval.py", "--test-data", f"{data}/test_feats/feats.scp", "--trials-path", f"{data}/test/trials",
            "--cp-path", cp, "--device", "cpu", "--cohort", os.path.join(embeddings, "embeddings.h5"),
-           "--plda", os.path.join(run, "plda.json"), "--out-path", out, *extra, threads=args.threads)  # fmt: skip
+           "--plda", os.path.join(run, "plda.json"), "--out-path", out, threads=args.threads)  # fmt: skip
     return metrics_of(out + ".json")
 
 
@@ -78,12 +80,7 @@ def table(per_fold):
 
 def utterance_halves(utt2spk):
     """{utt: 0 or 1}: each speaker's utterances, in sorted order, alternate between half 0 and half 1."""
-    by_speaker = {}
-    with open(utt2spk) as handle:
-        for line in handle:
-            utt, speaker = line.split()
-            by_speaker.setdefault(speaker, []).append(utt)
-    return study.alternating_halves(by_speaker)
+    return study.alternating_halves(speech_data.speaker_info(utt2spk_path=utt2spk)[0])
 
 
 def calibration_sets(protocol, folds, scores, halves):
@@ -99,7 +96,9 @@ def calibration_sets(protocol, folds, scores, halves):
         elif protocol == "others":
             yield f"fold {fold} on the others", study.pooled([scores[f][:2] for f in folds if f != fold]), trials
         else:
-            yield from study.half_sets(f"fold {fold}", trials, *scores[fold][2:], halves[fold])
+            enroll, test = scores[fold][2:]
+            side = np.array([[halves[fold][e], halves[fold][t]] for e, t in zip(enroll, test)])
+            yield from study.half_sets(f"fold {fold}", trials, side)
 
 
 OPTIONS = {
