@@ -26,16 +26,24 @@ EXAMPLE = """example:
 
 OPTIONS = {
     "--models": dict(nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"),
+    "--opset": (int, 17, "ONNX opset (default 17)"),
+}
+
+# Each task's input flags, a --help section apiece; INPUTS below reads them.
+SPEECH_INPUT = {
+    **benchlib.NCOEF_OPTION,
     "--speech-batch": (int, 32, "speech batch size (default 32)"),
     "--frames": (int, 300, "frames per speech input (default 300)"),
+}
+IMAGE_INPUT = {
     "--image-batch": (int, 64, "image batch size (default 64)"),
     "--image-size": (int, 32, "image height = width in pixels (default 32)"),
-    "--opset": (int, 17, "ONNX opset (default 17)"),
 }
 
 
 def build_parser():
-    p = benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.NCOEF_OPTION, benchlib.DEVICE)
+    sections = (("speech input", SPEECH_INPUT), ("image input", IMAGE_INPUT))
+    p = benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, *sections, benchlib.DEVICE)
     p.set_defaults(device="cpu")
     return p
 
