@@ -7,12 +7,11 @@ which calibration.load_calibration / apply_calibration apply to evaluation score
 columns are named cal_<scorer> and cal_<a>+<b>.
 """
 
-import argparse
 import os
 
 from calibration import apply_calibration, fit_calibration, read_score_file
 from metrics import compute_mindcf, llr_metrics
-from utils import ArgumentParser, UserError, cli, write_json
+from utils import UserError, cli, make_parser, write_json
 
 EXAMPLE = """examples:
   python calibrate.py --scores dev/scores.out --out dev/calibration.json
@@ -21,9 +20,7 @@ NOT_LLR_LIKE = ("e2e", "fus")  # a probability and an uncalibrated fusion: not c
 
 
 def build_parser():
-    p = ArgumentParser(
-        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    p = make_parser(__doc__, EXAMPLE)
     p.add_argument("--scores", required=True, help="development score file written by eval.py")
     p.add_argument("--out", required=True, help="calibration parameters (JSON), written atomically")
     p.add_argument("--p-target", type=float, default=0.01, help="target prior the fit aims at (default 0.01)")

@@ -6,12 +6,11 @@ or log-mel filterbanks), which is recorded in the file. Audio can be speed-pertu
 added noise or reverberation (augment.py).
 """
 
-import argparse
 import os
 
 import augment
 import speech_data
-from utils import ArgumentParser, UserError, add_options, cli
+from utils import UserError, add_options, cli, make_parser
 
 EPILOG = """example (the seed's command line, Kaldi features):
   python data_prep.py --path-to-data data/train/ --data-info-path data/train/ \\
@@ -136,9 +135,8 @@ AUGMENTATION_OPTIONS = {
 
 def build_parser():
     """The data_prep command line: the seed's flags plus the wav front end."""
-    parser = ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(parser.add_argument_group("Kaldi features (the seed's flags)"), KALDI_OPTIONS)
-    add_options(parser.add_argument_group("output"), OUTPUT_OPTIONS)
+    kaldi, output = ("Kaldi features (the seed's flags)", KALDI_OPTIONS), ("output", OUTPUT_OPTIONS)
+    parser = make_parser(__doc__, EPILOG, kaldi, output)
     wav = parser.add_argument_group("Kaldi-free front end (MFCC or filterbanks with kaldi-native-fbank)")
     add_options(wav.add_mutually_exclusive_group(), WAV_SOURCE_OPTIONS)
     add_options(wav, WAV_OPTIONS)

@@ -7,7 +7,6 @@ embeddings.ark + embeddings.scp (Kaldi float vectors, readable by ivector-comput
 and embeddings.h5 (one float32 dataset per utterance, with a `spk` attribute when the speaker is known).
 """
 
-import argparse
 import contextlib
 import itertools
 import os
@@ -21,13 +20,13 @@ from checkpoints import load_model
 from scoring import embed_matrices
 from tasks import task_for_model
 from utils import (
-    ArgumentParser,
     UserError,
     add_device_flags,
     atomic_path,
     atomic_write,
     cli,
     device_from_args,
+    make_parser,
 )
 
 EXAMPLE = """examples:
@@ -38,7 +37,7 @@ CHUNK = 1000  # utterances embedded between writes
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__, EXAMPLE)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", "--path-to-data", dest="data", help="feats.scp, a folder of *.scp, or an HDF5 file")
     source.add_argument("--wav-scp", default=None, help="a Kaldi wav.scp of 16-bit PCM wav files (features computed)")

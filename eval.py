@@ -7,7 +7,6 @@ Cllr, minCllr and actDCF for the scorers whose output is a log-likelihood ratio;
 per line (or a compact .npz) plus a JSON of the metrics beside it.
 """
 
-import argparse
 import contextlib
 import os
 import tempfile
@@ -17,11 +16,11 @@ from backends import Backends
 from checkpoints import load_model
 from tasks import task_for_model
 from utils import (
-    ArgumentParser,
     UserError,
     add_device_flags,
     cli,
     device_from_args,
+    make_parser,
 )
 
 EXAMPLE = """examples:
@@ -35,7 +34,7 @@ EXAMPLE = """examples:
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__, EXAMPLE)
     p.add_argument("--cp-path", required=True, help="checkpoint written by train.py")
     p.add_argument("--model", default=None, help="encoder name; checked against the checkpoint when given")
     p.add_argument("--data-path", default=None, help="test images (default when no --test-data: held-out digits)")

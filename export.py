@@ -16,7 +16,6 @@ The graphs are traced through the model's own methods (Verifier.embed, LearnedDi
 which the torch.export-based exporter (--exporter dynamo) cannot trace with a dynamic time axis.
 """
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -26,7 +25,7 @@ import torch
 
 from checkpoints import load_model_and_state
 from onnx_graphs import OPSETS, export_model, graph_notes, input_spec, root_cause
-from utils import ArgumentParser, UserError, add_device_flags, cli, device_from_args, write_json
+from utils import UserError, add_device_flags, cli, device_from_args, make_parser, write_json
 
 EXAMPLE = """example:
   python export.py --cp-path cp/checkpoint_10ep.pt --out exp/onnx/
@@ -34,7 +33,7 @@ EXAMPLE = """example:
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__, EXAMPLE)
     p.add_argument("--cp-path", required=True, help="checkpoint written by train.py")
     p.add_argument("--out", required=True, help="output folder; must not exist (its parent must)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

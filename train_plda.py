@@ -5,7 +5,6 @@ embeddings.scp (speakers from --utt2spk); --embeddings may also name the folder 
 With --utt2spk, only the utterances it lists are used. The model is written as JSON, atomically.
 """
 
-import argparse
 import os
 
 import h5py
@@ -14,7 +13,7 @@ import numpy as np
 
 import speech_data
 from plda import PLDA
-from utils import ArgumentParser, UserError, cli
+from utils import UserError, cli, make_parser
 
 EXAMPLE = """example:
   python embed.py --data data/train/feats.scp --utt2spk data/train/utt2spk --cp-path cp/checkpoint_10ep.pt \\
@@ -23,7 +22,7 @@ EXAMPLE = """example:
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__, EXAMPLE)
     p.add_argument("--embeddings", required=True, help="embeddings.h5 or embeddings.scp, or the folder holding them")
     p.add_argument("--out", required=True, help="output model file (JSON)")
     p.add_argument("--utt2spk", default=None, help="Kaldi utt2spk: speaker labels; only these utterances are used")

@@ -24,11 +24,10 @@ from models.verifier import PAIR_FEATURES
 from tasks import task_for_args, task_for_model
 from train_loop import TrainConfig, TrainLoop, noam_factor
 from utils import (
-    ArgumentParser,
     UserError,
-    add_options,
     device_from_args,
     git_commit,
+    make_parser,
     seed_everything,
     str2bool,
     use_deterministic_algorithms,
@@ -209,30 +208,14 @@ RUN_OPTIONS = {
 def build_parser(add_help=True, description=None, epilog=None):
     """Every training flag, once; train.py's command line, and train_hp.py and the search scripts through
     `parents=` (extended_parser)."""
-    p = ArgumentParser(
-        description=description,
-        add_help=add_help,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_options(p.add_argument_group("data"), DATA_OPTIONS)
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default=None, help="encoder: " + ", ".join(models.encoder_names()))
-    add_options(m, MODEL_OPTIONS)
-    add_options(p.add_argument_group("optimisation"), OPTIMISATION_OPTIONS)
-    add_options(p.add_argument_group("run"), RUN_OPTIONS)
-    return p
+    model = {"--model": dict(default=None, help="encoder: " + ", ".join(models.encoder_names())), **MODEL_OPTIONS}
+    sections = ("data", DATA_OPTIONS), ("model", model), ("optimisation", OPTIMISATION_OPTIONS), ("run", RUN_OPTIONS)
+    return make_parser(description, epilog, *sections, add_help=add_help)
 
 
 def extended_parser(description, epilog):
     """A parser with every training flag (defined once, here) for the scripts that add their own flags."""
-    return ArgumentParser(
-        description=description,
-        parents=[build_parser(add_help=False)],
-        allow_abbrev=False,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    return make_parser(description, epilog, parents=[build_parser(add_help=False)])
 
 
 def resolve_defaults(args, argv):

@@ -11,7 +11,6 @@ at --threshold on the --scorer's score, or, with --calibration, at the Bayes thr
 the scorer's calibrated log-likelihood ratio. Also a Python API: Verifier.load(cp).score(enroll, test).
 """
 
-import argparse
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from checkpoints import load_model_and_state
 from scoring import fuse
 from tasks import task_for_model
-from utils import ArgumentParser, UserError, add_device_flags, choose_device, cli, device_from_args
+from utils import UserError, add_device_flags, choose_device, cli, device_from_args, make_parser
 
 EXAMPLE = """examples:
   python verify.py --cp-path cp/asterisk/checkpoint_8ep.pt --enroll alice1.wav alice2.wav --test who.wav
@@ -125,7 +124,7 @@ def decision_rule(args, calibration):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__, EXAMPLE)
     p.add_argument("--cp-path", required=True, help="checkpoint written by train.py")
     p.add_argument("--enroll", nargs="+", required=True, help="enrollment wav or image files (one model together)")
     p.add_argument("--test", nargs="+", required=True, help="test wav or image files, each scored alone")
