@@ -105,6 +105,19 @@ def export_graph(module, inputs, path, names, outputs, dynamic, opset, exporter)
         quiet.setLevel(level)
 
 
+def cpu_session(path, threads=None):
+    """An onnxruntime session of the graph file `path` on the CPU, its log quiet. `threads`: intra-op threads
+    with one inter-op thread (as torch's default), or None for onnxruntime's own choice."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 def parity(folder, encoder, distance, spec, device):
     """Max |onnxruntime - PyTorch| of both graphs on inputs unlike the trace's (batch 3, 137 frames; 5 pairs).
 
@@ -112,14 +125,10 @@ def parity(folder, encoder, distance, spec, device):
     the largest |embedding| (untrained deep models have large embeddings)}, or None without onnxruntime.
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    open_graph = lambda name: ort.InferenceSession(  # noqa: E731
-        os.path.join(folder, name), options, providers=["CPUExecutionProvider"]
-    )
+    open_graph = lambda name: cpu_session(os.path.join(folder, name))  # noqa: E731
     x = example_features(spec, batch=3, frames=137, device=device, seed=1)
     with torch.no_grad():
         emb = encoder(x)

@@ -48,17 +48,6 @@ def build_parser():
     return p
 
 
-def session(path, threads):
-    """An onnxruntime CPU session with `threads` intra-op threads (one inter-op thread, as torch's default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 # The bench's input per task: (encoder arguments, batch, shape in words) from the bench's flags.
 INPUTS = {
     "speech": lambda a: ({"ncoef": a.ncoef}, a.speech_batch, f"{a.ncoef} x {a.frames} frames"),
@@ -90,7 +79,7 @@ def bench_encoder(name, args, device, folder):
     out = os.path.join(folder, name)
     os.makedirs(out)
     onnx_graphs.export_model(model, out, spec, args.opset, "torchscript")
-    sess = session(os.path.join(out, "encoder.onnx"), torch.get_num_threads())
+    sess = onnx_graphs.cpu_session(os.path.join(out, "encoder.onnx"), torch.get_num_threads())
     x = onnx_graphs.example_features(spec, batch=batch, frames=args.frames, seed=3)
     feed = {"features": x.numpy()}
 
