@@ -9,7 +9,7 @@ columns are named cal_<scorer> and cal_<a>+<b>.
 
 import os
 
-from calibration import apply_calibration, fit_calibration, read_score_file
+from calibration import apply_calibration, check_p_target, fit_calibration, read_score_file
 from metrics import compute_mindcf, llr_metrics
 from utils import UserError, cli, make_parser, write_json
 
@@ -76,8 +76,7 @@ def format_report(title, results):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not 0.0 < args.p_target < 1.0:
-        raise UserError(f"--p-target must lie strictly between 0 and 1, got {args.p_target}")
+    check_p_target(args.p_target, "--p-target")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"output folder does not exist: {out_dir}")

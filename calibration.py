@@ -35,9 +35,15 @@ def _check_trials(labels, p_target):
     n_tar = int(labels.sum())
     if n_tar == 0 or n_tar == labels.shape[0]:
         raise UserError(f"calibration needs target and non-target trials; got {n_tar} of {labels.shape[0]} targets")
-    if not 0.0 < p_target < 1.0:
-        raise UserError(f"p_target must lie strictly between 0 and 1, got {p_target}")
+    check_p_target(p_target)
     return labels
+
+
+def check_p_target(p_target, what="p_target"):
+    """`p_target` when it lies strictly between 0 and 1, else a UserError naming it as `what`."""
+    if not 0.0 < p_target < 1.0:
+        raise UserError(f"{what} must lie strictly between 0 and 1, got {p_target}")
+    return p_target
 
 
 def train_linear_llr(features, labels, p_target, ridge=RIDGE):
@@ -159,9 +165,7 @@ def load_calibration(path, columns=None):
     where = f"calibration file {path}:"
     if not isinstance(raw, dict) or not all(isinstance(raw.get(k), dict) for k in ("calibrations", "fusions")):
         raise UserError(f"{where} expected an object with 'p_target', 'calibrations' and 'fusions'")
-    p_target = _number(raw.get("p_target"), f"{where} p_target")
-    if not 0.0 < p_target < 1.0:
-        raise UserError(f"{where} p_target must lie strictly between 0 and 1, got {p_target}")
+    p_target = check_p_target(_number(raw.get("p_target"), f"{where} p_target"), f"{where} p_target")
     params = {"p_target": p_target, "calibrations": {}, "fusions": {}}
     for name, cal in raw["calibrations"].items():
         if not isinstance(cal, dict):

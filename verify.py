@@ -113,8 +113,9 @@ def decision_rule(args, calibration):
         raise UserError(
             "--threshold and --calibration exclude each other: a calibration decides at the Bayes threshold"
         )
-    if not 0.0 < args.p_target < 1.0:
-        raise UserError(f"--p-target must lie strictly between 0 and 1, got {args.p_target}")
+    from calibration import check_p_target  # loaded with the calibration file already
+
+    check_p_target(args.p_target, "--p-target")
     offered = [f"cal_{name}" for name in (*calibration["fusions"], *calibration["calibrations"])]
     column = offered[0] if args.scorer is None else f"cal_{args.scorer.removeprefix('cal_')}"
     if column not in offered:

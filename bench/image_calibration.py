@@ -18,6 +18,7 @@ import calibration_study as study
 import numpy as np
 from benchlib import SEEDS_OPTION, VARIANT_OPTION, VARIANTS, choose_names, python
 
+from calibration import check_p_target
 from data_load import FASHION_DIR
 from utils import UserError, cli
 
@@ -95,8 +96,8 @@ def main(argv=None):
         p_targets = [float(p) for p in args.p_targets.split(",")]
     except ValueError:
         raise UserError(f"--p-targets takes comma-separated numbers, got {args.p_targets!r}") from None
-    if not all(0.0 < p < 1.0 for p in p_targets):
-        raise UserError(f"--p-targets must lie strictly between 0 and 1, got {args.p_targets}")
+    for p in p_targets:
+        check_p_target(p, "--p-targets")
     if args.max_dev_trials < 1000:
         raise UserError(f"--max-dev-trials must be at least 1000, got {args.max_dev_trials}")
     runs = {v: [os.path.join(args.runs, f"{args.protocol}_{v}_{seed}") for seed in seeds] for v in variants}

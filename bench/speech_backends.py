@@ -25,7 +25,7 @@ import numpy as np
 from benchlib import choose_names, mean_sd, metrics_of, python
 
 import speech_data
-from calibration import read_score_file
+from calibration import check_p_target, read_score_file
 from utils import UserError, cli
 
 EXAMPLE = """example:
@@ -126,8 +126,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     folds = data_load.parse_classes(args.folds)
     protocols = choose_names(args.dev, DEV_PROTOCOLS, "development protocol")
-    if not 0.0 < args.p_target < 1.0:
-        raise UserError(f"--p-target must lie strictly between 0 and 1, got {args.p_target}")
+    check_p_target(args.p_target, "--p-target")
     if len(folds) < 2 and set(protocols) - {"halves"}:
         raise UserError("--folds needs at least two folds to calibrate one on another")
     paths = {fold: fold_paths(args, fold) for fold in folds}
