@@ -9,9 +9,10 @@ import re
 import numpy as np
 import pytest
 
+import data_load
 from utils import UserError
 
-FASHION = "/usr/share/datasets/fashion-mnist"
+FASHION = data_load.FASHION_DIR  # the installed Fashion-MNIST IDX folder
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 

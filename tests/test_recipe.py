@@ -23,7 +23,7 @@ from losses import SoftmaxHead, build_head, pair_loss
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASHION = "/usr/share/datasets/fashion-mnist"
+FASHION = data_load.FASHION_DIR  # the installed Fashion-MNIST IDX folder
 
 
 def digits_run(tmp_path, *extra, cp=False):
