@@ -176,7 +176,8 @@ def python(script, *argv, threads=2):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise UserError(f"{script} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        last = done.stderr.strip().splitlines()[-1:] or ["nothing on stderr"]
+        raise UserError(f"{script} failed ({done.returncode}): {last[0]}")
     return done.stdout
 
 
