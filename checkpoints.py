@@ -1,8 +1,10 @@
 """Checkpoints: atomic save, weights-only load, and rebuilding the model a checkpoint holds."""
 
+import hashlib
 import os
 import pickle
 import re
+import sys
 
 import torch
 
@@ -80,9 +82,73 @@ def load_model_and_state(cp_path, model_name=None, device="cpu"):
     check_known_model(config, cp_path)
     model = models.build_model(config)
     load_weights(model, state, cp_path)
+    model.provenance = provenance_of(model, cp_path)
     return model.to(device).eval(), state
 
 
 def load_model(cp_path, model_name=None, device="cpu"):
     """The Verifier a checkpoint holds (weights-only load), in eval mode on `device` (see load_model_and_state)."""
     return load_model_and_state(cp_path, model_name, device)[0]
+
+
+# ----------------------------------------------------------------------------- provenance
+#
+# Every artifact made from a model (score files, calibrations, cohort embeddings, PLDA models, distance
+# back-ends, exports) records provenance_of(model): the checkpoint's path, a content hash of its weights and
+# its front end. A command that uses such an artifact with a model calls check_provenance before any work.
+
+ALLOW_OTHER_MODEL = "--allow-other-model"
+ALLOW_OTHER_MODEL_HELP = "use a calibration, cohort, PLDA or score file that records another checkpoint than --cp-path"
+
+
+def weights_digest(state_dict):
+    """A content hash of weights: sha256 (first 16 hex digits) over every tensor's name, dtype, shape and bytes,
+    in name order. The same weights give the same digest whatever file, device or wrapper they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(strip_wrapper_prefixes(state_dict).items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def provenance_of(model, cp_path=None):
+    """What an artifact made with `model` records: {checkpoint, weights_sha256, model, front_end}."""
+    config = getattr(model, "config", {}) or {}
+    front_end = config.get("frontend") or config.get("image_input")
+    return {
+        "checkpoint": os.path.abspath(cp_path) if cp_path else None,
+        "weights_sha256": weights_digest(model.state_dict()),
+        "model": config.get("model"),
+        "front_end": front_end,
+    }
+
+
+def model_provenance(model):
+    """The provenance a loaded model carries (load_model_and_state sets it), else computed from its weights."""
+    found = getattr(model, "provenance", None)
+    return found if found is not None else provenance_of(model)
+
+
+def check_provenance(recorded, model, what, allow=False):
+    """Refuse (one UserError line) an artifact that records another model than `model`.
+
+    `recorded` is the artifact's provenance dict (None when it records none: an older file or another
+    toolkit's, which is used with a warning on stderr). With `allow` a mismatch is a warning instead.
+    """
+    mine = model_provenance(model)
+    if not isinstance(recorded, dict) or not recorded.get("weights_sha256"):
+        print(f"warning: {what} does not record which model made it; it is used as it is", file=sys.stderr)
+        return
+    if recorded["weights_sha256"] == mine["weights_sha256"]:
+        return
+    theirs = recorded.get("checkpoint") or "another checkpoint"
+    ours = mine.get("checkpoint") or "this model"
+    message = (
+        f"{what} was made with {theirs} (weights {recorded['weights_sha256']}), not with {ours} "
+        f"(weights {mine['weights_sha256']})"
+    )
+    if allow:
+        print(f"warning: {message}; used anyway ({ALLOW_OTHER_MODEL})", file=sys.stderr)
+        return
+    raise UserError(f"{message}; give {ALLOW_OTHER_MODEL} to use it anyway")

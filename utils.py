@@ -226,3 +226,110 @@ def git_commit():
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+# ----------------------------------------------------------------------------- the output guard
+#
+# Every command that writes calls check_outputs (files) or check_output_folder (folders) with its inputs,
+# before any work: an output never replaces one of the command's inputs, never lands on a folder, and a
+# folder is replaced (--force) only when it holds the marker of the same tool's earlier output.
+
+OUTPUT_MARKER = ".e2e-output.json"
+
+
+def _named(paths):
+    """{flag: path} (or an iterable of (flag, path)) without the None paths, each path as text."""
+    items = paths.items() if isinstance(paths, dict) else paths
+    return [(flag, os.fspath(path)) for flag, path in items if path is not None]
+
+
+def same_path(a, b):
+    """True when paths `a` and `b` name the same file or folder (symbolic and hard links resolved)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path, folder):
+    """True when `path` is `folder` or lies anywhere under it (real paths)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_writable_folder(folder, flag="output"):
+    """UserError unless `folder` exists, is a folder and takes new files (tried with a temporary file)."""
+    folder = folder or "."
+    parts = os.path.abspath(folder)
+    while not os.path.lexists(parts):
+        parts = os.path.dirname(parts)
+    if not os.path.isdir(parts):
+        raise UserError(f"{flag} {folder}: {parts} is a file, not a folder")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag}: folder does not exist: {folder}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".e2e-probe.", dir=folder)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write in folder {folder}: {err.strerror or err}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
+
+
+def check_outputs(outputs, inputs=()):
+    """Refuse, before any work, output files that would destroy an input or cannot be written.
+
+    `outputs` and `inputs` are {flag: path} (None paths are skipped). Each output must not be any input
+    (real paths, symbolic and hard links resolved), must not be a folder, and its folder must exist and take
+    new files.
+    """
+    inputs = _named(inputs)
+    for flag, out in _named(outputs):
+        for in_flag, source in inputs:
+            if os.path.lexists(source) and same_path(out, source):
+                raise UserError(f"{flag} {out} is {in_flag} {source}: refusing to overwrite an input of this command")
+        if os.path.isdir(out):
+            raise UserError(f"{flag} {out} is a folder; name a file")
+        check_writable_folder(os.path.dirname(os.path.abspath(out)), flag)
+
+
+def check_output_folder(flag, path, tool, force=False, inputs=()):
+    """Refuse, before any work, an output folder that would destroy an input or a user's files.
+
+    The folder `path` is filled (or, with `force`, replaced) by `tool`. Refused: an input (of `inputs`,
+    {flag: path}) inside it or the folder inside an input file; a file at `path`; a missing or read-only
+    parent; an existing non-empty folder without `force`, or, with `force`, one that does not hold the
+    marker of `tool`'s earlier output (see mark_output_folder), so a mistyped path never deletes other files.
+    """
+    for in_flag, source in _named(inputs):
+        if os.path.lexists(source) and _inside(source, path):
+            raise UserError(f"{flag} {path} holds {in_flag} {source}: refusing to write over an input of this command")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} exists and is not a folder")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
+    if os.path.isdir(path) and os.listdir(path):
+        if not force:
+            raise UserError(f"{flag} {path} exists and is not empty (give --force to replace an earlier output)")
+        if output_folder_tool(path) != tool:
+            raise UserError(
+                f"--force replaces only an earlier output of {tool} (a folder holding {OUTPUT_MARKER}); "
+                f"{path} is not one, so it is left alone"
+            )
+    return os.path.abspath(path)
+
+
+def mark_output_folder(path, tool, **record):
+    """Record in folder `path` that `tool` wrote it (the marker check_output_folder looks for)."""
+    write_json(os.path.join(path, OUTPUT_MARKER), {"tool": tool, **record})
+
+
+def output_folder_tool(path):
+    """The tool whose marker folder `path` holds, or None."""
+    try:
+        with open(os.path.join(path, OUTPUT_MARKER)) as handle:
+            marker = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return marker.get("tool") if isinstance(marker, dict) else None
