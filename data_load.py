@@ -9,6 +9,7 @@ and fixed validation crops (at the end of this module).
 
 import gzip
 import os
+import re
 import struct
 
 import h5py
@@ -21,6 +22,7 @@ from utils import UserError
 DIGITS = "digits"
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+MAX_IMAGE_PIXELS = 8192 * 8192  # image files with more pixels are refused from their header, before decoding
 CIFAR_STATS = ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255))
 
 
@@ -240,16 +242,122 @@ def load_cifar_split(folder, split):
     return TensorImages(x, data.targets, pad=4 if train else 0, flip=train, name=f"cifar10/{split}")
 
 
-def _image_size(path):
-    """(width, height) of an image file after decoding all of it, or the reason it cannot be decoded (str)."""
+class ImageFileError(UserError):
+    """An image file that cannot be used: '<path> <reason>'; `reason` alone serves lists of files. Built from
+    one message, as any UserError, so that a DataLoader worker can raise it again in the main process."""
+
+    reason = ""
+
+
+def _bad_image(path, reason):
+    """The ImageFileError of `path`."""
+    err = ImageFileError(f"{path} {reason}")
+    err.reason = reason
+    return err
+
+
+def open_image(path):
+    """Open an image file with Pillow, reading its header only; refuse one of more than MAX_IMAGE_PIXELS pixels
+    (before decoding it: a decompression bomb would take gigabytes) or one Pillow cannot identify."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    # Pillow warns (and decodes) above its own limit, which is higher than ours: make that an error here too.
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    try:
+        img = Image.open(path)
+    except FileNotFoundError:
+        raise _bad_image(path, "does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        counted = re.search(r"\((\d+) pixels\)", str(err))
+        raise _bad_image(path, _too_large(f"{int(counted[1]):,} pixels" if counted else "more pixels")) from None
+    except UnidentifiedImageError as err:
+        raise _bad_image(path, f"is not an image Pillow can decode ({err})") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        raise _bad_image(path, f"cannot be read as an image ({why})") from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise _bad_image(path, _too_large(f"{width}x{height} pixels"))
+    return img
+
+
+def _too_large(size):
+    """The reason for an image over MAX_IMAGE_PIXELS."""
+    return (
+        f"is too large to decode: {size}, over the limit of {MAX_IMAGE_PIXELS:,} pixels (8192x8192; a "
+        "decompression bomb?); shrink it first"
+    )
+
+
+def read_image(path, mode):
+    """Decode a whole image file to an 8-bit Pillow image of `mode` ('L' or 'RGB') through to_8bit: the one
+    reader of image files (image folders for training, verify.py's files). ImageFileError when it cannot."""
+    img = open_image(path)
+    try:
+        with img:
+            img.load()
+            return to_8bit(img, mode, path)
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise _bad_image(path, f"is not an image Pillow can decode ({str(err) or type(err).__name__})") from None
+
+
+def read_rgb(path):
+    """An image file as 8-bit RGB (read_image): the loader of image folders."""
+    return read_image(path, "RGB")
+
+
+def to_8bit(img, mode, path=""):
+    """A decoded Pillow image of any mode -> a new 8-bit image of `mode` ('L' or 'RGB'), as a viewer shows it.
+
+    Turned upright by its EXIF orientation. 16-bit and 32-bit integer grayscale (I;16*, I: Pillow reads
+    16-bit PNG, TIFF and PGM so) are scaled from 0..65535 by 1/257; float grayscale (F) from 0..1 when every
+    value lies there, else from 0..255; other value ranges are refused (UserError). Transparency (an alpha
+    band, or a transparent colour of P, L, RGB or I;16) is composited over black, the background of the
+    toolkit's grayscale datasets; colour models (CMYK, YCbCr, LAB, HSV...) go through RGB.
+    """
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _deep_to_8bit(img, path)
+    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
+    if img.mode not in ("1", "L", "P", "RGB"):
+        img = img.convert("RGB")
+    return img.convert(mode)
+
+
+def _deep_to_8bit(img, path):
+    """A 16/32-bit integer or float grayscale image -> 8-bit L (LA when it has a transparent value), as to_8bit."""
     from PIL import Image
 
+    values = np.asarray(img, dtype=np.float32)  # exact for 16-bit integers
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode == "F":
+        if not (np.isfinite(values).all() and low >= 0.0 and high <= 255.0):
+            raise _bad_image(path, f"holds float values {low:g}..{high:g}, outside 0..1 and 0..255")
+        scale = 255.0 if high <= 1.0 else 1.0
+    else:
+        if low < 0 or high > 65535:
+            raise _bad_image(path, f"holds integer values {low:g}..{high:g}, outside 16-bit 0..65535")
+        scale = 1.0 / 257.0
+    gray = np.rint(values * scale).astype(np.uint8)
+    transparent = img.info.get("transparency")
+    if not isinstance(transparent, int | float):
+        return Image.fromarray(gray, "L")
+    alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([gray, alpha], axis=-1), "LA")
+
+
+def _image_size(path):
+    """(width, height) of an image file after decoding all of it (read_image), or why it cannot be used (str)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return str(err) or type(err).__name__
+        return read_rgb(path).size
+    except ImageFileError as err:
+        return err.reason
 
 
 def check_image_files(paths, folder, skip_bad=False):
@@ -268,7 +376,7 @@ def check_image_files(paths, folder, skip_bad=False):
         found = list(pool.map(_image_size, paths, chunksize=64))
     sizes = Counter(s for s in found if isinstance(s, tuple))
     if not sizes:
-        raise UserError(f"no image under {folder} can be decoded (e.g. {paths[0]}: {found[0]})")
+        raise UserError(f"no image under {folder} can be decoded (e.g. {paths[0]}, which {found[0]})")
     common = sizes.most_common(1)[0][0]
     broken = [i for i, s in enumerate(found) if not isinstance(s, tuple)]
     odd = [i for i, s in enumerate(found) if isinstance(s, tuple) and s != common]
@@ -276,7 +384,7 @@ def check_image_files(paths, folder, skip_bad=False):
     if (broken or odd) and not skip_bad:
         if broken:
             i = broken[0]
-            what = f"{len(broken)} image file(s) cannot be decoded, e.g. {paths[i]} ({found[i]})"
+            what = f"{len(broken)} image file(s) cannot be decoded, e.g. {paths[i]}, which {found[i]}"
         else:
             i = odd[0]
             what = f"images differ in size: {sizes[common]} are {size} but {len(odd)} are not, e.g. {paths[i]}"
@@ -303,7 +411,7 @@ class FolderImages(Dataset):
     def __init__(self, folder, train, skip_bad=False):
         from torchvision import datasets
 
-        self.folder = datasets.ImageFolder(folder)
+        self.folder = datasets.ImageFolder(folder, loader=read_rgb)
         self.set_augmentation(crop=train, flip=train)
         keep, (width, height) = check_image_files([p for p, _ in self.folder.samples], folder, skip_bad)
         self.folder.samples = [self.folder.samples[i] for i in keep]
@@ -311,7 +419,7 @@ class FolderImages(Dataset):
         self.folder.targets = [t for _, t in self.folder.samples]
         self.labels = np.asarray(self.folder.targets, dtype=np.int64)
         self.name = folder
-        self._shape = (3, height, width)  # ImageFolder's loader converts every image to RGB
+        self._shape = (3, height, width)  # read_rgb converts every image to RGB
         # One item through the transform: checks it, and (a random flip when training) keeps the RNG stream,
         # so seeded runs give the weights they gave before the files were checked here.
         assert tuple(self.folder[0][0].shape) == self._shape, (self.folder[0][0].shape, self._shape)

@@ -7,15 +7,18 @@ can refuse features or audio computed with another. Settings it does not name ke
 povey window, pre-emphasis 0.97, DC offset removed, FFT size rounded up to a power of two; MFCC with
 C0 replaced by the raw log energy and cepstral lifter 22; filterbanks as log power mel energies.
 
-Audio is 16-bit PCM mono wav. Samples are float32 on the int16 scale (what Kaldi feeds its front end);
-a file at another rate than the front end's is resampled with `scipy.signal.resample_poly` (a
-polyphase FIR with a Kaiser window, beta 5, the rate ratio reduced to lowest terms).
+Audio is 16-bit PCM mono wav at 4 to 384 kHz (read_wav names the cause when a file is not). Samples are
+float32 on the int16 scale (what Kaldi feeds its front end); a file at another rate than the front end's
+is resampled with `scipy.signal.resample_poly` (a polyphase FIR with a Kaiser window, beta 5, the rate
+ratio reduced to lowest terms). A recording to verify or embed must hold at least one analysis window
+(25 ms) and not be digital silence (check_recording).
 """
 
 import dataclasses
 import json
+import math
 import os
-import wave
+import struct
 from fractions import Fraction
 
 import h5py
@@ -29,6 +32,12 @@ KINDS = ("mfcc", "fbank")
 HDF5_ATTR = "frontend"
 JSON_NAME = "frontend.json"
 SOX_HINT = "convert it with sox, e.g. `sox IN -b 16 -e signed-integer -c 1 OUT.wav`"
+TRUNCATED_HINT = "copy it again from its source, or keep what is there with `sox IN OUT.wav`"
+UNKNOWN_SIZE = 0x7FFFF000  # a data chunk size at least this large that the file does not hold: "until the end"
+RATE_RANGE = (4000, 384000)  # Hz: sample rates a wav file (and a front end) may have; others are a damaged header
+SILENCE_STEPS = 2  # a recording whose samples span at most this many int16 steps is digital silence (or dither)
+WAVE_FORMAT_PCM, WAVE_FORMAT_EXTENSIBLE = 1, 0xFFFE
+WAVE_FORMATS = {2: "Microsoft ADPCM", 3: "IEEE floats", 6: "A-law", 7: "mu-law", 17: "IMA ADPCM", 85: "MP3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +65,11 @@ class FrontEnd:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise UserError(f"front end kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.num_mel_bins < 1 or self.sample_rate < 1:
-            raise UserError(f"front end needs positive mel bins and sample rate, got {self.describe()}")
+        if self.num_mel_bins < 1 or not RATE_RANGE[0] <= self.sample_rate <= RATE_RANGE[1]:
+            raise UserError(
+                f"front end needs positive mel bins and a sample rate within {RATE_RANGE[0]}..{RATE_RANGE[1]} Hz, "
+                f"got {self.describe()}"
+            )
         if self.kind == "mfcc" and not (self.num_ceps and 1 <= self.num_ceps <= self.num_mel_bins):
             raise UserError(f"MFCC needs 1 <= num_ceps <= num_mel_bins, got {self.num_ceps} and {self.num_mel_bins}")
         if self.kind == "fbank" and self.num_ceps is not None:
@@ -178,18 +190,112 @@ def _looks_unit_scaled(waveform):
 
 
 def read_wav(path):
-    """Read a mono 16-bit PCM wav with the stdlib; returns (samples float32 on the int16 scale, rate in Hz)."""
+    """Read a mono 16-bit PCM wav; returns (samples float32 on the int16 scale, rate in Hz).
+
+    Its own RIFF reader (WAVE_FORMAT_EXTENSIBLE with PCM inside is read too), so that each way a file can
+    be wrong is one UserError naming the cause: empty, not RIFF/WAVE, no fmt or data chunk, not PCM, not
+    mono 16-bit, a sample rate outside RATE_RANGE (checked before any resampling), or truncated (fewer
+    bytes than its data chunk announces, or an odd count: not whole samples; see _read_data for the
+    placeholder size that files written to a pipe carry).
+    """
     try:
-        with wave.open(os.fspath(path), "rb") as handle:
-            channels, width, rate = handle.getnchannels(), handle.getsampwidth(), handle.getframerate()
-            data = handle.readframes(handle.getnframes())
-    except (wave.Error, EOFError) as err:
-        raise UserError(f"{path} is not a 16-bit PCM wav file ({err or 'empty file'}); {SOX_HINT}") from None
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                raise _not_wav(path, "it is empty (0 bytes)", hint=False)
+            channels, bits, rate = _read_fmt(handle, path)
+            _check_fmt(path, channels, bits, rate)
+            data = _read_data(handle, path, size)
     except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
-    if width != 2 or channels != 1:
-        raise UserError(f"{path} has {channels} channel(s) of {8 * width}-bit samples, not mono 16-bit; {SOX_HINT}")
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     return np.frombuffer(data, dtype="<i2").astype(np.float32), rate
+
+
+def _not_wav(path, cause, hint=True):
+    """The UserError for a file that is not a 16-bit PCM wav, naming why."""
+    return UserError(f"{path} is not a 16-bit PCM wav file: {cause}" + (f"; {SOX_HINT}" if hint else ""))
+
+
+def _next_chunk(handle, path, wanted):
+    """Skip RIFF chunks up to the next `wanted` one (b'fmt ' or b'data'); -> its announced size in bytes."""
+    while True:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise _not_wav(path, f"it has no {wanted.decode().strip()} chunk")
+        chunk, size = head[:4], struct.unpack("<I", head[4:])[0]
+        if chunk == wanted:
+            return size
+        if chunk == b"data":  # samples before their format
+            raise _not_wav(path, "its data chunk comes before its fmt chunk")
+        handle.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to an even length
+
+
+def _read_fmt(handle, path):
+    """Check the RIFF/WAVE header and read the fmt chunk -> (channels, bits per sample, rate in Hz)."""
+    head = handle.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise _not_wav(path, f"no RIFF/WAVE header, so it is not a wav file at all (it starts with {head[:8]!r})")
+    size = _next_chunk(handle, path, b"fmt ")
+    body = handle.read(size)
+    if len(body) < 16:
+        raise _not_wav(path, f"its fmt chunk is cut short ({len(body)} of at least 16 bytes)")
+    tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+    if tag == WAVE_FORMAT_EXTENSIBLE and len(body) >= 26:
+        tag = struct.unpack("<H", body[24:26])[0]  # the sub-format GUID starts with the real format tag
+    if tag != WAVE_FORMAT_PCM:
+        name = WAVE_FORMATS.get(tag, "an unknown encoding")
+        raise _not_wav(path, f"its samples are {name} (format tag {tag}), not PCM integers")
+    handle.seek(size % 2, os.SEEK_CUR)
+    return channels, bits, rate
+
+
+def _check_fmt(path, channels, bits, rate):
+    """Refuse anything but mono 16-bit at a sample rate in RATE_RANGE."""
+    if bits != 16 or channels != 1:
+        raise UserError(f"{path} has {channels} channel(s) of {bits}-bit samples, not mono 16-bit; {SOX_HINT}")
+    low, high = RATE_RANGE
+    if not low <= rate <= high:
+        raise UserError(
+            f"{path} says its sample rate is {rate} Hz, outside the {low}..{high} Hz this toolkit reads (a damaged "
+            "header?); it cannot be resampled from that"
+        )
+
+
+def _read_data(handle, path, file_size):
+    """The bytes of the data chunk; a file that ends before them, or an odd count, is refused as truncated.
+
+    A size of UNKNOWN_SIZE or more is a streaming writer's placeholder (sox, ffmpeg and arecord writing to a
+    pipe cannot go back to fill it in): the samples run to the end of the file.
+    """
+    size = _next_chunk(handle, path, b"data")
+    left = file_size - handle.tell()
+    if size >= UNKNOWN_SIZE and size > left:
+        size = left
+    if size > left or size % 2:
+        found = min(size, left)
+        why = f"its data chunk announces {size} bytes of samples but {left} follow" if size > left else ""
+        why = why or f"its data chunk holds an odd number of bytes ({size}), not whole 16-bit samples"
+        raise UserError(f"{path} is truncated: {why} (cut at {found // 2} samples); {TRUNCATED_HINT}")
+    return handle.read(size)
+
+
+def check_recording(samples, rate, path, window_ms):
+    """Refuse a recording that holds nothing to embed: no samples, fewer than one `window_ms` analysis window
+    of them, or digital silence (max - min <= SILENCE_STEPS int16 steps: zeros, a constant, or +-1 dither)."""
+    if not len(samples):
+        raise UserError(f"{path} holds no audio samples")
+    needed = math.ceil(window_ms * rate / 1000.0)
+    if len(samples) < needed:
+        raise UserError(
+            f"{path} is too short: {len(samples)} samples at {rate} Hz ({1000.0 * len(samples) / rate:.3g} ms) are "
+            f"less than one {window_ms:g} ms analysis window ({needed} samples), the shortest recording taken"
+        )
+    low, high = float(samples.min()), float(samples.max())
+    if high - low <= SILENCE_STEPS:
+        where = f"is {low:g}" if low == high else f"lies between {low:g} and {high:g}"
+        raise UserError(
+            f"{path} is digital silence: every one of its {len(samples)} samples {where} (no signal to embed or verify)"
+        )
 
 
 def resample(samples, rate, target_rate):
@@ -276,16 +382,13 @@ def front_end_of(config, cp_path):
 def wav_features(front_end, path):
     """A wav file -> float32 (n_coef, frames) through `front_end`, resampled to its rate when the file's differs.
 
-    UserErrors: unreadable, not 16-bit mono PCM, no samples, a sample rate of 0, too short for one frame.
+    UserErrors: what read_wav refuses, and what check_recording refuses (no samples, shorter than one analysis
+    window, digital silence).
     """
     samples, rate = read_wav(path)
-    if not len(samples):
-        raise UserError(f"{path} holds no audio samples")
-    if rate < 1:
-        raise UserError(f"{path} says its sample rate is {rate} Hz; it cannot be resampled to {front_end.sample_rate}")
+    check_recording(samples, rate, path, front_end.frame_length_ms)
     feats = front_end.compute(samples, rate)
-    if feats.shape[1] == 0:
-        raise UserError(f"{path} is too short: {len(samples)} samples give no {front_end.frame_shift_ms:g} ms frame")
+    assert feats.shape[1] > 0, (path, len(samples), rate)
     return feats
 
 

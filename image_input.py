@@ -3,8 +3,9 @@
 data_load.py normalises each image source with its own statistics (the digits with 0.3 / 0.4 on values
 scaled from 0..16 to 0..1, Fashion-MNIST IDX with 0.286 / 0.353, CIFAR-10 and image folders with their
 per-channel RGB means and deviations). train.py records the training source's `ImageInput` in the
-checkpoint (`model_config["image_input"]`); verify.py decodes a PNG or JPEG with Pillow, converts it to
-the recorded channels and size, scales 0..255 to 0..1 and normalises it with the recorded statistics.
+checkpoint (`model_config["image_input"]`); verify.py decodes a PNG or JPEG with data_load.read_image (as
+image folders are read for training), converts it to the recorded channels and size, scales 0..255 to
+0..1 and normalises it with the recorded statistics.
 """
 
 import dataclasses
@@ -52,21 +53,17 @@ class ImageInput:
     def load(self, path):
         """An image file -> float32 (channels, height, width), as the model saw its training images.
 
-        Converted to grayscale or RGB, resized (Lanczos) when its size differs. A file Pillow cannot decode
-        is a UserError naming it.
+        Decoded by data_load.read_image (the reader of training image folders too: 16-bit, float and
+        transparent images scaled and composited one way, too large ones refused before decoding) to
+        grayscale or RGB, resized (Lanczos) when its size differs. A file that cannot be used is a
+        UserError naming it and why.
         """
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
-        try:
-            with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
-                if img.size != (self.width, self.height):
-                    img = img.resize((self.width, self.height), Image.Resampling.LANCZOS)
-                pixels = np.asarray(img, dtype=np.float32)
-        except FileNotFoundError:
-            raise UserError(f"image file not found: {path}") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            raise UserError(f"{path} is not an image Pillow can decode ({err})") from None
+        img = data_load.read_image(path, "L" if self.channels == 1 else "RGB")
+        if img.size != (self.width, self.height):
+            img = img.resize((self.width, self.height), Image.Resampling.LANCZOS)
+        pixels = np.asarray(img, dtype=np.float32)
         x = torch.from_numpy(pixels.reshape(self.height, self.width, -1)).permute(2, 0, 1) / 255.0
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
