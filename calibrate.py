@@ -1,17 +1,18 @@
 """Fit score calibration (and fusion) on development trials: scores -> log-likelihood ratios.
 
-Reads a development score file written by eval.py, fits llr = a * score + b for each scorer and
-llr = w . scores + b for each fusion (prior-weighted logistic regression at --p-target), prints the
-development Cllr, minCllr, actDCF and minDCF before and after, and writes the parameters as JSON,
-which calibration.load_calibration / apply_calibration apply to evaluation scores. Calibrated
-columns are named cal_<scorer> and cal_<a>+<b>.
+Reads a development score file written by eval.py (text or .npz; only the columns it fits, ~9 bytes a
+trial for two), fits llr = a * score + b for each scorer and llr = w . scores + b for each fusion
+(prior-weighted logistic regression at --p-target), prints the development Cllr, minCllr, actDCF and
+minDCF before and after, and writes the parameters as JSON,
+which calibration.load_calibration / apply_calibration apply to evaluation scores, with the provenance
+(the model) the score file records. Calibrated columns are named cal_<scorer> and cal_<a>+<b>.
 """
 
-import os
+import numpy as np
 
-from calibration import apply_calibration, check_p_target, fit_calibration, read_score_file
-from metrics import compute_mindcf, llr_metrics
-from utils import UserError, cli, make_parser, write_json
+from calibration import PREFIX, ScoreTable, check_p_target, fit_calibration, read_scores, score_file_names
+from streaming_metrics import table_metrics
+from utils import UserError, check_outputs, cli, make_parser, write_json
 
 EXAMPLE = """examples:
   python calibrate.py --scores dev/scores.out --out dev/calibration.json
@@ -21,7 +22,7 @@ NOT_LLR_LIKE = ("e2e", "fus")  # a probability and an uncalibrated fusion: not c
 
 def build_parser():
     p = make_parser(__doc__, EXAMPLE)
-    p.add_argument("--scores", required=True, help="development score file written by eval.py")
+    p.add_argument("--scores", required=True, help="development score file written by eval.py (text or .npz)")
     p.add_argument("--out", required=True, help="calibration parameters (JSON), written atomically")
     p.add_argument("--p-target", type=float, default=0.01, help="target prior the fit aims at (default 0.01)")
     p.add_argument(
@@ -54,13 +55,14 @@ def choose_columns(names, scorers, fuse):
     return list(dict.fromkeys(scorers)), fusions
 
 
-def report(columns, labels, p_target):
-    """{column: {cllr, min_cllr, act_dcf_<p>, min_dcf_<p>}} at p_target (unit costs)."""
+def report(table, names, p_target):
+    """{column: {cllr, min_cllr, act_dcf_<p>, min_dcf_<p>}} at p_target (unit costs) of a ScoreTable's columns
+    `names`, one at a time in ~4 bytes a trial (streaming_metrics)."""
     out = {}
-    for name, values in columns.items():
-        metrics = llr_metrics(values, labels, p_targets=(p_target,))
-        metrics[f"min_dcf_{p_target:g}"] = compute_mindcf(values, labels, p_target)
-        out[name] = metrics
+    for name in names:
+        metrics = table_metrics(table, [name], name, (p_target,), llr=True)
+        keys = ("cllr", "min_cllr", f"act_dcf_{p_target:g}")
+        out[name] = {**{k: metrics[k] for k in keys}, f"min_dcf_{p_target:g}": metrics[f"mindcf_{p_target:g}"]}
     return out
 
 
@@ -77,19 +79,21 @@ def format_report(title, results):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_p_target(args.p_target, "--p-target")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"output folder does not exist: {out_dir}")
-    columns, labels, _, _ = read_score_file(args.scores)
-    scorers, fusions = choose_columns(list(columns), args.scorers, args.fuse)
-    params = fit_calibration(columns, labels, args.p_target, fusions=fusions, scorers=scorers)
-    before = report({name: columns[name] for name in scorers}, labels, args.p_target)
-    after = report(apply_calibration(params, columns), labels, args.p_target)
-    print(f"{len(labels)} development trials ({int(labels.sum())} targets), p_target {args.p_target:g}")
+    check_outputs({"--out": args.out}, {"--scores": args.scores})
+    names, provenance = score_file_names(args.scores)
+    scorers, fusions = choose_columns(names, args.scorers, args.fuse)
+    used = scorers + [name for group in fusions for name in group]
+    scores = read_scores(args.scores, used, dtype=np.float32)  # float32: as eval.py scored them
+    params = fit_calibration(scores.columns, scores.labels, args.p_target, fusions=fusions, scorers=scorers)
+    table = ScoreTable(scores.columns, scores.labels, params)
+    before = report(table, scorers, args.p_target)
+    after = report(table, [PREFIX + name for name in (*params["calibrations"], *params["fusions"])], args.p_target)
+    print(f"{len(table)} development trials ({table.n_targets} targets), p_target {args.p_target:g}")
     if before:
         print(format_report("before (raw scores read as LLRs):", before))
     print(format_report("after calibration:", after))
-    write_json(args.out, {**params, "dev_scores": args.scores, "dev_metrics": {**before, **after}})
+    record = {"provenance": provenance, "dev_scores": args.scores, "dev_metrics": {**before, **after}}
+    write_json(args.out, {**params, **record})
     print(f"calibration: {args.out}")
     return 0
 
