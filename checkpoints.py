@@ -20,9 +20,23 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with `weights_only=True`; anything else (a pickle payload) is refused."""
+    """Load a checkpoint with `weights_only=True`; anything else (a pickle payload) is refused.
+
+    A file that does not start as torch.save's files do (a zip archive or a pickle stream: a text file, an
+    image, an empty file) is refused as not a checkpoint before torch reads it.
+    """
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; give the checkpoint file (e.g. checkpoint_10ep.pt)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle stream
+        what = "an empty file" if not head else "a file of another kind"
+        raise UserError(f"{path} is not a PyTorch checkpoint file ({what}; torch.save writes a zip archive)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -1,13 +1,16 @@
 """Export a trained checkpoint to ONNX: the encoder and the learned distance as two graphs, for serving.
 
-Writes, atomically, into the folder --out (refused if it exists, unless --force):
+Writes, atomically, into the folder --out (refused if it exists and is not empty, unless --force, which
+replaces only an earlier export):
   encoder.onnx   input `features`, float32: speech (batch, ncoef, frames) with batch and frames dynamic,
-                 images (batch, channels, size, size) with batch dynamic; output `embedding` (batch, emb)
+                 images (batch, channels, height, width) with batch dynamic, at the size the checkpoint records
+                 it was trained on (or --image-size); output `embedding` (batch, emb)
   distance.onnx  inputs `enroll`, `test`, float32 (pairs, emb) with pairs dynamic; outputs `logit` (pairs,),
                  the mean of the heads' logits, and `probability` (pairs,), the mean of their sigmoids
                  (the e2e score of eval.py)
-  export.json    model name, input layout, embedding size, opset, exporter, the checkpoint's model_config,
-                 what each graph expects, and the parity of the graphs against PyTorch (when onnxruntime is here)
+  export.json    model name, input layout, embedding size, opset, exporter, the checkpoint's model_config and
+                 provenance (checkpoints.model_provenance), what each graph expects, and the parity of the
+                 graphs against PyTorch (when onnxruntime is here)
   encoder.pt, distance.pt   with --torchscript: the same two modules traced with torch.jit.trace
 
 The graphs are traced through the model's own methods (Verifier.embed, LearnedDistance.forward and
@@ -16,16 +19,23 @@ The graphs are traced through the model's own methods (Verifier.embed, LearnedDi
 which the torch.export-based exporter (--exporter dynamo) cannot trace with a dynamic time axis.
 """
 
-import contextlib
 import os
-import shutil
-import tempfile
 
 import torch
 
-from checkpoints import load_model_and_state
+from checkpoints import load_model_and_state, model_provenance
 from onnx_graphs import OPSETS, export_model, graph_notes, input_spec, root_cause
-from utils import UserError, add_device_flags, cli, device_from_args, make_parser, write_json
+from tasks import task_for_model
+from utils import (
+    UserError,
+    add_device_flags,
+    atomic_folder,
+    check_output_folder,
+    cli,
+    device_from_args,
+    make_parser,
+    write_json,
+)
 
 EXAMPLE = """example:
   python export.py --cp-path cp/checkpoint_10ep.pt --out exp/onnx/
@@ -35,8 +45,8 @@ EXAMPLE = """example:
 def build_parser():
     p = make_parser(__doc__, EXAMPLE)
     p.add_argument("--cp-path", required=True, help="checkpoint written by train.py")
-    p.add_argument("--out", required=True, help="output folder; must not exist (its parent must)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--out", required=True, help="output folder; new or empty (its parent must exist)")
+    p.add_argument("--force", action="store_true", help="replace --out if it holds an earlier export")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 18 with --exporter dynamo)")
     p.add_argument(
         "--exporter",
@@ -49,50 +59,18 @@ def build_parser():
         "--image-size",
         type=int,
         default=None,
-        help="image models: input height = width in pixels (default 32, or 84 for the imagenet stem)",
+        help="image models: input height = width in pixels (default: the size the checkpoint was trained on; "
+        "for checkpoints that do not record it 32, or 84 for the imagenet stem)",
     )
     add_device_flags(p)
     p.set_defaults(device="cpu")
     return p
 
 
-def check_output(out, force):
-    """The absolute --out path, if it can be written: its parent exists, and it does not (with `force`: it is
-    empty or an earlier export, so that a mistyped --out never deletes other files)."""
-    path = os.path.abspath(out)
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise UserError(f"parent folder of --out does not exist: {parent}")
-    if os.path.lexists(path):
-        if not os.path.isdir(path) or os.path.islink(path):
-            raise UserError(f"--out {out} exists and is not a folder")
-        if not force:
-            raise UserError(f"output folder {out} already exists (pass --force to replace it)")
-        if os.listdir(path) and not os.path.isfile(os.path.join(path, "export.json")):
-            raise UserError(f"--force replaces only an earlier export (a folder with export.json); {out} is not one")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_folder(path):
-    """Yield a fresh temporary folder beside `path`; on success it replaces `path`, on failure it is deleted."""
-    parent, name = os.path.split(path)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
-            os.replace(path, os.path.join(old, name))
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def check_output(out, force, cp_path):
+    """The absolute --out path, checked before any work (utils.check_output_folder): with `force` it replaces
+    only an earlier export, a folder holding export's output marker or, written before that marker, export.json."""
+    return check_output_folder("--out", out, "export", force, {"--cp-path": cp_path}, legacy="export.json")
 
 
 def main(argv=None):
@@ -105,17 +83,20 @@ def main(argv=None):
         raise UserError(f"--image-size must be >= 1, got {args.image_size}")
     if args.amp:
         raise UserError("--amp does not apply to export: the graphs are float32")
-    out = check_output(args.out, args.force)
+    out = check_output(args.out, args.force, args.cp_path)
     device = device_from_args(args)
     model, state = load_model_and_state(args.cp_path, None, device)
-    spec = input_spec(model, args.image_size)
     name, emb_size = model.config["model"], model.encoder.embedding_size
+    domain = task_for_model(name).name
+    if args.image_size is not None and domain != "image":
+        raise UserError(f"--image-size applies to image models; {args.cp_path} holds a {domain} model ({name})")
+    spec = input_spec(model, args.image_size)
     print(
         f"exporting {name} ({spec['domain']}, input {spec['shape']}, embedding {emb_size}) with the "
         f"{args.exporter} exporter, opset {opset}",
         flush=True,
     )
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, "export", checkpoint=os.path.abspath(args.cp_path)) as tmp:
         try:
             checks = export_model(model, tmp, spec, opset, args.exporter, args.torchscript, device)
         except Exception as err:
@@ -133,6 +114,7 @@ def main(argv=None):
             "torch_version": torch.__version__,
             "checkpoint": {"path": os.path.abspath(args.cp_path), "epoch": state.get("epoch")},
             "model_config": model.config,
+            "provenance": model_provenance(model),
             "graphs": graph_notes(spec, emb_size),
             "parity_max_abs_diff": checks,
             "torchscript": ["encoder.pt", "distance.pt"] if args.torchscript else [],

@@ -60,11 +60,39 @@ def encoder_arg(model, key):
     return inspect.signature(models.ENCODERS[model.config["model"]][0]).parameters[key].default
 
 
+def recorded_image_size(model):
+    """(height, width) of the images an image model was trained on, as its checkpoint records them
+    (`model_config['image_input']`, see image_input.py), or None when it records none."""
+    found = model.config.get("image_input") or {}
+    size = found.get("height"), found.get("width")
+    if all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+        return size
+    return None
+
+
 def input_spec(model, image_size=None):
     """How the encoder is fed (its task decides): {'domain', 'shape' (with 'batch' / 'frames' for dynamic axes),
-    'dynamic' ({axis: name}), 'notes', and 'ncoef' for speech, 'channels' and 'size' for images}."""
+    'dynamic' ({axis: name}), 'notes', and 'ncoef' for speech, 'channels' and 'size' ([height, width]) for images}.
+
+    An image model's size is `image_size` (height = width) when given, else the size its checkpoint records
+    it was trained on, else the default of its stem (STEM_SIZE).
+    """
     task = task_for_model(model.config["model"])
-    return task.export_spec(lambda key: encoder_arg(model, key), image_size, STEM_SIZE, MIN_FRAMES)
+    recorded = recorded_image_size(model) if image_size is None and task.name == "image" else None
+    side = recorded[0] if recorded else image_size
+    spec = task.export_spec(lambda key: encoder_arg(model, key), side, STEM_SIZE, MIN_FRAMES)
+    if recorded and recorded[1] != recorded[0]:
+        spec = _with_width(spec, recorded[1])
+    return spec
+
+
+def _with_width(spec, width):
+    """An image spec of height = width (the task's) changed to another width: size, shape and notes."""
+    height, channels = spec["size"][0], spec["channels"]
+    square, wide = f"(batch, {channels}, {height}, {height})", f"(batch, {channels}, {height}, {width})"
+    assert square in spec["notes"], spec["notes"]
+    return {**spec, "size": [height, width], "shape": [*spec["shape"][:-1], width],
+            "notes": spec["notes"].replace(square, wide)}  # fmt: skip
 
 
 def example_features(spec, batch=2, frames=EXAMPLE_FRAMES, device="cpu", seed=0):

@@ -115,7 +115,11 @@ def read_wav_scp(path):
 
 
 def read_trials(path):
-    """Read a trials file (`enroll test target|nontarget` per line) into (enroll ids, test ids, bool array)."""
+    """Read a trials file (`enroll test target|nontarget` per line) into (enroll ids, test ids, bool array).
+
+    A trial is the ordered pair (enroll, test), so `a b` and `b a` are two trials. A pair listed twice (it
+    would count twice in the error rates), or labelled both target and nontarget, is refused naming both lines.
+    """
     enroll, test, target = [], [], []
     for number, fields in _table_lines(path, "trials"):
         if len(fields) != 3:
@@ -128,7 +132,28 @@ def read_trials(path):
         target.append(TARGET_LABELS[label])
     if not target:
         raise UserError(f"trials file {path} is empty")
+    if len(set(zip(enroll, test))) != len(enroll):
+        _refuse_repeated_trial(path)
     return enroll, test, np.asarray(target, dtype=bool)
+
+
+def _refuse_repeated_trial(path):
+    """The UserError for the first trial that a (checked) trials file lists twice, naming both lines."""
+    seen = {}  # (enroll, test) -> (line number, label) of its first listing
+    for number, (enroll, test, label) in _table_lines(path, "trials"):
+        first, is_target = seen.setdefault((enroll, test), (number, TARGET_LABELS[label.lower()]))
+        if first == number:
+            continue
+        if is_target != TARGET_LABELS[label.lower()]:
+            raise UserError(
+                f"{path} lines {first} and {number}: the trial {enroll} {test} is labelled both target and "
+                "nontarget; keep the right one"
+            )
+        raise UserError(
+            f"{path} lines {first} and {number}: the trial {enroll} {test} is listed twice (each trial must be "
+            "listed once, or it counts twice in the error rates)"
+        )
+    raise AssertionError(f"{path}: no repeated trial found")
 
 
 def all_pairs_trials(spk2utt_path):

@@ -13,6 +13,7 @@ the scorer's calibrated log-likelihood ratio. Also a Python API: Verifier.load(c
 
 import json
 import math
+import numbers
 import os
 import sys
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_model_and_state
+from checkpoints import ALLOW_OTHER_MODEL, ALLOW_OTHER_MODEL_HELP, check_provenance, load_model_and_state
 from scoring import fuse
 from tasks import task_for_model
 from utils import UserError, add_device_flags, choose_device, cli, device_from_args, make_parser
@@ -31,6 +32,7 @@ EXAMPLE = """examples:
       --calibration cal.json --p-target 0.01 --json"""
 COLUMNS = ("e2e", "e2e_logit", "cos", "fus")
 DEFAULT_THRESHOLDS = {"e2e": 0.5, "e2e_logit": 0.0, "fus": 0.5}  # cos has no natural one: --threshold is needed
+DEFAULT_P_TARGET = 0.01
 
 
 # ----------------------------------------------------------------------------- the API
@@ -40,14 +42,14 @@ class Verifier:
     """A trained model ready to embed files and score them: Verifier.load(cp).score(enroll_paths, test_path)."""
 
     def __init__(self, model, state, cp_path, device, chunk_seconds=10.0, min_frames=100):
+        check_chunking(chunk_seconds, min_frames)
         self.model, self.cp_path, self.device = model, cp_path, device
         self.files = task_for_model(model.config["model"]).file_input(model, state, cp_path, chunk_seconds, min_frames)
 
     @classmethod
     def load(cls, cp_path, device=None, chunk_seconds=10.0, min_frames=100):
         """The model of checkpoint `cp_path` (weights-only load) on `device` (default cuda when present)."""
-        if chunk_seconds < 0 or min_frames < 1:
-            raise UserError(f"chunk seconds must be >= 0 and min frames >= 1, got {chunk_seconds} and {min_frames}")
+        check_chunking(chunk_seconds, min_frames)
         device = device if isinstance(device, torch.device) else choose_device(device)
         model, state = load_model_and_state(cp_path, device=device)
         return cls(model, state, cp_path, device, chunk_seconds, min_frames)
@@ -60,8 +62,14 @@ class Verifier:
 
     @torch.no_grad()
     def embed_file(self, path):
-        """One file's embedding (emb,) float32 on the model's device; a long recording's is the mean of its chunks'."""
-        return self.files.embed(self.model, self.inputs(path), self.device).mean(0)
+        """One file's embedding (emb,) float32 on the model's device; a long recording's is the mean of its chunks'.
+
+        An embedding with NaN or infinite values (the model overflowed on this file) is a UserError naming it.
+        """
+        emb = self.files.embed(self.model, self.inputs(path), self.device).mean(0)
+        if not bool(torch.isfinite(emb).all()):
+            raise UserError(f"the model gives a non-finite (NaN or infinite) embedding for {path}")
+        return emb
 
     def embed_files(self, paths):
         """(n, emb) embeddings of `paths`, in order."""
@@ -74,7 +82,11 @@ class Verifier:
         e2e / e2e_logit: the learned distance's probability / logit (mean over its heads) of each
         (enrollment item, test item) pair, averaged over the enrollment items; cos: cosine with the mean of
         the L2-normalised enrollment embeddings; fus: the fusion of e2e and cos (scoring.fuse).
+        Empty, misshapen or non-finite embeddings are a UserError.
         """
+        width = self.model.encoder.embedding_size
+        check_embeddings(enroll, "enrollment", width)
+        check_embeddings(test, "test", width)
         n, m = len(enroll), len(test)
         emb = torch.cat([enroll, test])
         idx_a = torch.arange(n, device=emb.device).repeat(m)
@@ -96,12 +108,40 @@ class Verifier:
         return {name: float(value[0]) for name, value in scores.items()}
 
 
+def check_chunking(chunk_seconds, min_frames):
+    """UserError unless `chunk_seconds` is a finite number >= 0 (0: whole recordings) and `min_frames` an int >= 1."""
+    if isinstance(chunk_seconds, bool) or not isinstance(chunk_seconds, numbers.Real):
+        raise UserError(f"chunk seconds must be a number, got {chunk_seconds!r}")
+    if not (math.isfinite(chunk_seconds) and chunk_seconds >= 0):
+        raise UserError(f"chunk seconds must be >= 0 (0 = whole recordings) and finite, got {chunk_seconds}")
+    if isinstance(min_frames, bool) or not isinstance(min_frames, numbers.Integral) or min_frames < 1:
+        raise UserError(f"min frames must be an integer >= 1, got {min_frames!r}")
+
+
+def check_embeddings(emb, what, width):
+    """UserError unless `emb` is a (n, width) tensor with n >= 1 and only finite values; `what` names it."""
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[1] != width:
+        shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise UserError(f"{what} embeddings must be a (n, {width}) tensor, got {shape}")
+    if emb.shape[0] == 0:
+        raise UserError(f"no {what} embeddings: give at least one")
+    if not bool(torch.isfinite(emb).all()):
+        raise UserError(f"{what} embeddings hold non-finite values (NaN or infinite)")
+
+
 # ----------------------------------------------------------------------------- decisions
 
 
 def decision_rule(args, calibration):
-    """(column deciding, threshold, text saying why) from --scorer, --threshold, --calibration and --p-target."""
+    """(column deciding, threshold, text saying why) from --scorer, --threshold, --calibration and --p-target.
+
+    --p-target applies only with a calibration (its default, DEFAULT_P_TARGET, is filled in then).
+    """
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise UserError(f"--threshold must be a finite number, got {args.threshold}")
     if calibration is None:
+        if args.p_target is not None:
+            raise UserError("--p-target applies only with --calibration (it sets the Bayes threshold of its LLRs)")
         scorer = args.scorer or "e2e"
         if scorer not in COLUMNS:
             raise UserError(f"--scorer must be one of {', '.join(COLUMNS)} (calibrated ones need --calibration)")
@@ -115,6 +155,8 @@ def decision_rule(args, calibration):
         )
     from calibration import check_p_target  # loaded with the calibration file already
 
+    if args.p_target is None:
+        args.p_target = DEFAULT_P_TARGET
     check_p_target(args.p_target, "--p-target")
     offered = [f"cal_{name}" for name in (*calibration["fusions"], *calibration["calibrations"])]
     column = offered[0] if args.scorer is None else f"cal_{args.scorer.removeprefix('cal_')}"
@@ -139,7 +181,13 @@ def build_parser():
         "--threshold", type=float, default=None, help="accept at score >= this (default 0.5 e2e/fus, 0 e2e_logit)"
     )
     p.add_argument("--calibration", default=None, help="calibration JSON from calibrate.py: decide on LLRs")
-    p.add_argument("--p-target", type=float, default=0.01, help="target prior of the Bayes threshold (default 0.01)")
+    p.add_argument(
+        "--p-target",
+        type=float,
+        default=None,
+        help=f"with --calibration: target prior of the Bayes threshold (default {DEFAULT_P_TARGET})",
+    )
+    p.add_argument(ALLOW_OTHER_MODEL, action="store_true", help=ALLOW_OTHER_MODEL_HELP)
     p.add_argument(
         "--chunk-seconds", type=float, default=10.0, help="embed long recordings in chunks this long (0 = whole)"
     )
@@ -156,6 +204,9 @@ def main(argv=None):
     calibration = load_calibration(args.calibration, COLUMNS) if args.calibration else None
     column, threshold, rule = decision_rule(args, calibration)
     verifier = Verifier.load(args.cp_path, device_from_args(args), args.chunk_seconds, args.min_frames)
+    if calibration is not None:
+        what = f"calibration {args.calibration}"
+        check_provenance(calibration.get("provenance"), verifier.model, what, allow=args.allow_other_model)
     enroll = verifier.embed_files(args.enroll)
     test = verifier.embed_files(args.test)
     scores = {k: v.cpu().numpy().astype(np.float64) for k, v in verifier.score_embeddings(enroll, test).items()}

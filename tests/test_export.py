@@ -18,7 +18,7 @@ from tiny_data import model_config, write_checkpoint
 import export
 import models
 from checkpoints import load_model, save_checkpoint
-from utils import UserError
+from utils import OUTPUT_MARKER, UserError
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
@@ -99,7 +99,9 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"export_{name}")
     cp = write_trained_like_checkpoint(str(root / "cp.pt"), name)
     out = root / "onnx"
-    argv = ["--cp-path", cp, "--out", str(out), "--torchscript", "--image-size", str(IMAGE_SIZE)]
+    argv = ["--cp-path", cp, "--out", str(out), "--torchscript"]
+    if models.encoder_domain(name) == "image":
+        argv += ["--image-size", str(IMAGE_SIZE)]  # a speech model refuses it
     assert export.main(argv) == 0
     return name, load_model(cp), out
 
@@ -112,7 +114,8 @@ def test_export_json_describes_the_graphs(exported):
     assert info["exporter"] == "torchscript" and sorted(info["graphs"]) == ["distance.onnx", "encoder.onnx"]
     parity = info["parity_max_abs_diff"]
     assert parity["encoder"] < EMB_TOL.get(name, TOL) and parity["logit"] < TOL and parity["probability"] < TOL
-    assert sorted(os.listdir(out)) == ["distance.onnx", "distance.pt", "encoder.onnx", "encoder.pt", "export.json"]
+    files = [OUTPUT_MARKER, "distance.onnx", "distance.pt", "encoder.onnx", "encoder.pt", "export.json"]
+    assert sorted(os.listdir(out)) == files
     assert not [f for f in os.listdir(out.parent) if f.startswith(".onnx.")], "a temporary folder was left behind"
     dims = lambda values: [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values]  # noqa: E731
     graph = onnx.load(str(out / "encoder.onnx")).graph
@@ -241,7 +244,8 @@ def test_dynamo_exporter_matches_pytorch(tdnn_cp, tmp_path):
     out = tmp_path / "onnx"
     assert export.main(["--cp-path", tdnn_cp, "--out", str(out), "--exporter", "dynamo"]) == 0
     assert json.loads((out / "export.json").read_text())["opset"] == 18
-    assert sorted(os.listdir(out)) == ["distance.onnx", "encoder.onnx", "export.json"]  # no external data files
+    # no external data files
+    assert sorted(os.listdir(out)) == [OUTPUT_MARKER, "distance.onnx", "encoder.onnx", "export.json"]
     model, encoder = load_model(tdnn_cp), session(out / "encoder.onnx")
     for batch, frames in ((1, 60), (3, 300)):
         x = features("TDNN", batch, frames, seed=5)
@@ -257,14 +261,14 @@ def test_force_replaces_the_folder_atomically(tdnn_cp, tmp_path):
     out = tmp_path / "onnx"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    with pytest.raises(UserError, match="already exists .*--force"):
+    with pytest.raises(UserError, match="exists and is not empty .*--force"):
         export.main(["--cp-path", tdnn_cp, "--out", str(out)])
-    with pytest.raises(UserError, match="replaces only an earlier export"):
+    with pytest.raises(UserError, match="replaces only an earlier output of export"):
         export.main(["--cp-path", tdnn_cp, "--out", str(out), "--force"])
     assert os.listdir(out) == ["stale.txt"]
-    (out / "export.json").write_text("{}")  # an earlier export, with a file of its own
+    (out / "export.json").write_text("{}")  # an export from before the output marker, with a file of its own
     assert export.main(["--cp-path", tdnn_cp, "--out", str(out), "--force"]) == 0
-    assert sorted(os.listdir(out)) == ["distance.onnx", "encoder.onnx", "export.json"]
+    assert sorted(os.listdir(out)) == [OUTPUT_MARKER, "distance.onnx", "encoder.onnx", "export.json"]
     assert os.listdir(tmp_path) == ["onnx"], "temporary or old folders were left behind"
 
 
@@ -283,6 +287,7 @@ def test_bad_input_is_one_line(tdnn_cp, tmp_path):
     unsafe, marker = str(tmp_path / "unsafe.pt"), str(tmp_path / "PAYLOAD_RAN")
     torch.save({"model_config": {"model": "TDNN"}, "model_state": {}, "payload": Payload(marker)}, unsafe)
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "mine.txt").write_text("x")
     (tmp_path / "a_file").write_text("x")
     work = tmp_path / "work"
     work.mkdir()
@@ -290,11 +295,11 @@ def test_bad_input_is_one_line(tdnn_cp, tmp_path):
     cases = [
         (["--cp-path", str(tmp_path / "missing.pt"), "--out", out], "checkpoint not found"),
         (["--cp-path", unsafe, "--out", out], "refusing to load"),
-        (["--cp-path", tdnn_cp, "--out", str(tmp_path / "exists")], "already exists"),
+        (["--cp-path", tdnn_cp, "--out", str(tmp_path / "exists")], "exists and is not empty"),
         (["--cp-path", tdnn_cp, "--out", str(tmp_path / "a_file"), "--force"], "is not a folder"),
         (
             ["--cp-path", tdnn_cp, "--out", str(tmp_path / "no" / "such" / "onnx")],
-            "parent folder of --out does not exist",
+            "does not exist",
         ),
         (["--cp-path", tdnn_cp, "--out", out, "--opset", "9"], "--opset 9 is outside"),
         (["--cp-path", tdnn_cp, "--out", out, "--amp"], "--amp does not apply"),
@@ -309,6 +314,7 @@ def test_bad_input_is_one_line(tdnn_cp, tmp_path):
 
 def test_command_line_prints_one_line_and_exits_2(tmp_path):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("x")
     cmd = [
         sys.executable,
         os.path.join(ROOT, "export.py"),
@@ -320,7 +326,7 @@ def test_command_line_prints_one_line_and_exits_2(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "already exists" in lines[0]
+    assert "exists and is not empty" in lines[0]
 
 
 @pytest.mark.slow
