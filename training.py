@@ -25,6 +25,7 @@ from tasks import task_for_args, task_for_model
 from train_loop import TrainConfig, TrainLoop, noam_factor
 from utils import (
     UserError,
+    check_inputs_outside,
     device_from_args,
     git_commit,
     make_parser,
@@ -238,11 +239,11 @@ def resolve_defaults(args, argv):
     for key, value in task.defaults.items():
         if getattr(args, key) in (None, "auto"):
             setattr(args, key, value)
-    task.resolve(args, {a.split("=")[0] for a in (argv or [])})
-    if args.checkpoint_path is None:
-        args.checkpoint_path = os.getcwd()
-    if os.path.exists(args.checkpoint_path) and not os.path.isdir(args.checkpoint_path):
-        raise UserError(f"--checkpoint-path {args.checkpoint_path} is a file, not a folder")
+    typed = {a.split("=")[0] for a in (argv or [])}
+    task.resolve(args, typed)
+    check_output_folders(args)
+    if args.pretrained_path:  # the architecture comes from the checkpoint, read (and checked) before any data
+        pretrained.adopt_architecture(args, task, typed)
     if not 0 <= args.dropout_prob < 1:
         raise UserError(f"--dropout-prob must be in [0, 1), got {args.dropout_prob}")
     if not 0 <= args.smoothing < 1:
@@ -257,6 +258,31 @@ def resolve_defaults(args, argv):
     if args.test_classes is None:
         args.test_classes = args.valid_classes or args.classes
     return args
+
+
+# The checkpoint folder is filled (checkpoint_<N>ep.pt, args.json, test_scores.txt), pruned (--keep-checkpoints)
+# and searched for a run to resume, so it must not hold the checkpoint fine-tuning starts from; neither it nor
+# the --logdir may lie inside a data folder (an image folder would read it as one more class).
+HELD_INPUTS = ("--pretrained-path",)
+DATA_INPUTS = ("--data-path", "--valid-data-path", "--train-hdf-file", "--valid-hdf-file")
+
+
+def check_output_folders(args):
+    """Resolve --checkpoint-path (default: the current folder) and refuse, before any data is read or anything
+    written, one that is a file, that (or --logdir) holds the --pretrained-path checkpoint, or that lies inside
+    a data folder. A folder of the run's own earlier epochs is fine: resuming continues in it."""
+    flag = "--checkpoint-path"
+    if args.checkpoint_path is None:
+        args.checkpoint_path, flag = os.getcwd(), "--checkpoint-path (default: the current folder)"
+    folder = args.checkpoint_path
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file, not a folder")
+    value = lambda name: getattr(args, name[2:].replace("-", "_"))  # noqa: E731
+    held = {name: value(name) for name in HELD_INPUTS}
+    data = {name: value(name) for name in DATA_INPUTS}
+    for out_flag, out in ((flag, folder), ("--logdir", args.logdir)):
+        if out:
+            check_inputs_outside(out_flag, out, held, data)
 
 
 def check_batch_holds_two_classes(task, args):
@@ -422,11 +448,6 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
     model = prepare_model(args, task, model, device, world_size)
     train_loader, valid_loader = make_loaders(args, task, train, valid, device, rank, world_size)
     optimizer, scheduler = make_optimizer(args, model)
-    writer = None
-    if args.logdir and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(args.logdir)
     cfg = TrainConfig.from_args(args, progress=args.verbose > 0 and sys.stderr.isatty(), record=record)
     trainer = TrainLoop(
         model,
@@ -437,13 +458,12 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
         valid_loader,
         device,
         cfg,
-        writer=writer,
         rank=rank,
         crop=task.training_transform(args),
     )
     if args.checkpoint_epoch is not None:
         trainer.load(trainer.checkpoint_file(args.checkpoint_epoch))
-    return Run(args, task, trainer, model, (train, valid), writer, rank)
+    return Run(args, task, trainer, model, (train, valid), rank=rank)
 
 
 def fit(run):
@@ -455,6 +475,10 @@ def fit(run):
             raise UserError(f"cannot make --checkpoint-path {run.args.checkpoint_path}: {err.strerror}") from None
     if run.rank == 0 and not run.args.no_cp:
         write_json(os.path.join(run.args.checkpoint_path, "args.json"), run.trainer.cfg.record)
+    if run.args.logdir and run.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run.writer = run.trainer.writer = SummaryWriter(run.args.logdir)
     try:
         run.trainer.fit()
     finally:
