@@ -16,21 +16,14 @@ embeddings), concat-norm (concat on normalised embeddings), sym-detach (sym, pai
 trained into the encoder).
 """
 
+import argparse
 import contextlib
 import os
 import shlex
 import tempfile
 
 import benchlib
-from benchlib import (
-    IMAGE_RECIPE,
-    VARIANTS,
-    children_cpu_seconds,
-    choose_names,
-    mean_sd,
-    metrics_of,
-    python,
-)
+from benchlib import IMAGE_RECIPE, VARIANTS, at_least, children_cpu_seconds, mean_sd, metrics_of, name_list, python
 
 from data_load import FASHION_DIR
 from utils import cli
@@ -92,7 +85,8 @@ def asterisk_fold(args, fold):
     out = os.path.join(args.work_dir, f"asterisk_fold{fold}")
     if os.path.isfile(os.path.join(out, "done")):
         return out
-    python("tools/asterisk_set.py", "--out", out, "--fold", str(fold), "--seed", "0", "--no-floor",
+    # --force: a run killed after asterisk_set.py (no "done" yet) left its marked folder, to be built again
+    python("tools/asterisk_set.py", "--out", out, "--fold", str(fold), "--seed", "0", "--no-floor", "--force",
            "--max-per-speaker", str(args.max_per_speaker), threads=args.threads)  # fmt: skip
     for part in ("train", "valid", "test"):
         python("data_prep.py", "--wav-scp", f"{out}/{part}/wav.scp", "--out-path", out, "--out-name", f"{part}.hdf",
@@ -106,7 +100,7 @@ def run_asterisk(folder, fold, variant, args):
     cp = os.path.join(folder, "cp")
     flags = [*SPEECH_RECIPE, "--epochs", str(args.speech_epochs), "--seed", "1", "--checkpoint-path", cp]
     flags += ["--train-hdf-file", f"{data}/train.hdf", "--valid-hdf-file", f"{data}/valid.hdf"]
-    flags += shlex.split(args.speech_flags)
+    flags += args.speech_flags
     python("train.py", *flags, "--verbose", "0", *VARIANTS[variant], threads=args.threads)
     out = os.path.join(folder, "scores.out")
     python("eval.py", "--test-data", f"{data}/test_feats/feats.scp", "--trials-path", f"{data}/test/trials",
@@ -141,24 +135,39 @@ def run_folder(args, name):
     """A run's folder: kept under --keep-dir when given, else a temporary one."""
     if args.keep_dir is None:
         return tempfile.TemporaryDirectory(dir=args.work_dir)
-    folder = os.path.join(args.keep_dir, name)
-    os.makedirs(folder, exist_ok=True)
+    folder = benchlib.make_folder(os.path.join(args.keep_dir, name), "--keep-dir")
     return contextlib.nullcontext(folder)
 
 
+def shell_words(text):
+    """An argparse type: flags split as a shell splits them -> a list."""
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} in {text!r}") from None
+
+
 RUN_OPTIONS = {
-    "--protocols": (str, "digits-closed,digits-open", "comma-separated, from: " + ", ".join(PROTOCOLS)),
-    "--folds": (str, "0-6", "Asterisk folds (default 0-6: every speaker held out twice)"),
+    "--protocols": (
+        name_list(PROTOCOLS, "protocol"),
+        "digits-closed,digits-open",
+        "comma-separated, from: " + ", ".join(PROTOCOLS),
+    ),
+    "--folds": (benchlib.asterisk_folds, "0-6", "Asterisk folds, 0..6 (default 0-6: every speaker held out twice)"),
 }
 IMAGE_OPTIONS = {
-    "--image-epochs": (int, 10, "epochs of the image recipe (default 10)"),
-    "--items-per-class": (int, 200, "training images per class (default 200)"),
-    "--test-items-per-class": (int, 300, "open-set test images per class (300)"),
+    "--image-epochs": (at_least(1), 10, "epochs of the image recipe (default 10)"),
+    "--items-per-class": (at_least(2), 200, "training images per class (default 200)"),
+    "--test-items-per-class": (at_least(2), 300, "open-set test images per class (300)"),
 }
 SPEECH_OPTIONS = {
-    "--speech-epochs": (int, 8, "epochs of the Asterisk recipe (default 8)"),
-    "--max-per-speaker": (int, 150, "Asterisk prompts per speaker (default 150)"),
-    "--speech-flags": (str, "", "more train.py flags for the Asterisk runs, e.g. '--model ECAPA_TDNN --specaug'"),
+    "--speech-epochs": (at_least(1), 8, "epochs of the Asterisk recipe (default 8)"),
+    "--max-per-speaker": (at_least(2), 150, "Asterisk prompts per speaker (default 150)"),
+    "--speech-flags": (
+        shell_words,
+        "",
+        "more train.py flags for the Asterisk runs, e.g. '--model ECAPA_TDNN --specaug'",
+    ),
 }
 FILE_OPTIONS = {
     "--work-dir": (str, "runs/accuracy", "cached data sets (default runs/accuracy)"),
@@ -173,21 +182,15 @@ def build_parser():
 
 
 def main(argv=None):
-    import data_load
-
     args = build_parser().parse_args(argv)
-    protocols = choose_names(args.protocols, PROTOCOLS, "protocol")
-    variants = choose_names(args.variants, VARIANTS, "variant")
-    seeds = data_load.parse_classes(args.seeds)
-    folds = data_load.parse_classes(args.folds)
-    os.makedirs(args.work_dir, exist_ok=True)
-    if "fonts" in protocols and not os.path.isdir(args.fonts):
-        python("tools/font_set.py", "--out", args.fonts, "--test-families", "40")
+    benchlib.make_folder(args.work_dir, "--work-dir")
+    if "fonts" in args.protocols:
+        benchlib.make_font_set(args.fonts)
     rows, every = {}, []
-    for protocol in protocols:
-        for variant in variants:
+    for protocol in args.protocols:
+        for variant in args.variants:
             runs, start = [], children_cpu_seconds()
-            for key in folds if protocol == "asterisk" else seeds:
+            for key in args.folds if protocol == "asterisk" else args.seeds:
                 with run_folder(args, f"{protocol}_{variant}_{key}") as folder:
                     metrics = PROTOCOLS[protocol](folder, key, variant, args)
                 runs.append(metrics)

@@ -9,6 +9,7 @@ metrics of the split scores (EER and minDCF from one sort) are timed too.
 
 import benchlib
 import torch
+from benchlib import at_least
 
 from metrics import compute_metrics
 from models.verifier import LearnedDistance
@@ -37,18 +38,18 @@ def concatenated_all_pairs(distance, emb, amp=False):
 
 
 OPTIONS = {
-    "--n": (int, None, "embeddings (default 2000 on the CPU, 10000 on a GPU)"),
-    "--emb-size": (int, 512, "embedding size d (default 512)"),
-    "--hidden-size": (int, 350, "discriminator width (default 350)"),
-    "--n-hidden": (int, 3, "discriminator hidden layers (default 3)"),
-    "--ndiscriminators": (int, 1, "discriminator heads (default 1)"),
+    "--n": (at_least(2), None, "embeddings, at least 2 (default 2000 on the CPU, 10000 on a GPU)"),
+    "--emb-size": (at_least(1), 512, "embedding size d (default 512)"),
+    "--hidden-size": (at_least(1), 350, "discriminator width (default 350)"),
+    "--n-hidden": (at_least(1), 3, "discriminator hidden layers (default 3)"),
+    "--ndiscriminators": (at_least(1), 1, "discriminator heads (default 1)"),
     "--pair-features": dict(
         choices=("concat", "sym"),
         default="concat",
         help="the learned distance timed in its projected (split) form; the baseline is always the research "
         "code's concatenated per-pair MLP of the same width (default concat)",
     ),
-    "--classes": (int, 10, "classes the embeddings are drawn from (default 10)"),
+    "--classes": (at_least(2), 10, "classes the embeddings are drawn from (default 10)"),
     "--amp": ("bf16 autocast for both forms",),
     "--tf32": ("allow TF32 matmuls on CUDA for both forms",),
     "--no-baseline": ("time the split form only",),
@@ -63,7 +64,7 @@ def main(argv=None):
     args, device = benchlib.start(build_parser(), argv)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    n = args.n or (10_000 if device.type == "cuda" else 2_000)
+    n = args.n if args.n is not None else 10_000 if device.type == "cuda" else 2_000
     torch.manual_seed(0)
     labels = torch.randint(0, args.classes, (n,), device=device)
     centres = torch.randn(args.classes, args.emb_size, device=device)

@@ -73,7 +73,7 @@ def measure(repo, argv, env):
 
 OPTIONS = {
     "--data": (str, FASHION_DIR, f"Fashion-MNIST IDX folder (default {FASHION_DIR})"),
-    "--n": (int, 10_000, "test images, all pairs scored (default 10000)"),
+    "--n": (benchlib.at_least(2), 10_000, "test images, all pairs scored (default 10000)"),
     "--model": (str, "resnet", "image encoder of the untrained checkpoint (default resnet)"),
     "--variant": dict(nargs="+", choices=list(VARIANTS), default=["text", "none"], help="runs to measure"),
     "--before": (str, None, "another checkout whose eval.py runs too (its score file: text)"),
@@ -87,14 +87,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.n < 2:
-        raise UserError(f"--n must be >= 2, got {args.n}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH="")
     trials = args.n * (args.n - 1) // 2
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or tmp
-        os.makedirs(os.path.join(work, "data"), exist_ok=True)
+        benchlib.make_folder(os.path.join(work, "data"), "--keep")
         write_subset(args.data, os.path.join(work, "data"), args.n)
         checkpoint = os.path.join(work, "cp.pt")
         write_model(checkpoint, args.model)

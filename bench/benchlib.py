@@ -6,8 +6,11 @@ Every bench script times a candidate against a baseline in the same run, on the 
 prints the ratio; absolute numbers depend on the machine, ratios much less.
 """
 
+import argparse
 import json
+import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -21,23 +24,118 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 # make_parser(doc, example, *tables): a bench's parser, as every script's.
-from utils import UserError, atomic_write, make_parser  # noqa: E402, F401
+from utils import UserError, atomic_write, check_outputs, make_parser  # noqa: E402, F401
+
+# ----------------------------------------------------------------------------- checked option types
+# Every numeric and list flag of the benches has one of these types: argparse calls it on the typed text (and on
+# a default given as text), so a bad value is refused while the command line is parsed, in one line that names
+# the flag ("argument --n: must be >= 2, got 0"), before any work. A value that means "default" or "all" (0 or
+# None) is one the flag's help says it means; otherwise it is refused, never silently replaced.
+
+
+def number(kind=int, low=None, high=None, above=None):
+    """An argparse type: text -> a finite `kind` (int or float) with low <= value <= high and value > above (each
+    bound when given)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be > {above}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+
+    return parse
+
+
+def at_least(low, high=None):
+    """An argparse type: an integer >= `low` (and <= `high`)."""
+    return number(int, low, high)
+
+
+def positive_float(text):
+    """An argparse type: a finite float > 0."""
+    return number(float, above=0)(text)
+
+
+def prior(text):
+    """An argparse type: a target prior, strictly between 0 and 1 (calibration.check_p_target)."""
+    from calibration import check_p_target
+
+    try:
+        return check_p_target(number(float)(text), "a prior")
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def int_list(low=0, high=None):
+    """An argparse type: comma-separated integers and ascending ranges ('1,2,3', '1-3', '0-3,8') -> sorted unique
+    ints in [low, high]; a reversed range ('9-3') is refused, not read as empty."""
+
+    def parse(text):
+        values = set()
+        for part in text.split(","):
+            match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip(), re.ASCII)
+            if match is None:
+                raise argparse.ArgumentTypeError(f"expected integers like 1,2,3 or 1-3, got {text!r}")
+            first, last = int(match[1]), int(match[2] or match[1])
+            if last < first:
+                raise argparse.ArgumentTypeError(f"range {part.strip()} runs backwards (write {last}-{first})")
+            values.update(range(first, last + 1))
+        outside = [v for v in sorted(values) if v < low or (high is not None and v > high)]
+        if outside:
+            bounds = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{outside[0]} is outside {bounds}, in {text!r}")
+        return sorted(values)
+
+    return parse
+
+
+def name_list(known, what):
+    """An argparse type: comma-separated names, each one of `known` and given once -> a list in the given order."""
+
+    def parse(text):
+        names = [name.strip() for name in text.split(",")]
+        for i, name in enumerate(names):
+            if name not in known:
+                raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+            if name in names[:i]:
+                raise argparse.ArgumentTypeError(f"{what} {name} is given twice")
+        return names
+
+    return parse
+
+
+def table_path(text):
+    """An argparse type: --out of a result table, refused (utils.check_outputs) unless it and its .json beside it
+    can be written, so a long bench never fails at its last step."""
+    check_outputs({"--out": text, "--out (its .json)": text + ".json"})
+    return text
+
 
 # --ncoef of the benches that make random speech features.
-NCOEF_OPTION = {"--ncoef": (int, 30, "coefficients per frame (default 30)")}
+NCOEF_OPTION = {"--ncoef": (at_least(1), 30, "coefficients per frame (default 30)")}
 # --repeats: how often each measurement is timed.
-REPEATS = {"--repeats": (int, 3, "timed runs per measurement; the best counts (3)")}
+REPEATS = {"--repeats": (at_least(1), 3, "timed runs per measurement; the best counts (3)")}
 # --threads of the benches that start whole runs (train.py, eval.py, ...) as subprocesses.
-RUN_THREADS = {"--threads": (int, 2, "OMP threads of each run (default 2)")}
+RUN_THREADS = {"--threads": (at_least(1), 2, "OMP threads of each run (default 2)")}
 # --fonts: the font set of the benches that train on fonts.
 FONTS = {"--fonts": (str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing")}
 # --out of the benches that write a result table (benchlib.write_results).
-OUT_TABLE = {"--out": (str, None, "markdown table file (also printed); a .json of every run beside it")}
+OUT_TABLE = {"--out": (table_path, None, "markdown table file (also printed); a .json of every run beside it")}
 # --device, --repeats and --threads, common to every bench script that times torch code.
 DEVICE = {
     "--device": dict(help="cpu, cuda or cuda:N (default cuda when available)"),
     **REPEATS,
-    "--threads": (int, None, "torch CPU threads (default: torch's choice)"),
+    "--threads": (at_least(1), None, "torch CPU threads (default: torch's choice)"),
 }
 
 
@@ -45,7 +143,7 @@ def setup(args):
     """The device the arguments name (see utils.choose_device), with the thread count applied."""
     from utils import choose_device
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     return choose_device(args.device)
 
@@ -156,12 +254,40 @@ VARIANTS = {
 IMAGE_RECIPE = ["--model", "resnet", "--width", "16", "--batch-size", "64", "--lr", "0.05", "--l2", "1e-4"]
 IMAGE_RECIPE += ["--softmax", "am_softmax", "--smoothing", "0.05", "--hidden-size", "256", "--n-hidden", "2"]
 IMAGE_RECIPE += ["--dropout-prob", "0.01", "--valid-max-items", "600", "--patience", "3", "--max-gnorm", "5"]
-# --seeds of the benches that repeat runs over seeds (data_load.parse_classes reads it).
-SEEDS_OPTION = {"--seeds": (str, "1,2,3", "seeds of the runs, e.g. 1,2,3 or 1-3 (default 1,2,3)")}
-# --variants of the accuracy benches; choose_names checks it.
+# --seeds of the benches that repeat runs over seeds: a sorted list of ints.
+SEEDS_OPTION = {"--seeds": (int_list(), "1,2,3", "seeds of the runs, e.g. 1,2,3 or 1-3 (default 1,2,3)")}
+# --variants of the accuracy benches: a list of VARIANTS' names.
 VARIANT_OPTION = {
-    "--variants": (str, "concat,sym", "learned-distance variants, comma-separated, from: " + ", ".join(VARIANTS))
+    "--variants": (
+        name_list(VARIANTS, "variant"),
+        "concat,sym",
+        "learned-distance variants, comma-separated, from: " + ", ".join(VARIANTS),
+    )
 }
+
+
+def asterisk_folds(text):
+    """An argparse type: folds of tools/asterisk_set.py --fold (one per speaker, 0..6) as int_list reads them."""
+    from tools.asterisk_set import SPEAKER_FOLDERS
+
+    return int_list(0, len({spk for spk, _ in SPEAKER_FOLDERS.values()}) - 1)(text)
+
+
+def make_folder(path, flag):
+    """Make folder `path` (and its parents) if missing: a UserError naming `flag` when it cannot be made."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot make the folder: {err.strerror or err}") from None
+    return path
+
+
+def make_font_set(path):
+    """Build the font set of the benches that train on fonts (tools/font_set.py, 40 test families) at `path`,
+    unless it is there; its parent folders are made."""
+    if not os.path.isdir(path):
+        make_folder(os.path.dirname(os.path.abspath(path)), "--fonts")
+        python("tools/font_set.py", "--out", path, "--test-families", "40")
 
 
 def accuracy_parser(doc, example, runs, *recipes, files):
@@ -198,12 +324,3 @@ def mean_sd(values):
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
-def choose_names(text, known, what):
-    """The comma-separated names of `text`, each one of `known`: -> a list (a UserError names a stray one)."""
-    names = text.split(",")
-    for name in names:
-        if name not in known:
-            raise UserError(f"unknown {what} {name}; choose from {', '.join(known)}")
-    return names

@@ -1,7 +1,8 @@
 """Calibration studies of the benches: development and test trial sets, calibration fitted on one and
 measured on the other, and the table of how close actual costs come to the minimum.
 
-A library for bench/speech_backends.py and bench/image_calibration.py (not a script).
+A library for bench/speech_backends.py and bench/image_calibration.py, not a command: run directly, it says
+so and exits with status 2.
 """
 
 import os
@@ -9,11 +10,16 @@ import re
 import statistics
 
 import numpy as np
-from benchlib import mean_sd
+from benchlib import make_parser, mean_sd
 
 from calibration import apply_calibration, fit_calibration
 from metrics import act_dcf, cllr, compute_eer, compute_mindcf
-from utils import UserError
+from utils import UserError, cli
+
+EXAMPLE = """examples (the benches this library serves; it has no flags of its own):
+  python bench/calibration_study.py --help
+  python bench/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md
+  python bench/image_calibration.py --runs runs/keep/fmnist --protocol fmnist-open --out results/fmnist_llr.md"""
 
 CHECKPOINT = re.compile(r"checkpoint_(\d+)ep\.pt")
 FUSION = ("e2e_logit", "cos")  # the fusion every study fits beside the scorers calibrated alone
@@ -123,3 +129,20 @@ def calibration_table(results, p_target, group="development data"):
                 + f" | {within_10_percent([b / r['min_dcf'] for b, r in zip(best, rows)])} |"
             )  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def build_parser():
+    """A parser with no flags: --help shows what the module is; anything else is refused."""
+    return make_parser(__doc__, EXAMPLE)
+
+
+def main(argv=None):
+    build_parser().parse_args(argv)
+    raise UserError(
+        "this is a library of the calibration benches, not a command: run bench/speech_backends.py or "
+        "bench/image_calibration.py"
+    )
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -8,6 +8,7 @@ the same unseen test fonts. Writes a markdown table (mean +- sd over seeds of ea
 a PNG plot (EER vs training classes, log x axis, one line per scorer and variant).
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -15,7 +16,7 @@ import tempfile
 
 import benchlib
 import numpy as np
-from benchlib import IMAGE_RECIPE, VARIANTS, children_cpu_seconds, choose_names, python
+from benchlib import IMAGE_RECIPE, VARIANTS, at_least, children_cpu_seconds, python
 
 from utils import UserError, atomic_path, atomic_write, cli
 
@@ -78,14 +79,28 @@ def plot(path, results, sizes_used):
     plt.close(fig)
 
 
+def font_counts(text):
+    """An argparse type: --sizes, comma-separated training-font counts (each at least 2) or 'all' -> a list."""
+    sizes = []
+    for part in text.split(","):
+        if part.strip() == "all":
+            sizes.append("all")
+            continue
+        try:
+            sizes.append(at_least(2)(part))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{err} (counts of at least 2 fonts, or all), in {text!r}") from None
+    return sizes
+
+
 RUN_OPTIONS = {
-    "--sizes": (str, "8,32,128,all", "training-font counts, 'all' for every one"),
+    "--sizes": (font_counts, "8,32,128,all", "training-font counts, each at least 2, 'all' for every one"),
 }
 RECIPE_OPTIONS = {
-    "--steps": (int, 300, "optimisation steps of every run (default 300)"),
-    "--batch-size": (int, 60, "images per batch, groups of 5 (default 60)"),
-    "--width": (int, 16, "resnet first-stage width (default 16)"),
-    "--test-items-per-class": (int, 16, "glyphs of each test font scored (16)"),
+    "--steps": (at_least(1), 300, "optimisation steps of every run (default 300)"),
+    "--batch-size": (at_least(10), 60, "images per batch, groups of 5, at least 2 groups (default 60)"),
+    "--width": (at_least(1), 16, "resnet first-stage width (default 16)"),
+    "--test-items-per-class": (at_least(2), 16, "glyphs of each test font scored (16)"),
 }
 OUT_OPTION = {"--out": (str, "runs/class_count", "output prefix: <out>.md, <out>.json, <out>.png")}
 
@@ -98,16 +113,14 @@ def main(argv=None):
     import data_load
 
     args = build_parser().parse_args(argv)
-    if not os.path.isdir(args.fonts):
-        python("tools/font_set.py", "--out", args.fonts, "--test-families", "40")
+    benchlib.make_folder(os.path.dirname(os.path.abspath(args.out)), "--out")
+    benchlib.make_font_set(args.fonts)
     train_set = data_load.load_images(f"{args.fonts}/train", "train")
     labels, n_all = train_set.labels, int(train_set.labels.max()) + 1
-    sizes = [n_all if s == "all" else int(s) for s in args.sizes.split(",")]
-    if any(s < 2 or s > n_all for s in sizes):
-        raise UserError(f"--sizes must be between 2 and the {n_all} training fonts")
-    seeds = data_load.parse_classes(args.seeds)
-    variants = choose_names(args.variants, VARIANTS, "variant")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    sizes = list(dict.fromkeys(n_all if s == "all" else s for s in args.sizes))  # each count once
+    if any(s > n_all for s in sizes):
+        raise UserError(f"--sizes must be at most the {n_all} training fonts, got {max(sizes)}")
+    seeds, variants = args.seeds, args.variants
     results, cpu, steps = {v: {s: [] for s in sizes} for v in variants}, {}, {}
     for variant in variants:
         for size in sizes:

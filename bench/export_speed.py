@@ -13,6 +13,7 @@ import tempfile
 import benchlib
 import numpy as np
 import torch
+from benchlib import at_least
 
 import models
 import onnx_graphs
@@ -24,20 +25,25 @@ EXAMPLE = """example:
   python bench/export_speed.py --models TDNN --speech-batch 8 --frames 1000"""
 
 
+LOW_OPSET, HIGH_OPSET, _ = onnx_graphs.OPSETS["torchscript"]
 OPTIONS = {
     "--models": dict(nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"),
-    "--opset": (int, 17, "ONNX opset (default 17)"),
+    "--opset": (at_least(LOW_OPSET, HIGH_OPSET), 17, f"ONNX opset, {LOW_OPSET} to {HIGH_OPSET} (default 17)"),
 }
 
 # Each task's input flags, a --help section apiece; INPUTS below reads them.
 SPEECH_INPUT = {
     **benchlib.NCOEF_OPTION,
-    "--speech-batch": (int, 32, "speech batch size (default 32)"),
-    "--frames": (int, 300, "frames per speech input (default 300)"),
+    "--speech-batch": (at_least(1), 32, "speech batch size (default 32)"),
+    "--frames": (
+        at_least(onnx_graphs.MIN_FRAMES),
+        300,
+        f"frames per speech input, >= {onnx_graphs.MIN_FRAMES} (default 300)",
+    ),
 }
 IMAGE_INPUT = {
-    "--image-batch": (int, 64, "image batch size (default 64)"),
-    "--image-size": (int, 32, "image height = width in pixels (default 32)"),
+    "--image-batch": (at_least(1), 64, "image batch size (default 64)"),
+    "--image-size": (at_least(1), 32, "image height = width in pixels (default 32)"),
 }
 
 

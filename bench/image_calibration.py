@@ -11,16 +11,16 @@ halves have actDCF within 10 % of minDCF. The development half is subsampled to 
 fit (the objective weighs targets and non-targets by the prior, not by their counts).
 """
 
+import argparse
 import os
 
 import benchlib
 import calibration_study as study
 import numpy as np
-from benchlib import SEEDS_OPTION, VARIANT_OPTION, VARIANTS, choose_names, python
+from benchlib import SEEDS_OPTION, VARIANT_OPTION, at_least, python
 
-from calibration import check_p_target
 from data_load import FASHION_DIR
-from utils import UserError, cli
+from utils import cli
 
 EXAMPLE = """example:
   python bench/accuracy.py --protocols fmnist-open --variants concat,sym --seeds 1,2,3 --keep-dir runs/keep/fmnist
@@ -71,12 +71,28 @@ def study_run(args, run, p_targets):
     return results
 
 
+def p_target_list(text):
+    """An argparse type: --p-targets, comma-separated priors each strictly between 0 and 1 -> a list of floats."""
+    try:
+        return [benchlib.prior(p) for p in text.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err}, in {text!r}") from None
+
+
 OPTIONS = {
     "--runs": dict(required=True, help="bench/accuracy.py --keep-dir of the runs"),
     "--protocol": dict(choices=("fmnist-open", "fmnist-closed"), default="fmnist-open", help="(default fmnist-open)"),
-    "--test-items-per-class": (int, 300, "fmnist-open: test images per class, as the runs' (default 300)"),
-    "--p-targets": (str, "0.01,0.5", "target priors of the calibration and its costs, comma-separated (0.01,0.5)"),
-    "--max-dev-trials": (int, 2_000_000, "development trials the calibration is fitted on, at most (2000000)"),
+    "--test-items-per-class": (at_least(2), 300, "fmnist-open: test images per class, as the runs' (default 300)"),
+    "--p-targets": (
+        p_target_list,
+        "0.01,0.5",
+        "target priors of the calibration and its costs, comma-separated, each in (0, 1) (0.01,0.5)",
+    ),
+    "--max-dev-trials": (
+        at_least(1000),
+        2_000_000,
+        "development trials the calibration is fitted on, at most; at least 1000 (2000000)",
+    ),
 }
 
 
@@ -87,19 +103,8 @@ def build_parser():
 
 
 def main(argv=None):
-    import data_load
-
     args = build_parser().parse_args(argv)
-    variants = choose_names(args.variants, VARIANTS, "variant")
-    seeds = data_load.parse_classes(args.seeds)
-    try:
-        p_targets = [float(p) for p in args.p_targets.split(",")]
-    except ValueError:
-        raise UserError(f"--p-targets takes comma-separated numbers, got {args.p_targets!r}") from None
-    for p in p_targets:
-        check_p_target(p, "--p-targets")
-    if args.max_dev_trials < 1000:
-        raise UserError(f"--max-dev-trials must be at least 1000, got {args.max_dev_trials}")
+    variants, seeds, p_targets = args.variants, args.seeds, args.p_targets
     runs = {v: [os.path.join(args.runs, f"{args.protocol}_{v}_{seed}") for seed in seeds] for v in variants}
     for run in (run for group in runs.values() for run in group):
         study.last_checkpoint(run)  # every run is there before the first is scored

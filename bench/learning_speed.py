@@ -25,10 +25,10 @@ import time
 
 import benchlib
 import torch
-from benchlib import children_cpu_seconds, python
+from benchlib import at_least, children_cpu_seconds, python
 
 from data_load import FASHION_DIR
-from utils import UserError, cli
+from utils import UserError, choose_device, cli
 
 EXAMPLE = """examples:
   python bench/learning_speed.py --seeds 1,2 --out results/learning_speed.md
@@ -177,27 +177,31 @@ def table(rows, args):
 
 
 RUN_OPTIONS = {
-    "--rows": (str, "baseline,research,recommended", "comma-separated, from: " + ", ".join(ROWS)),
-    "--seeds": (str, "1,2", "seeds, e.g. 1,2 or 1-3 (default 1,2)"),
+    "--rows": (
+        benchlib.name_list(ROWS, "row"),
+        "baseline,research,recommended",
+        "comma-separated, from: " + ", ".join(ROWS),
+    ),
+    "--seeds": (benchlib.int_list(), "1,2", "seeds, e.g. 1,2 or 1-3 (default 1,2)"),
     "--scorers": dict(
         choices=("all", "cos"),
         default="all",
         help="all: toolkit rows scored by eval.py (e2e, cos, fus; default); cos: cosine only, computed here",
     ),
     "--device": (str, "cpu", "device of every row: cpu (default), cuda or cuda:N"),
-    "--threads": (int, 2, "torch threads of each run (default 2)"),
+    "--threads": (at_least(1), 2, "torch threads of each run (default 2)"),
 }
 DATA_OPTIONS = {
     "--data-path": (str, FASHION_DIR, f"Fashion-MNIST (or MNIST) IDX folder (default {FASHION_DIR})"),
-    "--train-items-per-class": (int, 100, "training images per class (default 100)"),
-    "--test-items-per-class": (int, 200, "test images per class (default 200)"),
+    "--train-items-per-class": (at_least(2), 100, "training images per class (default 100)"),
+    "--test-items-per-class": (at_least(2), 200, "test images per class (default 200)"),
 }
 RECIPE_OPTIONS = {
-    "--width": (int, 16, "resnet first-stage channels, every row (default 16)"),
-    "--epochs": (int, 10, "epochs of every row (default 10)"),
-    "--early-epoch": (int, 2, "the early test point, in epochs (default 2)"),
-    "--batch-size": (int, 64, "images per batch (default 64)"),
-    "--lr": (float, 1e-2, "SGD learning rate of every row (default 1e-2)"),
+    "--width": (at_least(1), 16, "resnet first-stage channels, every row (default 16)"),
+    "--epochs": (at_least(2), 10, "epochs of every row, a multiple of --early-epoch (default 10)"),
+    "--early-epoch": (at_least(1), 2, "the early test point, in epochs (default 2)"),
+    "--batch-size": (at_least(2), 64, "images per batch (default 64)"),
+    "--lr": (benchlib.positive_float, 1e-2, "SGD learning rate of every row (default 1e-2)"),
 }
 FILE_OPTIONS = {"--work-dir": (str, "runs/learning_speed", "checkpoints and scores (default there)")}
 
@@ -214,22 +218,16 @@ def build_parser():
 
 
 def main(argv=None):
-    import data_load
-
     args = build_parser().parse_args(argv)
-    names = args.rows.split(",")
-    for name in names:
-        if name not in ROWS:
-            raise UserError(f"unknown row {name}; choose from {', '.join(ROWS)}")
     if args.epochs % args.early_epoch or args.early_epoch >= args.epochs:
         raise UserError("--epochs must be a multiple of --early-epoch, and larger (checkpoints every early epoch)")
-    seeds = data_load.parse_classes(args.seeds)
+    args.device = str(choose_device(args.device))
     torch.set_num_threads(args.threads)
     test = test_set(args)
     rows, every = {}, []
-    for name in names:
+    for name in args.rows:
         runs, cpus = [], []
-        for seed in seeds:
+        for seed in args.seeds:
             if ROWS[name] is None:
                 result, cpu = run_baseline(args, seed, name == "baseline", test)
             else:

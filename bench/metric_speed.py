@@ -9,6 +9,7 @@ sort-based method. The scores are float32, 10% targets, drawn as two Gaussians.
 import benchlib
 import numpy as np
 import torch
+from benchlib import at_least
 from sklearn.metrics import roc_curve
 
 from metrics import compute_metrics
@@ -28,8 +29,8 @@ def sklearn_eer(scores, labels):
 
 
 OPTIONS = {
-    "--n": (int, 10_000_000, "scores (default 10,000,000)"),
-    "--decimals": (int, None, "round the scores to this many decimals (ties)"),
+    "--n": (at_least(10), 10_000_000, "scores, at least 10 (default 10,000,000)"),
+    "--decimals": (at_least(0), None, "round the scores to this many decimals (ties)"),
     "--no-sklearn": ("skip the roc_curve baseline (slow for large N)",),
 }
 

@@ -12,6 +12,7 @@ import tempfile
 import benchlib
 import kaldiio
 import torch
+from benchlib import at_least
 
 from utils import cli
 
@@ -34,9 +35,9 @@ def parse_matrices(scp):
 
 
 OPTIONS = {
-    "--speakers": (int, 100, "speakers (default 100)"),
-    "--utts": (int, 20, "utterances per speaker (default 20)"),
-    "--frames": (int, 400, "longest utterance in frames (default 400)"),
+    "--speakers": (at_least(1), 100, "speakers (default 100)"),
+    "--utts": (at_least(1), 20, "utterances per speaker (default 20)"),
+    "--frames": (at_least(2), 400, "longest utterance in frames, at least 2 (default 400)"),
     "--work-dir": (str, None, "folder for the features and the HDF5 (default: a temporary one)"),
 }
 
@@ -64,8 +65,7 @@ def run(args, folder):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.work_dir:
-        os.makedirs(args.work_dir, exist_ok=True)
-        run(args, args.work_dir)
+        run(args, benchlib.make_folder(args.work_dir, "--work-dir"))
     else:
         with tempfile.TemporaryDirectory() as folder:
             run(args, folder)

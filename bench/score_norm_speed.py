@@ -11,6 +11,7 @@ both forms' outputs on those trials are compared.
 import benchlib
 import numpy as np
 import torch
+from benchlib import at_least
 
 from score_norm import cosine_block, snorm_trials
 from utils import cli
@@ -36,13 +37,13 @@ def direct_asnorm(raw, enroll, test, enroll_idx, test_idx, cohort, top_n=None):
 
 
 OPTIONS = {
-    "--trials": (int, 100_000, "trials (default 100000)"),
-    "--enroll": (int, 2_000, "enroll embeddings (default 2000)"),
-    "--test": (int, 2_000, "test embeddings (default 2000)"),
-    "--cohort": (int, 5_000, "cohort size (default 5000)"),
-    "--emb-size": (int, 256, "embedding size d (default 256)"),
-    "--top-n": (int, 300, "AS-norm top N; 0 means S-norm over the whole cohort (300)"),
-    "--direct-trials": (int, 200, "trials the direct form is timed on (200)"),
+    "--trials": (at_least(1), 100_000, "trials (default 100000)"),
+    "--enroll": (at_least(1), 2_000, "enroll embeddings (default 2000)"),
+    "--test": (at_least(1), 2_000, "test embeddings (default 2000)"),
+    "--cohort": (at_least(2), 5_000, "cohort size, at least 2 (default 5000)"),
+    "--emb-size": (at_least(1), 256, "embedding size d (default 256)"),
+    "--top-n": (at_least(0), 300, "AS-norm top N, 2 to --cohort; 0 means S-norm over the whole cohort (300)"),
+    "--direct-trials": (at_least(1), 200, "trials the direct form is timed on, at most --trials (200)"),
 }
 
 

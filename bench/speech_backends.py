@@ -22,10 +22,10 @@ import os
 import benchlib
 import calibration_study as study
 import numpy as np
-from benchlib import choose_names, mean_sd, metrics_of, python
+from benchlib import at_least, mean_sd, metrics_of, python
 
 import speech_data
-from calibration import check_p_target, read_score_file
+from calibration import read_score_file
 from utils import UserError, cli
 
 EXAMPLE = """example:
@@ -104,15 +104,15 @@ def calibration_sets(protocol, folds, scores, halves):
 OPTIONS = {
     "--runs": dict(required=True, help="bench/accuracy.py --keep-dir of the Asterisk runs"),
     "--variant": dict(default="concat", help="the runs' learned-distance variant (default concat)"),
-    "--folds": dict(default="0-6", help="folds to use, at least two (default 0-6)"),
+    "--folds": (benchlib.asterisk_folds, "0-6", "folds to use, 0..6, at least two (default 0-6)"),
     "--dev": (
-        str,
+        benchlib.name_list(DEV_PROTOCOLS, "development protocol"),
         ",".join(DEV_PROTOCOLS),
         "development data of the calibration, comma-separated, from: " + ", ".join(DEV_PROTOCOLS) + " (default all)",
     ),  # fmt: skip
-    "--p-target": (float, 0.01, "target prior of the calibration and its costs (default 0.01)"),
+    "--p-target": (benchlib.prior, 0.01, "target prior of the calibration and its costs (default 0.01)"),
     "--work-dir": dict(default="runs/accuracy", help="the folds' data (bench/accuracy.py --work-dir)"),
-    "--lda-dim": (int, 0, "PLDA's LDA size (default 0: no LDA)"),
+    "--lda-dim": (at_least(0), 0, "PLDA's LDA size (default 0: no LDA)"),
 }
 
 
@@ -121,12 +121,8 @@ def build_parser():
 
 
 def main(argv=None):
-    import data_load
-
     args = build_parser().parse_args(argv)
-    folds = data_load.parse_classes(args.folds)
-    protocols = choose_names(args.dev, DEV_PROTOCOLS, "development protocol")
-    check_p_target(args.p_target, "--p-target")
+    folds, protocols = args.folds, args.dev
     if len(folds) < 2 and set(protocols) - {"halves"}:
         raise UserError("--folds needs at least two folds to calibrate one on another")
     paths = {fold: fold_paths(args, fold) for fold in folds}

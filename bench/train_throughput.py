@@ -13,8 +13,10 @@ import time
 
 import benchlib
 import torch
+from benchlib import at_least
 
 import data_load
+import models
 import training
 from tasks import task_for_model
 from utils import cli
@@ -97,20 +99,28 @@ def measure(flags, device, args):
 
 
 OPTIONS = {
-    "--models": (str, "TDNN,resnet", "comma-separated encoders (default TDNN,resnet)"),
-    "--precisions": (str, None, "fp32 and/or bf16, comma-separated (default fp32 on a CPU)"),
+    "--models": (
+        benchlib.name_list(models.encoder_names(), "encoder"),
+        "TDNN,resnet",
+        "comma-separated encoders (default TDNN,resnet)",
+    ),
+    "--precisions": (
+        benchlib.name_list(("fp32", "bf16"), "precision"),
+        None,
+        "fp32 and/or bf16, comma-separated (default fp32,bf16 on a GPU, fp32 on a CPU)",
+    ),
     "--steps": (
-        int,
+        at_least(1),
         None,
         "timed steps per measurement (default 200 on a GPU, well past the loader's prefetch; 3 on a CPU)",
     ),
-    "--warmup": (int, 2, "untimed steps first (default 2)"),
-    "--batch-size": (int, None, "speaker groups (speech) or images per batch"),
-    "--n-frames": (int, None, "speech crop length (default 800 GPU, 200 CPU)"),
-    "--workers": (int, None, "loader workers (default train.py's)"),
+    "--warmup": (at_least(0), 2, "untimed steps first (default 2)"),
+    "--batch-size": (at_least(1), None, "speaker groups (speech) or images per batch"),
+    "--n-frames": (at_least(1), None, "speech crop length (default 800 GPU, 200 CPU)"),
+    "--workers": (at_least(0), None, "loader workers (default train.py's)"),
     "--compile": ("torch.compile the encoder",),
     "--image-path": (str, None, "real images for ResNet (CIFAR-10, IDX, folders)"),
-    "--speakers": (int, None, "speakers of 20 utterances (default: 25 batches)"),
+    "--speakers": (at_least(2), None, "speakers of 20 utterances (default: 25 batches)"),
     "--work-dir": (str, None, "folder for the Kaldi features and HDF5 (default: temporary)"),
 }
 
@@ -121,13 +131,15 @@ def build_parser():
 
 def run(args, device, folder):
     print(benchlib.describe(device))
-    precisions = (args.precisions or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
-    args.steps = args.steps or (200 if device.type == "cuda" else 3)
-    for name in args.models.split(","):
+    precisions = args.precisions or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
+    if args.steps is None:
+        args.steps = 200 if device.type == "cuda" else 3
+    for name in args.models:
         task = task_for_model(name)
         batch, n_frames = task.bench_sizes(device)
         batch, n_frames = args.batch_size or batch, args.n_frames or n_frames
-        flags = ["--model", name, "--batch-size", str(batch), "--device", str(device), "--checkpoint-path", folder]
+        cp = os.path.join(folder, "cp")  # (--no-cp: nothing is written there) beside, not holding, the data
+        flags = ["--model", name, "--batch-size", str(batch), "--device", str(device), "--checkpoint-path", cp]
         flags += [
             "--no-cp",
             *task.bench_flags(batch, n_frames, args.image_path, make_speech_hdf5(folder, args.speakers)),
@@ -150,8 +162,7 @@ def run(args, device, folder):
 def main(argv=None):
     args, device = benchlib.start(build_parser(), argv)
     if args.work_dir:
-        os.makedirs(args.work_dir, exist_ok=True)
-        run(args, device, args.work_dir)
+        run(args, device, benchlib.make_folder(args.work_dir, "--work-dir"))
     else:
         with tempfile.TemporaryDirectory() as folder:
             run(args, device, folder)

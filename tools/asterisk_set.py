@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import speech_data
 from metrics import compute_eer
-from utils import UserError, cli, make_parser
+from utils import UserError, atomic_folder, check_output_folder, cli, make_parser
 
 SOUNDS = "/usr/share/asterisk/sounds"
 
@@ -81,8 +81,8 @@ def scan_prompts(root=SOUNDS):
 
 
 def subsample(prompts, max_per_speaker, rng):
-    """Keep at most `max_per_speaker` random prompts per speaker (all when it is <= 0), in scan order."""
-    if max_per_speaker <= 0:
+    """Keep at most `max_per_speaker` random prompts per speaker (all when it is 0), in scan order."""
+    if max_per_speaker == 0:
         return prompts
     by_spk = {}
     for index, prompt in enumerate(prompts):
@@ -93,41 +93,49 @@ def subsample(prompts, max_per_speaker, rng):
     return [prompt for index, prompt in enumerate(prompts) if index in keep]
 
 
-def materialise(prompts, wav_dir, jobs=2):
-    """Give every prompt a 16-bit PCM wav under `wav_dir`/<spk>/: a symlink for wav sources, a sox decode for GSM.
-
-    Returns the prompts that hold at least MIN_SECONDS of audio (one Russian prompt is an empty file).
-    """
+def check_sox(prompts):
+    """UserError when some prompts are GSM and sox, which decodes them, is not installed; -> sox's path."""
     sox = shutil.which("sox")
     if sox is None and any(p["src"].endswith(".gsm") for p in prompts):
         raise UserError("the GSM prompts need sox to be decoded: apt-get install sox")
+    return sox
+
+
+def materialise(prompts, folder, final_folder, sox, jobs=2):
+    """Give every prompt a 16-bit PCM wav under `folder`/wav/<spk>/: a symlink for wav sources, a sox decode for
+    GSM; each prompt's "wav" is its path under `final_folder`, where `folder` is put when complete.
+
+    Returns the prompts that hold at least MIN_SECONDS of audio (one Russian prompt is an empty file).
+    """
+    names = {p["utt"]: os.path.join("wav", p["spk"], p["utt"] + ".wav") for p in prompts}
 
     def one(prompt):
-        folder = os.path.join(wav_dir, prompt["spk"])
-        target = os.path.join(folder, prompt["utt"] + ".wav")
-        tmp = target + ".tmp.wav"
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+        target = os.path.join(folder, names[prompt["utt"]])
         if prompt["src"].endswith(".wav"):
-            os.symlink(prompt["src"], tmp)
+            os.symlink(prompt["src"], target)
         else:
-            cmd = [sox, "-q", prompt["src"], "-b", "16", "-e", "signed-integer", "-c", "1", tmp]
+            cmd = [sox, "-q", prompt["src"], "-b", "16", "-e", "signed-integer", "-c", "1", target]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise UserError(f"sox could not decode {prompt['src']}: {done.stderr.strip()}")
-        os.replace(tmp, target)
-        prompt["wav"] = os.path.abspath(target)
-        with wave.open(target, "rb") as handle:
-            prompt["seconds"] = handle.getnframes() / handle.getframerate()
+        try:
+            with wave.open(target, "rb") as handle:
+                prompt["seconds"] = handle.getnframes() / handle.getframerate()
+        except (wave.Error, EOFError) as err:
+            raise UserError(f"{prompt['src']} is not a PCM wav file: {err}") from None
 
     for spk in {p["spk"] for p in prompts}:
-        os.makedirs(os.path.join(wav_dir, spk), exist_ok=True)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        os.makedirs(os.path.join(folder, "wav", spk), exist_ok=True)
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         list(tqdm(pool.map(one, prompts), total=len(prompts), desc="wav files", unit="file", disable=None))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C no further file is started
     for prompt in prompts:
+        prompt["wav"] = os.path.join(final_folder, names[prompt["utt"]])
         if prompt["seconds"] < MIN_SECONDS:
             print(f"left out {prompt['src']}: {prompt['seconds']:.2f} s of audio")
-            os.remove(prompt["wav"])
+            os.remove(os.path.join(folder, names[prompt["utt"]]))
     return [prompt for prompt in prompts if prompt["seconds"] >= MIN_SECONDS]
 
 
@@ -211,9 +219,10 @@ EXAMPLE = "example:\n  python tools/asterisk_set.py --out data/asterisk --max-pe
 
 # The builder's flags (see utils.add_options).
 OPTIONS = {
-    "--out": dict(required=True, help="output folder (wav/, train/, valid/, test/, all/)"),
+    "--out": dict(required=True, help="output folder (wav/, train/, valid/, test/, all/); new or empty"),
+    "--force": ("replace --out when it holds an earlier output of this tool (other folders are never replaced)",),
     "--sounds": dict(default=SOUNDS, help=f"Asterisk sounds folder (default {SOUNDS})"),
-    "--max-per-speaker": (int, 0, "keep at most this many random prompts per speaker (default 0: all)"),
+    "--max-per-speaker": (int, 0, "keep at most this many random prompts per speaker, at least 2 (default 0: all)"),
     "--seed": (int, 0, "seed of subsampling, split and trials (default 0)"),
     "--n-test-speakers": (int, 2, "speakers held out for test, when at least 2 remain for training (default 2)"),
     "--test-speakers": dict(help="comma-separated speakers to hold out for test (overrides --n-test-speakers)"),
@@ -238,14 +247,50 @@ def build_parser():
     return make_parser(__doc__, EXAMPLE, OPTIONS)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def check_args(args):
+    """One-line errors for flag values a user can get wrong and for --out, before any work; -> the absolute --out."""
     if not 0 <= args.valid_fraction < 1:
         raise UserError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     for flag, value, low in (("--jobs", args.jobs, 1), ("--n-test-speakers", args.n_test_speakers, 0),
-                             ("--n-trials", args.n_trials, 0)):  # fmt: skip
-        if value < low:  # checked before any folder is made
+                             ("--n-trials", args.n_trials, 2)):  # fmt: skip
+        if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
+    if args.max_per_speaker < 0 or args.max_per_speaker == 1:
+        raise UserError(f"--max-per-speaker must be 0 (all) or at least 2, got {args.max_per_speaker}")
+    sounds = {"--sounds": args.sounds}  # neither holding the recordings nor among them
+    return check_output_folder("--out", args.out, "asterisk_set", args.force, sounds, around=sounds, create=True)
+
+
+def write_lists(folder, prompts, rng, n_trials):
+    """Write all/, train/, valid/ and test/ (the sets that have prompts) and test/trials into `folder`; -> trials."""
+    write_data_dir(os.path.join(folder, "all"), prompts)
+    for name in ("train", "valid", "test"):
+        subset = [p for p in prompts if p["set"] == name]
+        if subset:
+            write_data_dir(os.path.join(folder, name), subset)
+    utt2spk = {p["utt"]: p["spk"] for p in prompts if p["set"] == "test"}
+    if not utt2spk:
+        return []
+    trials = make_trials(sorted(utt2spk), utt2spk, n_trials, rng)
+    if not any(label == "target" for *_, label in trials):
+        raise UserError("the test speakers have one prompt each: no target trial; raise --max-per-speaker")
+    speech_data.write_table(os.path.join(folder, "test", "trials"), trials)
+    return trials
+
+
+def print_counts(prompts):
+    """The table of prompts per speaker and set."""
+    print(f"{'speaker':<10}{'lang':<8}{'train':>7}{'valid':>7}{'test':>7}")
+    for spk in sorted({p["spk"] for p in prompts}):
+        own = [p for p in prompts if p["spk"] == spk]
+        langs = ",".join(sorted({p["lang"] for p in own}))
+        counts = [sum(p["set"] == name for p in own) for name in ("train", "valid", "test")]
+        print(f"{spk:<10}{langs:<8}" + "".join(f"{c:>7}" for c in counts))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = check_args(args)
     rng = random.Random(args.seed)
     prompts = subsample(scan_prompts(args.sounds), args.max_per_speaker, rng)
     test_speakers = args.test_speakers.split(",") if args.test_speakers else None
@@ -253,28 +298,18 @@ def main(argv=None):
         test_speakers = sorted(fold_speakers(sorted({p["spk"] for p in prompts}), args.fold))
     if test_speakers is not None:  # checked before any file is written
         split([dict(p) for p in prompts], args.n_test_speakers, args.valid_fraction, random.Random(0), test_speakers)
-    prompts = materialise(prompts, os.path.join(args.out, "wav"), args.jobs)
-    split(prompts, args.n_test_speakers, args.valid_fraction, rng, test_speakers)
-    write_data_dir(os.path.join(args.out, "all"), prompts)
-    for name in ("train", "valid", "test"):
-        subset = [p for p in prompts if p["set"] == name]
-        if subset:
-            write_data_dir(os.path.join(args.out, name), subset)
-    print(f"{'speaker':<10}{'lang':<8}{'train':>7}{'valid':>7}{'test':>7}")
-    for spk in sorted({p["spk"] for p in prompts}):
-        own = [p for p in prompts if p["spk"] == spk]
-        langs = ",".join(sorted({p["lang"] for p in own}))
-        counts = [sum(p["set"] == name for p in own) for name in ("train", "valid", "test")]
-        print(f"{spk:<10}{langs:<8}" + "".join(f"{c:>7}" for c in counts))
-    test = sorted((p for p in prompts if p["set"] == "test"), key=lambda p: p["utt"])
-    if not test:
-        print("too few speakers for a held-out test set: no trials written")
+    sox = check_sox(prompts)
+    with atomic_folder(out, "asterisk_set") as tmp:
+        prompts = materialise(prompts, tmp, out, sox, args.jobs)
+        split(prompts, args.n_test_speakers, args.valid_fraction, rng, test_speakers)
+        trials = write_lists(tmp, prompts, rng, args.n_trials)
+    print_counts(prompts)
+    if not trials:
+        print(f"too few speakers for a held-out test set: no trials written; wrote {out}")
         return 0
-    utt2spk = {p["utt"]: p["spk"] for p in test}
-    trials = make_trials(sorted(utt2spk), utt2spk, args.n_trials, rng)
-    speech_data.write_table(os.path.join(args.out, "test", "trials"), trials)
-    print(f"wrote {len(trials)} balanced trials to {os.path.join(args.out, 'test', 'trials')}")
+    print(f"wrote {len(trials)} balanced trials to {os.path.join(out, 'test', 'trials')}")
     if not args.no_floor:
+        test = sorted((p for p in prompts if p["set"] == "test"), key=lambda p: p["utt"])
         eer = stats_cosine_eer([p["wav"] for p in test], [p["spk"] for p in test])
         print(f"floor (cosine on MFCC mean/std, all {len(test) * (len(test) - 1) // 2} test pairs): EER {eer:.4f}")
     return 0

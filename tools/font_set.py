@@ -12,11 +12,10 @@ import hashlib
 import io
 import os
 import random
-import shutil
+import signal
 import string
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from multiprocessing import Pool
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import UserError, cli, make_parser
+from utils import UserError, atomic_folder, check_output_folder, cli, make_parser
 
 # The Debian packages scanned by default (scripts/install.sh --test installs them): about 1,030 font files.
 PACKAGES = (
@@ -150,7 +149,8 @@ def examine(task):
     """Render one font file: a dict with family, style, its real glyphs as PNGs of (size, size), a digest of the
     glyph set and `thumbs`, the glyphs as (62, THUMB * THUMB) uint8 for near-duplicate tests (zero rows: missing).
 
-    `task` is (path, size). Unreadable files come back with `error` set and no glyphs.
+    `task` is (path, size). Files that cannot be read or rendered come back with `error` set and no glyphs (a
+    broken font file is dropped as unreadable, never a traceback from a worker process).
     """
     path, size = task
     try:
@@ -162,7 +162,7 @@ def examine(task):
             images = {char: render(big, char) for char in glyphs}
         else:
             images = glyphs
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 (FreeType and PIL raise many kinds of error on a broken file)
         return {"path": path, "error": str(err) or type(err).__name__, "glyphs": []}
     digest = hashlib.sha1()
     thumbs = np.zeros((len(GLYPHS), THUMB * THUMB), np.uint8)
@@ -177,6 +177,31 @@ def examine(task):
         "thumbs": thumbs,
         "glyphs": [(glyph_name(c), png_bytes(normalise(im, size))) for c, im in images.items() if im is not None],
     }
+
+
+# The signals a rendering process must not get before quiet_worker has set its own handlers.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def quiet_worker():
+    """Pool initialiser: a rendering process leaves the process group, so the signals of Ctrl-C, `timeout` and
+    the like reach only the parent, which stops the pool (a worker killed by them while it reads the task queue
+    would leave the queue's lock held and the pool's shutdown stuck, and each printed a traceback); the pool's own
+    SIGTERM then ends it silently. Last, the signals render_pool blocked are let in."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def render_pool(jobs):
+    """A Pool of `jobs` rendering processes, started with SIGINT and SIGTERM blocked: its processes, and those its
+    threads (which keep the mask) start later, get neither before quiet_worker has run."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return Pool(jobs, initializer=quiet_worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def slug(text):
@@ -315,17 +340,6 @@ def write_tree(out, kept, dropped, args):
     return {name: (len(classes), len(families), images) for name, (classes, families, images) in counts.items()}
 
 
-def replace_folder(tmp, out):
-    """Move the finished folder `tmp` onto `out`, replacing an old `out` only after the new one is complete."""
-    old = None
-    if os.path.isdir(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=os.path.dirname(out))
-        os.replace(out, os.path.join(old, "tree"))
-    os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old)
-
-
 EXAMPLE = "example:\n  python tools/font_set.py --out data/fonts32 --size 32 --test-families 40 --jobs 2"
 
 # The builder's flags (see utils.add_options).
@@ -357,7 +371,7 @@ OPTIONS = {
     ),
     "--seed": (int, 0, "seed of the family split and held-out glyphs (default 0)"),
     "--jobs": (int, 2, "parallel rendering processes (default 2)"),
-    "--force": ("replace an existing non-empty --out",),
+    "--force": ("replace --out when it holds an earlier output of this tool (other folders are never replaced)",),
 }
 
 
@@ -384,12 +398,8 @@ def check_args(args):
         )
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not args.force:
-        raise UserError(f"--out {out} exists and is not empty; give --force to replace it")
-    return out
+    fonts = [("--fonts-dir", folder) for folder in args.fonts_dir]
+    return check_output_folder("--out", args.out, "font_set", args.force, fonts, around=fonts, create=True)
 
 
 def main(argv=None):
@@ -407,7 +417,7 @@ def main(argv=None):
     if args.jobs == 1:
         records = [examine(task) for task in tqdm(tasks, **bar)]
     else:
-        with Pool(args.jobs) as pool:
+        with render_pool(args.jobs) as pool:
             records = list(tqdm(pool.imap(examine, tasks, chunksize=4), **bar))
     kept, dropped, close = select(records, args)
     if not kept:
@@ -416,15 +426,8 @@ def main(argv=None):
         raise UserError(f"none of the {len(paths)} font files is usable ({reasons})")
     family_groups(kept, close, args.group_distance)
     assign_splits(kept, args)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
-    try:
+    with atomic_folder(out, "font_set") as tmp:
         counts = write_tree(tmp, kept, dropped, args)
-        os.chmod(tmp, 0o777 & ~_umask())
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_families, n_groups = len({r["family"] for r in kept}), len({r["group"] for r in kept})
     print(f"fonts: {len(paths)} found, {len(kept)} kept in {n_families} families ({n_groups} groups of clones)")
     for reason, count in sorted(Counter(rec["reason"] for rec in dropped).items()):
@@ -434,12 +437,6 @@ def main(argv=None):
         print(f"{name}: {classes} classes, {families} families, {images} images")
     print(f"wrote {out}")
     return 0
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 if __name__ == "__main__":
