@@ -9,13 +9,14 @@ evaluated items' embeddings; every consumer (score file, JSON, tables, plots) it
 import functools
 import os
 
-import h5py
 import numpy as np
 import torch
 
+import embedding_files
 import score_norm
 import scoring
 from calibration import PREFIX, apply_calibration, load_calibration
+from checkpoints import check_provenance
 from scoring import Scorer
 from utils import UserError
 
@@ -104,28 +105,12 @@ def plda_scorer(model, emb):
     return Scorer("plda", functools.partial(_plda_scores, model, projected), "two-covariance PLDA LLR", is_llr=True)
 
 
-# ----------------------------------------------------------------------------- cohort files
-
-
-def is_embeddings_file(path):
-    """True for an embed.py embeddings.h5 (root attribute embedding_size), not a feature HDF5."""
-    return os.path.isfile(path) and h5py.is_hdf5(path) and "embedding_size" in h5py.File(path, "r").attrs
-
-
-def read_embeddings_file(path, size):
-    """All vectors of an embed.py embeddings.h5 -> (c, size) float32 array; UserError for another size."""
-    with h5py.File(path, "r") as h5:
-        vectors = [np.asarray(d[()], dtype=np.float32) for d in h5.values() if isinstance(d, h5py.Dataset)]
-    if not vectors or any(v.shape != (size,) for v in vectors):
-        raise UserError(f"cohort {path}: expected embeddings of size {size} (the model's), found other shapes")
-    return np.stack(vectors)
-
-
 class Backends:
     """The extra scorers of one eval.py run, from its flags (see build_parser in eval.py)."""
 
-    def __init__(self, calibration=None, cohort=None, top_n=300, plda=None):
-        self.cohort_path, self.top_n = cohort, top_n
+    def __init__(self, calibration=None, cohort=None, top_n=300, plda=None, allow_other_model=False):
+        self.cohort_path, self.top_n, self.allow_other_model = cohort, top_n, allow_other_model
+        self.cohort_file = None  # the cohort's Embeddings when it is an embeddings file (read in check_model)
         if cohort is not None and not os.path.exists(cohort):
             raise UserError(f"cohort not found: {cohort}")
         if top_n < 2:
@@ -141,7 +126,7 @@ class Backends:
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.calibration, args.cohort, args.cohort_top_n, args.plda)
+        return cls(args.calibration, args.cohort, args.cohort_top_n, args.plda, args.allow_other_model)
 
     def raw_names(self):
         """Names of the scorers before calibration (a calibration may read any of them)."""
@@ -153,16 +138,25 @@ class Backends:
         return names
 
     def check_model(self, model):
-        """Refuse a PLDA model trained on embeddings of another size than the checkpoint's (before embedding)."""
+        """Before any embedding: refuse back-end files made with another model than `model` (their recorded
+        provenance, see checkpoints.check_provenance) or of another embedding size; read an embeddings cohort."""
         size = model.encoder.embedding_size
-        if self.plda is not None and self.plda.dim != size:
-            raise UserError(f"the PLDA model takes embeddings of size {self.plda.dim}; the checkpoint's are {size}")
+        if self.calibration is not None:
+            where = "the --calibration file"
+            check_provenance(self.calibration.get("provenance"), model, where, self.allow_other_model)
+        if self.plda is not None:
+            check_provenance(self.plda.provenance, model, "the --plda model", self.allow_other_model)
+            if self.plda.dim != size:
+                raise UserError(f"the PLDA model takes embeddings of size {self.plda.dim}; the checkpoint's are {size}")
+        if self.cohort_path is not None and embedding_files.is_embeddings_file(self.cohort_path):
+            self.cohort_file = embedding_files.read(self.cohort_path, "--cohort", size)
+            where = f"the --cohort embeddings {self.cohort_path}"
+            check_provenance(self.cohort_file.provenance, model, where, self.allow_other_model)
 
-    def cohort_embeddings(self, model, embed_items, device):
-        """The cohort's embeddings (c, d) on device: read from an embeddings.h5, else `embed_items(path)`."""
-        if is_embeddings_file(self.cohort_path):
-            vectors = read_embeddings_file(self.cohort_path, model.encoder.embedding_size)
-            return torch.from_numpy(vectors).to(device)
+    def cohort_embeddings(self, embed_items, device):
+        """The cohort's embeddings (c, d) on device: those of the embeddings file, else `embed_items(path)`."""
+        if self.cohort_file is not None:
+            return torch.from_numpy(self.cohort_file.vectors).to(device)
         return embed_items(self.cohort_path)
 
     def scorers(self, model, emb, embed_cohort=None, amp=False):
@@ -170,7 +164,7 @@ class Backends:
         embeds a cohort that is not an embeddings file (the task's own reader)."""
         scorers = list(scoring.SCORERS)
         if self.cohort_path is not None:
-            cohort = self.cohort_embeddings(model, embed_cohort, emb.device)
+            cohort = self.cohort_embeddings(embed_cohort, emb.device)
             if len(cohort) < 2:
                 raise UserError(f"cohort {self.cohort_path}: score normalisation needs at least 2 items")
             top_n = min(self.top_n, len(cohort))

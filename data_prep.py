@@ -10,7 +10,7 @@ import os
 
 import augment
 import speech_data
-from utils import UserError, add_options, cli, make_parser
+from utils import UserError, add_options, check_outputs, cli, make_parser
 
 EPILOG = """example (the seed's command line, Kaldi features):
   python data_prep.py --path-to-data data/train/ --data-info-path data/train/ \\
@@ -259,17 +259,14 @@ def input_files(args, sources):
 
 
 def refuse_overwriting_inputs(args, sources, out_file):
-    """Refuse, before any work, outputs that are inputs of the same run (compared by real path): e.g.
-    --write-kaldi-feats naming the data folder would replace its feats.scp, utt2spk and spk2utt by the subset."""
-    inputs = {os.path.realpath(path) for path in input_files(args, sources)}
+    """Refuse, before any work, outputs that are inputs of the same run or cannot be written (utils.check_outputs):
+    e.g. --write-kaldi-feats naming the data folder would replace its feats.scp, utt2spk and spk2utt by the subset."""
+    inputs = [("read by this run", path) for path in input_files(args, sources)]
     outputs = [("--out-path/--out-name", out_file)]
     if args.write_kaldi_feats:
         names = ("feats.ark", "feats.scp", "utt2spk", "spk2utt", "frontend.json")
-        outputs += [(f"--write-kaldi-feats {args.write_kaldi_feats}", os.path.join(args.write_kaldi_feats, name))
-                    for name in names]  # fmt: skip
-    for flag, path in outputs:
-        if os.path.realpath(path) in inputs:
-            raise UserError(f"{flag} would overwrite {path}, an input of this run; write to another folder")
+        outputs += [("--write-kaldi-feats", os.path.join(args.write_kaldi_feats, name)) for name in names]
+    check_outputs(outputs, inputs, create=True)
 
 
 def main(argv=None):

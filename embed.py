@@ -4,11 +4,14 @@ Reads a Kaldi feats.scp (or a folder of *.scp files, or a speaker HDF5 from data
 (--wav-scp, --wav-dir) whose features are computed through the checkpoint's own front end; embeds every
 utterance whole (tiled to --min-frames when shorter) and writes, atomically, into --out-path:
 embeddings.ark + embeddings.scp (Kaldi float vectors, readable by ivector-compute-plda and friends)
-and embeddings.h5 (one float32 dataset per utterance, with a `spk` attribute when the speaker is known).
+and embeddings.h5 (one float32 dataset per utterance, with a `spk` attribute when the speaker is known, and
+the checkpoint that made them in the root attribute `provenance`, which eval.py --cohort and train_plda.py
+carry on and check).
 """
 
 import contextlib
 import itertools
+import json
 import os
 
 import h5py
@@ -16,7 +19,7 @@ from tqdm import tqdm
 
 import data_load
 import speech_data
-from checkpoints import load_model
+from checkpoints import load_model, model_provenance
 from scoring import embed_matrices
 from tasks import task_for_model
 from utils import (
@@ -24,6 +27,7 @@ from utils import (
     add_device_flags,
     atomic_path,
     atomic_write,
+    check_outputs,
     cli,
     device_from_args,
     make_parser,
@@ -121,6 +125,7 @@ def write_embeddings(model, features, utts, out_dir, device, min_frames=50, amp=
         h5 = stack.enter_context(h5py.File(h5_tmp, "w"))
         h5.attrs["embedding_size"] = model.encoder.embedding_size
         h5.attrs["model"] = model.config["model"]
+        h5.attrs["provenance"] = json.dumps(model_provenance(model), sort_keys=True)
         bar = stack.enter_context(tqdm(total=len(utts), desc="embedding", unit="utt", disable=None))
         while True:
             chunk = itertools.islice(features, CHUNK)
@@ -138,12 +143,22 @@ def write_embeddings(model, features, utts, out_dir, device, min_frames=50, amp=
     return paths
 
 
+def check_output(args):
+    """Before any work: the three outputs in --out-path are none of the inputs, and the folder (or, when it
+    is still to be made, its nearest parent) takes new files."""
+    path = args.out_path
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"--out-path {path} is a file, not a folder")
+    inputs = {f"--{name.replace('_', '-')}": getattr(args, name) for name in ("data", "wav_scp", "wav_dir", "utt2spk")}
+    inputs["--cp-path"] = args.cp_path
+    outputs = [("--out-path", os.path.join(path, f"embeddings.{ext}")) for ext in ("ark", "scp", "h5")]
+    check_outputs(outputs, inputs, create=True)
+
+
 @contextlib.contextmanager
 def output_folder(path):
     """Create the output folder if missing; if this run created it and then fails, remove it again (it is
     empty then: every output is written under a temporary name and only renamed on success)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out-path {path} is a file, not a folder")
     created = not os.path.isdir(path)
     os.makedirs(path, exist_ok=True)
     try:
@@ -159,6 +174,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.min_frames < 1:
         raise UserError(f"--min-frames must be >= 1, got {args.min_frames}")
+    check_output(args)
     device = device_from_args(args)
     model = load_model(args.cp_path, args.model, device)
     task_for_model(model.config["model"]).require_recordings("embed.py", model.config["model"])

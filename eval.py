@@ -7,17 +7,17 @@ Cllr, minCllr and actDCF for the scorers whose output is a log-likelihood ratio;
 per line (or a compact .npz) plus a JSON of the metrics beside it.
 """
 
-import contextlib
 import os
-import tempfile
 
 import scoring
 from backends import Backends
-from checkpoints import load_model
+from checkpoints import ALLOW_OTHER_MODEL, ALLOW_OTHER_MODEL_HELP, load_model
 from tasks import task_for_model
 from utils import (
     UserError,
     add_device_flags,
+    check_outputs,
+    check_writable_folder,
     cli,
     device_from_args,
     make_parser,
@@ -81,50 +81,42 @@ def build_parser():
         "--cohort-top-n", type=int, default=300, help="AS-norm: highest cohort scores kept per item (default 300)"
     )
     p.add_argument("--plda", default=None, help="PLDA model from train_plda.py: adds the `plda` LLR scorer")
+    p.add_argument(ALLOW_OTHER_MODEL, action="store_true", help=ALLOW_OTHER_MODEL_HELP)
     return p
 
 
-def check_folder(folder):
-    """UserError unless `folder` exists, is a folder and takes new files (tried with a temporary file)."""
-    parts = os.path.abspath(folder)
-    while not os.path.exists(parts):
-        parts = os.path.dirname(parts)
-    if not os.path.isdir(parts):
-        raise UserError(f"output folder {folder} is under {parts}, which is a file")
-    if not os.path.isdir(folder):
-        raise UserError(f"output folder does not exist: {folder}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".eval-probe.", dir=folder)
-    except OSError as err:
-        raise UserError(f"cannot write in output folder {folder}: {err.strerror or err}") from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.remove(probe)
-
-
-def resolve_out_path(out_path, score_format="text", plot=False):
+def resolve_out_path(out_path, score_format="text", plot=False, inputs=None):
     """The score file's path (a folder means <folder>/scores.out, or scores.npz for --score-format npy),
-    checked before any work: its folder exists and is writable, and neither it nor what goes beside it
-    (`<path>.json`, with `plot` the PNGs) is a folder."""
+    checked before any work (utils.check_outputs): neither it nor what goes beside it (`<path>.json`, with
+    `plot` the PNGs) is one of the run's `inputs` ({flag: path}) or a folder, and its folder takes new files."""
     if out_path is None:
         return None
     if out_path.endswith(os.sep) or os.path.isdir(out_path):
-        check_folder(out_path)
+        check_writable_folder(out_path, "--out-path")
         out_path = os.path.join(out_path, "scores.npz" if score_format == "npy" else "scores.out")
-    check_folder(os.path.dirname(os.path.abspath(out_path)))
-    beside = [out_path, out_path + ".json"]
+    beside = {"--out-path": out_path, "--out-path's metrics": out_path + ".json"}
     if plot:
-        beside += [f"{out_path}.{s.name}_{kind}.png" for s in scoring.SCORERS for kind in ("det", "hist")]
-    for path in beside:
-        if os.path.isdir(path):
-            raise UserError(f"output path {path} is a folder; name a file (or a folder without that entry)")
+        beside.update(
+            {
+                f"--plot {s.name} {kind}": f"{out_path}.{s.name}_{kind}.png"
+                for s in scoring.SCORERS
+                for kind in ("det", "hist")
+            }
+        )
+    check_outputs(beside, inputs or {})
     return out_path
+
+
+def input_paths(args):
+    """{flag: path} of every file or folder eval.py reads."""
+    flags = ("cp_path", "data_path", "test_data", "trials_path", "spk2utt", "calibration", "cohort", "plda")
+    return {"--" + name.replace("_", "-"): getattr(args, name) for name in flags}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = device_from_args(args)
-    out_path = resolve_out_path(args.out_path, args.score_format, args.plot)
+    out_path = resolve_out_path(args.out_path, args.score_format, args.plot, input_paths(args))
     if args.plot and out_path is None:
         raise UserError("--plot writes its PNGs beside the score file: give --out-path too")
     if args.no_score_file:

@@ -98,6 +98,7 @@ class PLDA:
         self.iterations, self.tol = iterations, tol
         self.dim = None  # input embedding size, set by fit / from_dict
         self.iterations_run = 0
+        self.provenance = None  # the model that made the training embeddings (checkpoints.provenance_of)
 
     # ------------------------------------------------------------------ training
 
@@ -280,6 +281,7 @@ class PLDA:
             "mu": self.mu.tolist(),
             "between": self.between.tolist(),
             "within": self.within.tolist(),
+            "provenance": self.provenance,
         }
 
     @classmethod
@@ -300,6 +302,7 @@ class PLDA:
             raise UserError(f"{source} is damaged: its matrices' shapes do not match")
         model.dim, model.center, model.transform = int(state["dim"]), center, transform
         model.mu, model.between, model.within = mu, between, within
+        model.provenance = state.get("provenance")
         try:
             model._prepare()
         except np.linalg.LinAlgError:

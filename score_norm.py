@@ -48,7 +48,23 @@ def cohort_stats(emb, cohort, score_block, top_n=None, chunk=None):
         scores = scores.double()
         mean[start : start + step] = scores.mean(1)
         std[start : start + step] = scores.std(1, correction=0)
+    check_stats(mean, std)
     return mean, std
+
+
+def check_stats(mean, std, tiny=1e-12):
+    """UserError when an item's cohort scores are not finite or have no spread (std <= tiny): normalising by
+    them would give NaN or Inf scores (a cohort of identical or zero vectors, or NaN embeddings)."""
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise UserError(
+            "the scores against the cohort hold NaN or Inf: the cohort or the evaluated embeddings are not finite"
+        )
+    flat = int((std <= tiny).sum())
+    if flat:
+        raise UserError(
+            f"{flat} of {len(std)} items score the same against every cohort member (no spread to normalise by): "
+            "the cohort's embeddings are identical or zero"
+        )
 
 
 def snorm(raw, enroll_idx, test_idx, stats_e, stats_t):

@@ -9,6 +9,7 @@ column, so a new back-end (calibrated, normalised, PLDA) is one more entry in a 
 import ctypes
 import dataclasses
 import functools
+import json
 import zipfile
 from collections.abc import Callable
 
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metrics import compute_metrics, format_table
-from streaming_metrics import CHUNK, as_float32, table_metrics
-from utils import atomic_path, atomic_write, write_json
+from streaming_metrics import CHUNK, NonFiniteScores, as_float32, table_metrics
+from utils import UserError, atomic_path, atomic_write, write_json
 
 # Hidden activations held at once when scoring pairs: 16 MB blocks in fp32 on the CPU (cache-sized,
 # measured fastest on a 2-core machine), 1 GB on a GPU.
@@ -417,11 +418,12 @@ def trials_table(distance, emb, idx_a, idx_b, target, amp=False, chunk_elements=
 # ----------------------------------------------------------------------------- score files
 
 
-def write_score_file(path, enroll, test, scores, target, metrics=None, scorers=None):
+def write_score_file(path, enroll, test, scores, target, metrics=None, scorers=None, provenance=None):
     """Write `# enroll test <columns> label`, then one trial per line, `enroll test <scores> target|nontarget`.
 
     `enroll`, `test`: ids (strings or ints); `scores`: {name: (trials,) array or tensor}; formats from the
-    scorers of the same names (SCORERS by default, else %.7g). `metrics`, if given, goes to `<path>.json`.
+    scorers of the same names (SCORERS by default, else %.7g). `metrics`, if given, goes to `<path>.json`;
+    `provenance` (checkpoints.provenance_of), if given, to a first line `# provenance {json}`.
     """
     known = {s.name: s for s in (scorers or SCORERS)}
     names = list(scores)
@@ -435,17 +437,34 @@ def write_score_file(path, enroll, test, scores, target, metrics=None, scorers=N
             part = slice(start, start + CHUNK)
             yield enroll[part], test[part], [c[part] for c in columns], labels[part]
 
-    _write_text(path, names, formats, chunks())
+    _write_text(path, names, formats, chunks(), provenance)
     if metrics is not None:
         write_json(path + ".json", metrics)
 
 
-def _write_text(path, names, formats, chunks):
-    """The text score file from chunks of (enroll ids, test ids, [columns], labels), written atomically."""
+PROVENANCE_LINE = "# provenance "  # a score file's optional first line: the model that made it, as JSON
+
+
+def check_finite(names, columns):
+    """UserError when a score column holds NaN or Inf: no score file (or metric) is made of such scores."""
+    for name, column in zip(names, columns):
+        if not np.isfinite(column).all():
+            raise UserError(
+                f"the {name} scores hold NaN or Inf (its back-end or embeddings gave non-finite values); "
+                "nothing was written"
+            )
+
+
+def _write_text(path, names, formats, chunks, provenance=None):
+    """The text score file from chunks of (enroll ids, test ids, [columns], labels), written atomically; a
+    chunk with a non-finite score stops the write (the partial file is removed)."""
     line = " ".join(["%s %s", *formats, "%s"]) + "\n"
     with atomic_write(path) as handle:
+        if provenance is not None:
+            handle.write(PROVENANCE_LINE + json.dumps(provenance, sort_keys=True) + "\n")
         handle.write("# enroll test " + " ".join(names) + " label\n")
         for enroll, test, columns, labels in chunks:
+            check_finite(names, columns)
             words = np.where(labels, "target", "nontarget").tolist()
             rows = zip(enroll.tolist(), test.tolist(), *(c.tolist() for c in columns), words)
             handle.writelines(line % row for row in rows)
@@ -467,10 +486,17 @@ def _write_npy_entry(archive, name, dtype, length, parts):
             handle.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
 
 
-def write_table_npz(path, table, scorers, chunk=WRITE_CHUNK):
+def _finite_parts(name, parts):
+    for part in parts:
+        check_finite([name], [part])
+        yield part
+
+
+def write_table_npz(path, table, scorers, chunk=WRITE_CHUNK, provenance=None):
     """The compact score file: an uncompressed .npz (np.load reads it) holding `<scorer>.npy` float32 columns,
-    `label.npy` (bool), `enroll.npy` and `test.npy` (int32 indices into `ids.npy`, int64 beyond 2^31 items)
-    and `ids.npy` (item names, str)."""
+    `label.npy` (bool), `enroll.npy` and `test.npy` (int32 indices into `ids.npy`, int64 beyond 2^31 items),
+    `ids.npy` (item names, str) and, when given, `provenance.npy` (0-d str: the model that made it, as JSON).
+    A non-finite score stops the write (the partial file is removed)."""
     n = len(table)
     ids = table.ids if table.ids is not None else np.arange(table.n_items or 0)
     index_type = np.int32 if len(ids) < 2**31 else np.int64
@@ -481,16 +507,19 @@ def write_table_npz(path, table, scorers, chunk=WRITE_CHUNK):
         _write_npy_entry(archive, "label", bool, n, (table.labels(a, b) for a, b in table.chunks(chunk)))
         for s in scorers:
             parts = (as_float32(table.block(scorers, a, b)[s.name]) for a, b in table.chunks(chunk))
-            _write_npy_entry(archive, s.name, np.float32, n, parts)
+            _write_npy_entry(archive, s.name, np.float32, n, _finite_parts(s.name, parts))
         names = np.asarray([str(i) for i in ids])
         _write_npy_entry(archive, "ids", names.dtype if len(names) else "<U1", len(names), (names,))
+        if provenance is not None:
+            with archive.open("provenance.npy", "w") as handle:
+                np.lib.format.write_array(handle, np.asarray(json.dumps(provenance, sort_keys=True)))
 
 
 def read_table_npz(path):
     """A score .npz back as ({scorer: (P,) float32}, labels (P,) bool, enroll ids, test ids)."""
     with np.load(path, allow_pickle=False) as data:
         ids = data["ids"]
-        special = {"enroll", "test", "label", "ids"}
+        special = {"enroll", "test", "label", "ids", "provenance"}
         columns = {name: data[name] for name in data.files if name not in special}
         return columns, data["label"], ids[data["enroll"]], ids[data["test"]]
 
@@ -517,23 +546,40 @@ def all_metrics(table, scorers, consume=False):
     return {s.name: results[s.name] for s in scorers}
 
 
-def report(table, scorers=None, out_path=None, extra=None, plot=False, verbose=True, line=None, score_format="text"):
+def report(
+    table,
+    scorers=None,
+    out_path=None,
+    extra=None,
+    plot=False,
+    verbose=True,
+    line=None,
+    score_format="text",
+    provenance=None,
+):
     """Metrics of a PairTable for every scorer, printed as tables (EER / minDCF / AUC for all, Cllr / minCllr
     / actDCF for the LLR scorers); with `out_path` the score file (`score_format` 'text', 'npy', or None for
     none), its JSON summary `<out_path>.json` and (with `plot`) DET curves and histograms beside it. The
     score file is written first; the metrics then spend the table (see all_metrics) unless `plot`.
 
     `extra` adds counts to the summary (e.g. {'items': N}); `line` is the first printed line, a format
-    string over the summary's counts. Returns {scorer: metrics}.
+    string over the summary's counts; `provenance` (checkpoints.provenance_of of the model that scored)
+    goes into the score file and the summary. Returns {scorer: metrics}. Non-finite scores are a UserError,
+    before anything is written.
     """
     scorers = scorers or SCORERS
     if out_path and score_format == "text":
         chunks = _table_chunks(table, scorers, WRITE_CHUNK)
-        _write_text(out_path, [s.name for s in scorers], [s.fmt for s in scorers], chunks)
+        _write_text(out_path, [s.name for s in scorers], [s.fmt for s in scorers], chunks, provenance)
     elif out_path and score_format == "npy":
-        write_table_npz(out_path, table, scorers)
-    metrics = all_metrics(table, scorers, consume=not plot)
+        write_table_npz(out_path, table, scorers, provenance=provenance)
+    try:
+        metrics = all_metrics(table, scorers, consume=not plot)
+    except NonFiniteScores as err:
+        raise UserError(f"{err}: a back-end or the embeddings gave non-finite values; nothing was written") from None
     summary = {"trials": len(table), "targets": table.n_targets, **(extra or {})}
+    if provenance is not None:
+        summary["provenance"] = provenance
     summary["columns"] = [s.name for s in scorers]  # the score file's order (the JSON's keys are sorted)
     summary["scorers"] = {s.name: {"is_llr": s.is_llr, "help": s.help} for s in scorers}
     summary["metrics"] = metrics
@@ -571,6 +617,7 @@ def run_image_eval(
     backends=None,
     score_format="text",
     embed_cohort=None,
+    provenance=None,
 ):
     """All-pairs evaluation of an image dataset: prints and returns {scorer: metrics}; optional score file
     (and, with `plot`, DET curves and score histograms beside it). `backends` (backends.Backends) adds scorers;
@@ -584,7 +631,7 @@ def run_image_eval(
     table = all_pairs_table(model.distance, emb, labels, amp=amp, progress=verbose)
     release_free_memory()
     line = "{items} test items, {trials} trials ({targets} target)"
-    return report(table, scorers, out_path, {"items": len(emb)}, plot, verbose, line, score_format)
+    return report(table, scorers, out_path, {"items": len(emb)}, plot, verbose, line, score_format, provenance)
 
 
 def _tile_to(x, min_frames):

@@ -20,6 +20,10 @@ CHUNK = 1 << 20  # pairs per step
 WALK_CHUNK = 1 << 18  # distinct values per step of the walk: its temporaries take ~80 bytes each
 
 
+class NonFiniteScores(ValueError):
+    """A score column holds NaN or Inf (metrics cannot rank it)."""
+
+
 def as_float32(values):
     """A tensor (any device) or array -> float32 numpy on the CPU."""
     return values.detach().to("cpu", torch.float32).numpy() if torch.is_tensor(values) else np.float32(values)
@@ -41,7 +45,7 @@ def _split_sorted(table, scorers, name, chunk, consume=None):
     for start, stop in table.chunks(chunk):
         values, labels = as_float32(table.block(scorers, start, stop)[name]), table.labels(start, stop)
         if not np.isfinite(values).all():
-            raise ValueError(f"scores of {name} contain NaN or Inf")
+            raise NonFiniteScores(f"scores of {name} contain NaN or Inf")
         chosen = values[labels]
         tar[t : t + len(chosen)] = chosen
         t += len(chosen)

@@ -7,12 +7,15 @@ the training-time crop, and evaluation (all pairs of a test set, or a trials fil
 on the domain.
 """
 
+import copy
+
 import numpy as np
 import torch
 
 import data_load
 import models
 import speech_data
+from checkpoints import model_provenance
 from utils import UserError
 
 # The digits demo: the seed README's CIFAR-10 settings for the heads, sized to finish in about a minute.
@@ -136,6 +139,7 @@ class ImageTask(Task):
         dataset = data_load.select_classes(dataset, args.classes, args.items_per_class)
         cohort = lambda path: self.embed_cohort(model, path, args, device)  # noqa: E731
         flags = {"plot": args.plot, "backends": backends, "score_format": args.score_format, "embed_cohort": cohort}
+        flags["provenance"] = model_provenance(model)
         return run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, **flags)
 
     def embed_cohort(self, model, path, args, device):
@@ -207,7 +211,18 @@ class SpeechTask(Task):
         return bool(args.valid_hdf_file)
 
     def datasets(self, args):
+        """(train, valid or None, n_classes, encoder_args). Fine-tuning reads the data's own coefficient count,
+        which pretrained.start_from checks against the model's (so a mismatch names the checkpoint, not --ncoef)."""
+        if getattr(args, "pretrained_path", None):
+            args = copy.copy(args)
+            args.ncoef = None
         train, valid, n_classes, encoder_args = data_load.speech_training_sets(args)
+        if valid is not None and valid.ncoef != train.ncoef:
+            raise UserError(
+                f"{args.valid_hdf_file} holds {valid.ncoef} coefficients per frame but {args.train_hdf_file} holds "
+                f"{train.ncoef}"
+            )
+        encoder_args = {**encoder_args, "ncoef": train.ncoef}
         if args.channels is not None:
             encoder_args = {**encoder_args, "channels": args.channels}
         return train, valid, n_classes, encoder_args
@@ -276,7 +291,9 @@ class SpeechTask(Task):
         table = trials_table(model.distance, emb, idx_a, idx_b, target, amp=args.amp, ids=ids)
         line = "{trials} trials ({targets} target) over {utterances} utterances"
         extra = {"utterances": len(ids)}
-        return report(table, scorers, out_path, extra, args.plot, True, line, args.score_format)
+        return report(
+            table, scorers, out_path, extra, args.plot, True, line, args.score_format, model_provenance(model)
+        )
 
     def require_recordings(self, script, model_name):
         return None

@@ -2,18 +2,17 @@
 
 Reads embeddings.h5 (speakers from each dataset's `spk` attribute, or from --utt2spk) or a Kaldi
 embeddings.scp (speakers from --utt2spk); --embeddings may also name the folder embed.py wrote into.
-With --utt2spk, only the utterances it lists are used. The model is written as JSON, atomically.
+With --utt2spk, only the utterances it lists are used. The model is written as JSON, atomically, with the
+model that made the embeddings (their provenance), which eval.py --plda checks against its checkpoint.
 """
 
-import os
-
 import h5py
-import kaldiio
 import numpy as np
 
+import embedding_files
 import speech_data
 from plda import PLDA
-from utils import UserError, cli, make_parser
+from utils import UserError, check_outputs, cli, make_parser
 
 EXAMPLE = """example:
   python embed.py --data data/train/feats.scp --utt2spk data/train/utt2spk --cp-path cp/checkpoint_10ep.pt \\
@@ -33,77 +32,46 @@ def build_parser():
     return p
 
 
-def resolve_embeddings(path):
-    """--embeddings -> the file to read: the path itself, or embeddings.h5 (else embeddings.scp) in a folder."""
-    if os.path.isdir(path):
-        for name in ("embeddings.h5", "embeddings.scp"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise UserError(f"no embeddings.h5 or embeddings.scp in {path}")
-    if not os.path.isfile(path):
-        raise UserError(f"embeddings not found: {path}")
-    return path
-
-
-def read_hdf5(path, utt2spk):
-    """embeddings.h5 -> (utterance ids, (N, d) float32, speakers); speakers from utt2spk or `spk` attributes."""
-    ids, vectors, speakers, unlabelled = [], [], [], 0
-    with h5py.File(path, "r") as h5:
-        for utt, dataset in h5.items():
-            if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1:
-                raise UserError(f"{path}: {utt} is not an embedding vector (expected embed.py's layout)")
-            spk = utt2spk.get(utt) if utt2spk is not None else dataset.attrs.get("spk")
-            if spk is None:
-                unlabelled += utt2spk is None
-                continue
-            ids.append(utt)
-            vectors.append(dataset[()])
-            speakers.append(spk.decode() if isinstance(spk, bytes) else str(spk))
-    if unlabelled:
-        raise UserError(
-            f"{unlabelled} embeddings of {path} have no `spk` attribute: give their speakers with --utt2spk"
-        )
-    return ids, vectors, speakers
-
-
-def read_scp(path, utt2spk):
-    """Kaldi embeddings.scp + utt2spk -> (utterance ids, vectors, speakers) of the utterances utt2spk lists."""
-    if utt2spk is None:
-        raise UserError(f"{path} holds no speaker labels: give --utt2spk")
-    try:
-        table = kaldiio.load_scp(path)
-        ids = [utt for utt in table if utt in utt2spk]
-        vectors = [np.asarray(table[utt], dtype=np.float32) for utt in ids]
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot read {path} as a Kaldi scp of vectors: {err}") from None
-    if any(vec.ndim != 1 for vec in vectors):
-        raise UserError(f"{path} holds matrices, not embedding vectors")
-    return ids, vectors, [utt2spk[utt] for utt in ids]
+def labelled(found, utt2spk, path, utt2spk_path):
+    """(N, d) vectors and (N,) speakers of the embeddings that have a speaker: from utt2spk (only those it
+    lists) or from each vector's `spk` attribute (all must have one)."""
+    if utt2spk is not None:
+        keep = [k for k, utt in enumerate(found.ids) if utt in utt2spk]
+        speakers = [utt2spk[found.ids[k]] for k in keep]
+    else:
+        missing = sum(spk is None for spk in found.speakers)
+        if missing and not h5py.is_hdf5(path):
+            raise UserError(f"{path} is a Kaldi table, which holds no speaker labels: give --utt2spk")
+        if missing:
+            raise UserError(
+                f"{missing} embeddings of {path} have no `spk` attribute: give their speakers with --utt2spk"
+            )
+        keep, speakers = list(range(len(found.ids))), found.speakers
+    if not keep:
+        raise UserError(f"no labelled embeddings in {path} are listed in {utt2spk_path}")
+    return found.vectors[keep], np.array(speakers)
 
 
 def read_embeddings(path, utt2spk_path=None):
-    """(N, d) float32 embeddings and (N,) speaker labels from an embed.py output (see the module doc)."""
-    path = resolve_embeddings(path)
+    """(N, d) float32 embeddings, (N,) speaker labels and the provenance of an embed.py output (module doc)."""
+    found = embedding_files.read(path)
     utt2spk = speech_data.read_utt2spk(utt2spk_path) if utt2spk_path else None
-    if h5py.is_hdf5(path):
-        ids, vectors, speakers = read_hdf5(path, utt2spk)
-    else:
-        ids, vectors, speakers = read_scp(path, utt2spk)
-    if not ids:
-        raise UserError(f"no labelled embeddings in {path}" + (f" are listed in {utt2spk_path}" if utt2spk else ""))
-    if len({len(vec) for vec in vectors}) > 1:
-        raise UserError(f"the embeddings in {path} do not all have the same size")
-    return np.stack(vectors), np.array(speakers)
+    vectors, speakers = labelled(found, utt2spk, embedding_files.resolve(path), utt2spk_path)
+    return vectors, speakers, found.provenance
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.iterations < 1:
         raise UserError(f"--iterations must be >= 1, got {args.iterations}")
-    embeddings, speakers = read_embeddings(args.embeddings, args.utt2spk)
+    source = embedding_files.resolve(args.embeddings)
+    inputs = {"--embeddings": args.embeddings, "--embeddings file": source, "--utt2spk": args.utt2spk}
+    check_outputs({"--out": args.out}, inputs)
+    embeddings, speakers, provenance = read_embeddings(source, args.utt2spk)
     n_speakers = len(np.unique(speakers))
     print(f"{len(embeddings)} embeddings of {embeddings.shape[1]} dimensions from {n_speakers} speakers")
     model = PLDA(args.lda_dim, not args.no_whiten, not args.no_length_norm, args.iterations).fit(embeddings, speakers)
+    model.provenance = provenance
     model.save(args.out)
     print(
         f"PLDA of {len(model.mu)} dimensions (LDA {args.lda_dim or 'off'}, length norm {not args.no_length_norm}), "

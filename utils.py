@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,60 +260,81 @@ def _inside(path, folder):
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_writable_folder(folder, flag="output"):
-    """UserError unless `folder` exists, is a folder and takes new files (tried with a temporary file)."""
+def check_writable_folder(folder, flag="output", create=False):
+    """UserError unless `folder` exists, is a folder and takes new files (tried with a temporary file). With
+    `create` (the command makes it when missing), a missing folder's nearest existing parent is tried instead."""
     folder = folder or "."
     parts = os.path.abspath(folder)
     while not os.path.lexists(parts):
         parts = os.path.dirname(parts)
     if not os.path.isdir(parts):
-        raise UserError(f"{flag} {folder}: {parts} is a file, not a folder")
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag}: folder does not exist: {folder}")
+        raise UserError(f"{flag}: output folder {folder} is under {parts}, which is a file")
+    if not os.path.isdir(folder) and not create:
+        raise UserError(f"{flag}: output folder does not exist: {folder}")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".e2e-probe.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".e2e-probe.", dir=parts)
     except OSError as err:
-        raise UserError(f"{flag}: cannot write in folder {folder}: {err.strerror or err}") from None
+        raise UserError(f"{flag}: cannot write in output folder {parts}: {err.strerror or err}") from None
     os.close(fd)
     with contextlib.suppress(OSError):
         os.remove(probe)
 
 
-def check_outputs(outputs, inputs=()):
+def check_outputs(outputs, inputs=(), create=False):
     """Refuse, before any work, output files that would destroy an input or cannot be written.
 
-    `outputs` and `inputs` are {flag: path} (None paths are skipped). Each output must not be any input
-    (real paths, symbolic and hard links resolved), must not be a folder, and its folder must exist and take
-    new files.
+    `outputs` and `inputs` are {flag: path} or (flag, path) pairs (None paths are skipped). Each output must
+    not be any input (real paths, symbolic and hard links resolved), must not be a folder, and its folder
+    must exist (with `create`, or be creatable: the command makes it) and take new files.
     """
     inputs = _named(inputs)
     for flag, out in _named(outputs):
         for in_flag, source in inputs:
             if os.path.lexists(source) and same_path(out, source):
-                raise UserError(f"{flag} {out} is {in_flag} {source}: refusing to overwrite an input of this command")
+                raise UserError(f"{flag} would overwrite {source} ({in_flag}), an input of this run; write elsewhere")
         if os.path.isdir(out):
             raise UserError(f"{flag} {out} is a folder; name a file")
-        check_writable_folder(os.path.dirname(os.path.abspath(out)), flag)
+        check_writable_folder(os.path.dirname(os.path.abspath(out)), flag, create)
 
 
-def check_output_folder(flag, path, tool, force=False, inputs=()):
+def check_inputs_outside(flag, folder, held=(), around=()):
+    """Refuse output folder `folder` (of option `flag`) that is or holds an input of `held` ({flag: path}), or
+    that lies inside an input folder of `around`, where it would read as part of the data (real paths, links
+    resolved; None paths skipped)."""
+    for in_flag, source in _named(held):
+        if os.path.lexists(source) and _inside(source, folder):
+            raise UserError(f"{flag} {folder} holds {in_flag} {source}: refusing to write over an input of this run")
+    for in_flag, source in _named(around):
+        if os.path.lexists(source) and _inside(folder, source) and not same_path(folder, source):
+            raise UserError(
+                f"{flag} {folder} lies inside {in_flag} {source}: refusing to write into an input of this command"
+            )
+
+
+def check_output_folder(flag, path, tool, force=False, inputs=(), legacy=None, around=(), create=False):
     """Refuse, before any work, an output folder that would destroy an input or a user's files.
 
     The folder `path` is filled (or, with `force`, replaced) by `tool`. Refused: an input (of `inputs`,
     {flag: path}) inside it or the folder inside an input file; a file at `path`; a missing or read-only
     parent; an existing non-empty folder without `force`, or, with `force`, one that does not hold the
     marker of `tool`'s earlier output (see mark_output_folder), so a mistyped path never deletes other files.
+    `legacy` names a file that marked `tool`'s outputs before the marker existed (accepted when unmarked);
+    the folder must not lie inside an input folder of `around` either. With `create`, missing parent folders
+    are fine when the nearest existing one takes new folders (atomic_folder makes them). An existing folder
+    must take new files itself, since replacing it moves it aside.
     """
-    for in_flag, source in _named(inputs):
-        if os.path.lexists(source) and _inside(source, path):
-            raise UserError(f"{flag} {path} holds {in_flag} {source}: refusing to write over an input of this command")
+    check_inputs_outside(flag, path, inputs, around)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} exists and is not a folder")
-    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag, create)
+    if os.path.isdir(path):
+        check_writable_folder(path, flag)
     if os.path.isdir(path) and os.listdir(path):
         if not force:
             raise UserError(f"{flag} {path} exists and is not empty (give --force to replace an earlier output)")
-        if output_folder_tool(path) != tool:
+        found = output_folder_tool(path)
+        earlier = found is None and legacy is not None and os.path.isfile(os.path.join(path, legacy))
+        if found != tool and not earlier:
             raise UserError(
                 f"--force replaces only an earlier output of {tool} (a folder holding {OUTPUT_MARKER}); "
                 f"{path} is not one, so it is left alone"
@@ -333,3 +355,41 @@ def output_folder_tool(path):
     except (OSError, ValueError):
         return None
     return marker.get("tool") if isinstance(marker, dict) else None
+
+
+@contextlib.contextmanager
+def atomic_folder(path, tool=None, **record):
+    """Yield a fresh temporary folder beside `path` (missing parents are made) to write a whole output in. When
+    the block succeeds it gets `tool`'s marker (mark_output_folder, with `record`) and replaces `path`, an
+    earlier `path` being deleted only once the new one is in place; when it fails it is deleted."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        if tool is not None:
+            mark_output_folder(tmp, tool, **record)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        _put_in_place(tmp, os.path.join(parent, name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _put_in_place(tmp, out):
+    """Rename the finished folder `tmp` onto `out`; an earlier `out` is restored if the rename fails."""
+    if not os.path.lexists(out):
+        os.replace(tmp, out)
+        return
+    parent, name = os.path.split(out)
+    old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
+    os.replace(out, os.path.join(old, name))
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(os.path.join(old, name), out)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old)

@@ -60,7 +60,9 @@ def test_a_new_scorer_entry_appears_in_file_json_tables_and_plots(images, tmp_pa
     out = str(tmp_path / "scores.out")
     assert eval_script.main(["--data-path", data, "--cp-path", cp, "--out-path", out, "--plot", *CPU]) == 0
     names = [s.name for s in scoring.SCORERS]
-    assert open(out).readline().split() == ["#", "enroll", "test", *names, "label"]
+    provenance, header = open(out).readlines()[:2]
+    assert provenance.startswith(scoring.PROVENANCE_LINE) and json.loads(provenance[len(scoring.PROVENANCE_LINE) :])
+    assert header.split() == ["#", "enroll", "test", *names, "label"]
     rows = data_lines(out)
     cos, negcos = names.index("cos") + 2, names.index("negcos_llr") + 2
     assert all(abs(float(r[negcos]) + 3 * float(r[cos])) < 1e-5 for r in rows)
@@ -317,9 +319,16 @@ def direct_snorm(raw, cohort_e, cohort_t, top_n=None):
     return 0.5 * ((raw - stats[0][0]) / stats[0][1] + (raw - stats[1][0]) / stats[1][1])
 
 
-def check_normalised(columns, emb, pairs, cohort, distance, top_n, rel=0.0):
+def cohort_spread(scores, top_n=None):
+    """The population std of one item's (top_n highest) cohort scores, as direct_snorm divides by it."""
+    return np.sort(np.asarray(scores, dtype=np.float64))[::-1][:top_n].std()
+
+
+def check_normalised(columns, emb, pairs, cohort, distance, top_n, rel=0.0, raw_error=0.0):
     """Every S-norm / AS-norm column of `columns` against a per-trial loop: cosines by numpy, logits by the
-    learned distance's naive per-pair form; to 1e-5 + rel * |value|."""
+    learned distance's naive per-pair form; to 1e-5 + rel * |value| + raw_error / (the smaller cohort spread of
+    the two sides): `raw_error` is the float32 rounding of a raw score, which the normalisation divides by the
+    spread (the all-pairs and per-pair forms of the learned distance sum in different orders)."""
     emb64, cohort64 = emb.double().numpy(), cohort.double().numpy()
     unit = emb64 / np.linalg.norm(emb64, axis=1, keepdims=True)
     cohort_unit = cohort64 / np.linalg.norm(cohort64, axis=1, keepdims=True)
@@ -334,7 +343,9 @@ def check_normalised(columns, emb, pairs, cohort, distance, top_n, rel=0.0):
             for prefix, n in (("snorm", None), ("asnorm", top_n)):
                 want = direct_snorm(raw, cohort_scores(i), cohort_scores(j), n)
                 error = abs(columns[f"{prefix}_{name}"][k] - want)
-                assert error <= 1e-5 + rel * abs(want), (prefix, name, k, columns[f"{prefix}_{name}"][k], want)
+                spread = min(cohort_spread(cohort_scores(i), n), cohort_spread(cohort_scores(j), n))
+                bound = 1e-5 + rel * abs(want) + raw_error / spread
+                assert error <= bound, (prefix, name, k, columns[f"{prefix}_{name}"][k], want)
 
 
 @pytest.mark.parametrize("top_n", [5, 10, 15])
@@ -414,7 +425,8 @@ def test_snorm_on_images_with_an_image_folder_cohort(images, tmp_path):
         return scoring.embed_loader(model, loader, torch.device("cpu"))[0]
 
     pairs = np.stack([enroll.astype(int), test.astype(int)], 1)
-    check_normalised(columns, embed_folder(data), pairs, embed_folder(cohort_dir), model.distance, 6, rel=1e-3)
+    cohort = embed_folder(cohort_dir)
+    check_normalised(columns, embed_folder(data), pairs, cohort, model.distance, 6, rel=1e-3, raw_error=1e-6)
 
 
 def test_plda_end_to_end_embed_train_plda_eval(speech, tmp_path, capsys):
