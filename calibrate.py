@@ -10,8 +10,15 @@ which calibration.load_calibration / apply_calibration apply to evaluation score
 
 import numpy as np
 
-from calibration import PREFIX, ScoreTable, check_p_target, fit_calibration, read_scores, score_file_names
-from streaming_metrics import table_metrics
+from e2e_verification.calibration import (
+    PREFIX,
+    ScoreTable,
+    check_p_target,
+    fit_calibration,
+    read_scores,
+    score_file_names,
+)
+from e2e_verification.streaming_metrics import table_metrics
 from utils import UserError, check_outputs, cli, make_parser, write_json
 
 EXAMPLE = """examples:

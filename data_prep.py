@@ -8,8 +8,7 @@ added noise or reverberation (augment.py).
 
 import os
 
-import augment
-import speech_data
+from e2e_verification import augment, speech_data
 from utils import UserError, add_options, check_outputs, cli, make_parser
 
 EPILOG = """example (the seed's command line, Kaldi features):

@@ -18,10 +18,10 @@ import h5py
 from tqdm import tqdm
 
 import data_load
-import speech_data
-from checkpoints import load_model, model_provenance
-from scoring import embed_matrices
-from tasks import task_for_model
+from e2e_verification import speech_data
+from e2e_verification.checkpoints import load_model, model_provenance
+from e2e_verification.scoring import embed_matrices
+from e2e_verification.tasks import task_for_model
 from utils import (
     UserError,
     add_device_flags,
@@ -95,7 +95,7 @@ def features_of(args, model):
     Features read from --data must come from the model's front end (when both are known); wav files are
     turned into features through the checkpoint's front end, one at a time, as they are embedded.
     """
-    from frontend import front_end_of, wav_features
+    from e2e_verification.frontend import front_end_of, wav_features
 
     task = task_for_model(model.config["model"])
     if args.data is not None:

@@ -9,10 +9,10 @@ per line (or a compact .npz) plus a JSON of the metrics beside it.
 
 import os
 
-import scoring
-from backends import Backends
-from checkpoints import ALLOW_OTHER_MODEL, ALLOW_OTHER_MODEL_HELP, load_model
-from tasks import task_for_model
+from e2e_verification import scoring
+from e2e_verification.backends import Backends
+from e2e_verification.checkpoints import ALLOW_OTHER_MODEL, ALLOW_OTHER_MODEL_HELP, load_model
+from e2e_verification.tasks import task_for_model
 from utils import (
     UserError,
     add_device_flags,

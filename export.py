@@ -23,9 +23,9 @@ import os
 
 import torch
 
-from checkpoints import load_model_and_state, model_provenance
-from onnx_graphs import OPSETS, export_model, graph_notes, input_spec, root_cause
-from tasks import task_for_model
+from e2e_verification.checkpoints import load_model_and_state, model_provenance
+from e2e_verification.onnx_graphs import OPSETS, export_model, graph_notes, input_spec, root_cause
+from e2e_verification.tasks import task_for_model
 from utils import (
     UserError,
     add_device_flags,

@@ -11,8 +11,7 @@ import sys
 
 import torch
 
-import hp_space
-import training
+from e2e_verification import hp_space, training
 from utils import cli, user_message
 
 EXAMPLE = """--model all searches the encoder too; --optimizer RandomSearch samples as the seed did.

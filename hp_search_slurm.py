@@ -18,8 +18,7 @@ import sys
 import threading
 import uuid
 
-import hp_space
-import training
+from e2e_verification import hp_space, training
 from utils import UserError, cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))

@@ -9,8 +9,8 @@ import sys
 
 import torch.distributed as dist
 
-import training
-from training import build, fit, init_distributed
+from e2e_verification import training
+from e2e_verification.training import build, fit, init_distributed
 from utils import cli
 
 EXAMPLE = """example:
@@ -37,7 +37,7 @@ def main(argv=None):
     model = run.model.module if world_size > 1 else run.model
     test = run.task.final_test(run.args) if rank == 0 else None
     if test is not None:
-        from scoring import run_image_eval
+        from e2e_verification.scoring import run_image_eval
 
         out = os.path.join(run.args.checkpoint_path, "test_scores.txt")
         run_image_eval(model, test, run.trainer.device, run.args.valid_batch_size, out, run.args.amp, verbose=True)

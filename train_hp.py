@@ -11,8 +11,7 @@ import argparse
 import os
 import sys
 
-import hp_space
-import training
+from e2e_verification import hp_space, training
 from utils import UserError, atomic_write, cli
 
 EXAMPLE = """example (one trial, as run_hp_slurm.sh starts it):

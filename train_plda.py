@@ -9,9 +9,8 @@ model that made the embeddings (their provenance), which eval.py --plda checks a
 import h5py
 import numpy as np
 
-import embedding_files
-import speech_data
-from plda import PLDA
+from e2e_verification import embedding_files, speech_data
+from e2e_verification.plda import PLDA
 from utils import UserError, check_outputs, cli, make_parser
 
 EXAMPLE = """example:

@@ -21,9 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import ALLOW_OTHER_MODEL, ALLOW_OTHER_MODEL_HELP, check_provenance, load_model_and_state
-from scoring import fuse
-from tasks import task_for_model
+from e2e_verification.checkpoints import (
+    ALLOW_OTHER_MODEL,
+    ALLOW_OTHER_MODEL_HELP,
+    check_provenance,
+    load_model_and_state,
+)
+from e2e_verification.scoring import fuse
+from e2e_verification.tasks import task_for_model
 from utils import UserError, add_device_flags, choose_device, cli, device_from_args, make_parser
 
 EXAMPLE = """examples:
@@ -153,7 +158,7 @@ def decision_rule(args, calibration):
         raise UserError(
             "--threshold and --calibration exclude each other: a calibration decides at the Bayes threshold"
         )
-    from calibration import check_p_target  # loaded with the calibration file already
+    from e2e_verification.calibration import check_p_target  # loaded with the calibration file already
 
     if args.p_target is None:
         args.p_target = DEFAULT_P_TARGET
@@ -198,7 +203,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from calibration import apply_calibration, load_calibration
+    from e2e_verification.calibration import apply_calibration, load_calibration
 
     args = build_parser().parse_args(argv)
     calibration = load_calibration(args.calibration, COLUMNS) if args.calibration else None

@@ -11,9 +11,9 @@ import benchlib
 import torch
 from benchlib import at_least
 
-from metrics import compute_metrics
+from e2e_verification.metrics import compute_metrics
+from e2e_verification.scoring import pair_chunk, score_all_pairs
 from models.verifier import LearnedDistance
-from scoring import pair_chunk, score_all_pairs
 from utils import cli
 
 EXAMPLE = """example:

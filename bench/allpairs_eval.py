@@ -22,8 +22,8 @@ import benchlib
 import torch
 
 import models
-from checkpoints import save_checkpoint
 from data_load import FASHION_DIR
+from e2e_verification.checkpoints import save_checkpoint
 from utils import UserError, cli
 
 EXAMPLE = """examples:

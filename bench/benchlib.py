@@ -68,7 +68,7 @@ def positive_float(text):
 
 def prior(text):
     """An argparse type: a target prior, strictly between 0 and 1 (calibration.check_p_target)."""
-    from calibration import check_p_target
+    from e2e_verification.calibration import check_p_target
 
     try:
         return check_p_target(number(float)(text), "a prior")
@@ -233,7 +233,7 @@ def make_kaldi_features(folder, speakers, utts_per_speaker, frames, ncoef, seed=
 def kaldi_to_hdf5(folder, out_name="train.hdf"):
     """Convert `folder`'s feats.scp (+ spk2utt / utt2spk) to the training HDF5 `folder`/`out_name`, as
     data_prep.py does for Kaldi features (every speaker kept, no CMN); -> the HDF5 path."""
-    import speech_data
+    from e2e_verification import speech_data
 
     source = speech_data.KaldiFeatures(speech_data.list_scp_files(os.path.join(folder, "feats.scp")))
     spk2utt, utt2spk = speech_data.speaker_info(folder)

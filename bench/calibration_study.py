@@ -12,8 +12,8 @@ import statistics
 import numpy as np
 from benchlib import make_parser, mean_sd
 
-from calibration import apply_calibration, fit_calibration
-from metrics import act_dcf, cllr, compute_eer, compute_mindcf
+from e2e_verification.calibration import apply_calibration, fit_calibration
+from e2e_verification.metrics import act_dcf, cllr, compute_eer, compute_mindcf
 from utils import UserError, cli
 
 EXAMPLE = """examples (the benches this library serves; it has no flags of its own):

@@ -16,8 +16,8 @@ import torch
 from benchlib import at_least
 
 import models
-import onnx_graphs
-from tasks import task_for_model
+from e2e_verification import onnx_graphs
+from e2e_verification.tasks import task_for_model
 from utils import UserError, cli
 
 EXAMPLE = """example:

@@ -69,7 +69,7 @@ def test_set(args):
 @torch.no_grad()
 def cosine_eer(encoder, test):
     """Cosine EER over all pairs of the test set; `encoder` maps (batch, 1, H, W) to (embedding, latent)."""
-    from metrics import compute_eer
+    from e2e_verification.metrics import compute_eer
 
     encoder.eval()
     loader = torch.utils.data.DataLoader(test, batch_size=256, shuffle=False)
@@ -121,7 +121,7 @@ def run_baseline(args, seed, final_norm, test):
 
 def run_toolkit(args, seed, flags, folder, test):
     """train.py with `flags`, checkpoints every --early-epoch epochs; each scored by eval.py or cosine here."""
-    from checkpoints import load_model
+    from e2e_verification.checkpoints import load_model
 
     cp = os.path.join(folder, "cp")
     common = ["--data-path", args.data_path, "--items-per-class", str(args.train_items_per_class)]

@@ -12,7 +12,7 @@ import torch
 from benchlib import at_least
 from sklearn.metrics import roc_curve
 
-from metrics import compute_metrics
+from e2e_verification.metrics import compute_metrics
 from utils import cli
 
 EXAMPLE = """example:

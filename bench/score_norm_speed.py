@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from benchlib import at_least
 
-from score_norm import cosine_block, snorm_trials
+from e2e_verification.score_norm import cosine_block, snorm_trials
 from utils import cli
 
 EXAMPLE = """example:

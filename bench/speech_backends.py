@@ -24,8 +24,8 @@ import calibration_study as study
 import numpy as np
 from benchlib import at_least, mean_sd, metrics_of, python
 
-import speech_data
-from calibration import read_score_file
+from e2e_verification import speech_data
+from e2e_verification.calibration import read_score_file
 from utils import UserError, cli
 
 EXAMPLE = """example:

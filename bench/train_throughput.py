@@ -17,8 +17,8 @@ from benchlib import at_least
 
 import data_load
 import models
-import training
-from tasks import task_for_model
+from e2e_verification import training
+from e2e_verification.tasks import task_for_model
 from utils import cli
 
 EXAMPLE = """example:

@@ -11,8 +11,8 @@ import pytest
 import data_prep
 import embed
 import eval as eval_script
-import speech_data
 import train
+from e2e_verification import speech_data
 from tools import asterisk_set
 
 pytestmark = pytest.mark.skipif(

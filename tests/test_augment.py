@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import augment
 import data_prep
-import frontend
-from augment import Augmenter, SpecAugment
+from e2e_verification import augment, frontend
+from e2e_verification.augment import Augmenter, SpecAugment
 from tools import asterisk_set
 from utils import UserError
 

@@ -56,7 +56,7 @@ def test_train_throughput(bench, capsys, tmp_path):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_calibration_study_dev_threshold_reaches_the_minimum_cost(bench, seed):
     """The threshold picked on a set costs exactly that set's minDCF (ties between trials included)."""
-    from metrics import compute_mindcf
+    from e2e_verification.metrics import compute_mindcf
 
     study = bench("calibration_study")
     rng = np.random.default_rng(seed)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import calibrate
-from calibration import apply_calibration, load_calibration, read_score_file
-from metrics import act_dcf, cllr
+from e2e_verification.calibration import apply_calibration, load_calibration, read_score_file
+from e2e_verification.metrics import act_dcf, cllr
 from utils import cli
 
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from calibration import (
+from e2e_verification.calibration import (
     apply_calibration,
     fit_calibration,
     load_calibration,
     read_score_file,
     train_linear_llr,
 )
-from metrics import act_dcf, cllr, compute_mindcf, min_cllr
+from e2e_verification.metrics import act_dcf, cllr, compute_mindcf, min_cllr
 from utils import UserError, write_json
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import data_prep
-import speech_data
+from e2e_verification import speech_data
 from tools import asterisk_set
 from utils import UserError, cli
 

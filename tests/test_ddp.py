@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from checkpoints import load_checkpoint
+from e2e_verification.checkpoints import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--model", "densenet", "--epochs", "2", "--keep-checkpoints", "0", "--device", "cpu", "--verbose", "1"]

@@ -14,8 +14,8 @@ import data_prep
 import embed
 import eval as eval_script
 import models
-from checkpoints import save_checkpoint
-from frontend import read_frontend
+from e2e_verification.checkpoints import save_checkpoint
+from e2e_verification.frontend import read_frontend
 from utils import cli
 
 RATE = 8000

@@ -14,9 +14,8 @@ from tiny_data import make_image_tree, write_checkpoint, write_kaldi_dir
 
 import calibrate
 import eval as eval_script
-import metrics
-import scoring
-from calibration import read_score_file
+from e2e_verification import metrics, scoring
+from e2e_verification.calibration import read_score_file
 from models.verifier import LearnedDistance
 from utils import UserError, cli
 
@@ -93,7 +92,7 @@ def test_table_keeps_short_names_as_before_and_widens_for_long_ones():
 
 
 def test_validation_history_keys_come_from_the_list():
-    import train_loop
+    from e2e_verification import train_loop
 
     validated = [f"{s.name}_eer" for s in scoring.SCORERS if s.validate]
     assert validated == ["e2e_eer", "cos_eer", "fus_eer"]
@@ -351,7 +350,7 @@ def check_normalised(columns, emb, pairs, cohort, distance, top_n, rel=0.0, raw_
 @pytest.mark.parametrize("top_n", [5, 10, 15])
 def test_snorm_scorers_equal_a_per_trial_loop(top_n):
     """The normalised scorers over all pairs and over a trial list, well-spread embeddings: 1e-5 absolute."""
-    import backends
+    from e2e_verification import backends
 
     torch.manual_seed(2)
     distance = LearnedDistance(8, 12, 1, 0.25, ndiscriminators=2).eval()
@@ -369,8 +368,8 @@ def test_snorm_scorers_equal_a_per_trial_loop(top_n):
 
 def test_snorm_and_asnorm_on_speech_trials_equal_a_per_trial_loop(speech, tmp_path):
     import embed
-    from checkpoints import load_model
-    from scoring import embed_matrices
+    from e2e_verification.checkpoints import load_model
+    from e2e_verification.scoring import embed_matrices
 
     kaldi, cp = speech
     cohort_dir = str(tmp_path / "cohort")
@@ -410,7 +409,7 @@ def test_snorm_on_images_with_an_image_folder_cohort(images, tmp_path):
     from torch.utils.data import DataLoader
 
     import data_load
-    from checkpoints import load_model
+    from e2e_verification.checkpoints import load_model
 
     data, cp = images
     cohort_dir = make_image_tree(str(tmp_path / "cohort"), n_classes=2, per_class=5, seed=3)
@@ -432,7 +431,7 @@ def test_snorm_on_images_with_an_image_folder_cohort(images, tmp_path):
 def test_plda_end_to_end_embed_train_plda_eval(speech, tmp_path, capsys):
     import embed
     import train_plda
-    from plda import PLDA
+    from e2e_verification.plda import PLDA
 
     kaldi, cp = speech
     train_dir = str(tmp_path / "train")
@@ -459,7 +458,7 @@ def test_plda_end_to_end_embed_train_plda_eval(speech, tmp_path, capsys):
 
 
 def test_a_plda_model_of_another_size_is_refused_before_embedding(speech, tmp_path):
-    from plda import PLDA
+    from e2e_verification.plda import PLDA
 
     rng = np.random.default_rng(0)
     model_path = str(tmp_path / "plda.json")

@@ -17,7 +17,7 @@ from tiny_data import model_config, write_checkpoint
 
 import export
 import models
-from checkpoints import load_model, save_checkpoint
+from e2e_verification.checkpoints import load_model, save_checkpoint
 from utils import OUTPUT_MARKER, UserError
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")

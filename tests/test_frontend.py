@@ -12,8 +12,8 @@ import pytest
 from scipy.signal import resample_poly
 
 import data_prep
-import frontend
-from frontend import FrontEnd
+from e2e_verification import frontend
+from e2e_verification.frontend import FrontEnd
 from tools import asterisk_set
 from utils import UserError
 

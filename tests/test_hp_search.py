@@ -19,10 +19,9 @@ from PIL import Image
 
 import hp_search
 import hp_search_slurm
-import hp_space
 import models
 import train_hp
-import training
+from e2e_verification import hp_space, training
 from utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

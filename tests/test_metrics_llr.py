@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.isotonic import IsotonicRegression
 
-from metrics import LLR_CLIP, act_dcf, cllr, compute_mindcf, llr_metrics, min_cllr, pav_llr
+from e2e_verification.metrics import LLR_CLIP, act_dcf, cllr, compute_mindcf, llr_metrics, min_cllr, pav_llr
 
 
 def gaussian_trials(seed, n=3000, p=0.3, mu=1.0):

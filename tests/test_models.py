@@ -72,7 +72,7 @@ def test_ensemble_score_is_mean_of_head_probabilities():
 
 
 def test_checkpoint_config_rebuilds_the_same_model(tmp_path):
-    from checkpoints import load_checkpoint, save_checkpoint
+    from e2e_verification.checkpoints import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = models.build_model(config("resnet", {"in_channels": 1, "stem": "cifar"}, rproj=4)).eval()

@@ -11,10 +11,10 @@ from tiny_data import model_config
 
 import data_load
 import models
-import training
-from checkpoints import load_model, save_checkpoint
+from e2e_verification import training
+from e2e_verification.checkpoints import load_model, save_checkpoint
+from e2e_verification.scoring import score_all_pairs, score_trials
 from models.verifier import LearnedDistance
-from scoring import score_all_pairs, score_trials
 from utils import UserError
 
 EMB, HIDDEN = 12, 10

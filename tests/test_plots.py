@@ -11,9 +11,8 @@ from PIL import Image
 from tiny_data import make_image_tree, run_on_terminal, write_checkpoint, write_kaldi_dir
 
 import eval as eval_script
-import plots
-import scoring
-from metrics import compute_metrics, roc_points
+from e2e_verification import plots, scoring
+from e2e_verification.metrics import compute_metrics, roc_points
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORERS = [s.name for s in scoring.SCORERS]

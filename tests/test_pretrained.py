@@ -7,10 +7,10 @@ import torch
 from tiny_data import make_image_tree
 
 import train
-import training
-from checkpoints import load_checkpoint
-from frontend import FrontEnd
-from pretrained import pretrained_config
+from e2e_verification import training
+from e2e_verification.checkpoints import load_checkpoint
+from e2e_verification.frontend import FrontEnd
+from e2e_verification.pretrained import pretrained_config
 from utils import UserError
 
 ARCH = ["--model", "resnet", "--width", "8", "--hidden-size", "16", "--n-hidden", "2", "--ndiscriminators", "2"]

@@ -17,8 +17,8 @@ from tiny_data import make_image_tree
 
 import data_load
 import models
-import training
-from checkpoints import load_model
+from e2e_verification import training
+from e2e_verification.checkpoints import load_model
 from losses import SoftmaxHead, build_head, pair_loss
 from utils import UserError
 

@@ -21,8 +21,7 @@ import pytest
 from tiny_data import make_image_tree, write_checkpoint
 
 import calibrate
-import calibration
-import scoring
+from e2e_verification import calibration, scoring
 from utils import UserError, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

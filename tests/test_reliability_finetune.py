@@ -15,8 +15,8 @@ from test_reliability_train import refused, snapshot, speech_argv, write_hdf5
 from tiny_data import make_image_tree, write_checkpoint
 
 import train
-import training
-from checkpoints import load_checkpoint
+from e2e_verification import training
+from e2e_verification.checkpoints import load_checkpoint
 
 SPEECH_ARCH = {"ncoef": 30, "latent_size": 16}
 

@@ -21,11 +21,10 @@ from tiny_data import write_checkpoint
 import data_load
 import data_prep
 import embed
-import frontend
-import image_input
 import verify
-from checkpoints import load_checkpoint, save_checkpoint
-from frontend import FrontEnd, read_wav
+from e2e_verification import frontend, image_input
+from e2e_verification.checkpoints import load_checkpoint, save_checkpoint
+from e2e_verification.frontend import FrontEnd, read_wav
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

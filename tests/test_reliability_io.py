@@ -25,8 +25,8 @@ from tiny_data import write_checkpoint, write_kaldi_dir
 import data_prep
 import embed
 import eval as eval_script
-import speech_data
-from metrics import compute_metrics, compute_mindcf
+from e2e_verification import speech_data
+from e2e_verification.metrics import compute_metrics, compute_mindcf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TDNN_ARGS = {"ncoef": 23, "latent_size": 16}

@@ -19,7 +19,7 @@ from test_reliability_io import snapshot
 from tiny_data import make_image_tree, write_checkpoint, write_kaldi_dir
 
 import utils
-from checkpoints import load_model
+from e2e_verification.checkpoints import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = ["--device", "cpu"]
@@ -149,7 +149,7 @@ def test_item8_embeddings_record_the_checkpoint_that_made_them(d):
 
 
 def test_item8_score_files_record_the_model_text_npz_and_json(d, tmp_path):
-    import scoring
+    from e2e_verification import scoring
 
     for name, fmt in (("s.out", "text"), ("s.npz", "npy")):
         out = tmp_path / name
@@ -241,7 +241,7 @@ def test_items6_27_bad_cohorts_are_one_line_and_write_nothing(d, tmp_path, kind,
 
 def test_item6_non_finite_scores_never_reach_a_score_file(tmp_path):
     """The class behind item 6: whatever scorer gives NaN or Inf, the write stops and leaves no file."""
-    import scoring
+    from e2e_verification import scoring
 
     enroll, test, target = ["a", "b"], ["c", "d"], np.array([True, False])
     with pytest.raises(utils.UserError, match="snorm_cos scores hold NaN or Inf"):

@@ -18,8 +18,8 @@ from tiny_data import make_image_tree
 
 import hp_search
 import train
-import training
-from checkpoints import load_checkpoint
+from e2e_verification import training
+from e2e_verification.checkpoints import load_checkpoint
 from utils import cli
 
 NCOEF = 30

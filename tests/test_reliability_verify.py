@@ -20,14 +20,13 @@ import torch
 from PIL import Image
 from tiny_data import model_config, write_checkpoint, write_kaldi_dir
 
-import calibration
 import export
 import models
-import speech_data
 import verify
-from checkpoints import load_checkpoint, load_model, model_provenance, save_checkpoint
-from frontend import FrontEnd
-from image_input import ImageInput
+from e2e_verification import calibration, speech_data
+from e2e_verification.checkpoints import load_checkpoint, load_model, model_provenance, save_checkpoint
+from e2e_verification.frontend import FrontEnd
+from e2e_verification.image_input import ImageInput
 from utils import OUTPUT_MARKER, UserError, cli, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

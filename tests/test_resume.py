@@ -17,8 +17,8 @@ import pytest
 import torch
 from tiny_data import make_image_tree, read_terminal, start_on_terminal
 
-import training
-from checkpoints import load_checkpoint, save_checkpoint
+from e2e_verification import training
+from e2e_verification.checkpoints import load_checkpoint, save_checkpoint
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

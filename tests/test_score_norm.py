@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from score_norm import cohort_stats, cosine_block, snorm, snorm_trials
+from e2e_verification.score_norm import cohort_stats, cosine_block, snorm, snorm_trials
 from utils import UserError
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from e2e_verification.scoring import fuse, pair_chunk, score_all_pairs, score_trials, write_score_file
 from models.verifier import LearnedDistance
-from scoring import fuse, pair_chunk, score_all_pairs, score_trials, write_score_file
 
 EMB, HIDDEN = 16, 8
 

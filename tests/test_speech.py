@@ -17,9 +17,9 @@ import data_prep
 import embed
 import eval as eval_script
 import train
-import training
-from checkpoints import load_checkpoint
-from scoring import embed_matrices
+from e2e_verification import training
+from e2e_verification.checkpoints import load_checkpoint
+from e2e_verification.scoring import embed_matrices
 from utils import UserError
 
 NCOEF = 30

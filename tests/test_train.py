@@ -10,8 +10,8 @@ from tiny_data import make_image_tree
 
 import eval as eval_script
 import train
-import training
-from checkpoints import load_checkpoint
+from e2e_verification import training
+from e2e_verification.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import train_plda
-from metrics import compute_eer
-from plda import PLDA
+from e2e_verification.metrics import compute_eer
+from e2e_verification.plda import PLDA
 from utils import UserError
 
 

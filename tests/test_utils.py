@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from checkpoints import load_checkpoint, save_checkpoint
-from metrics import compute_auc, compute_eer, compute_metrics, compute_mindcf
+from e2e_verification.checkpoints import load_checkpoint, save_checkpoint
+from e2e_verification.metrics import compute_auc, compute_eer, compute_metrics, compute_mindcf
 from utils import UserError, atomic_write, make_parser, str2bool
 
 
@@ -61,7 +61,7 @@ def test_metrics_accept_tensors_and_agree_with_arrays(device):
 def test_gpu_branch_of_the_counts_equals_the_numpy_branch(dtype):
     # The torch ops that sort scores on a GPU, run here on CPU tensors, against the numpy sort the
     # CPU uses (a packed int64 value sort for float32); signed zeros and ties included.
-    import metrics
+    from e2e_verification import metrics
 
     rng = np.random.default_rng(3)
     for decimals in (0, 2, None):

@@ -16,12 +16,11 @@ from test_embed_wav import run, write_wav
 from tiny_data import make_image_tree, write_checkpoint
 
 import data_load
-import frontend
-import image_input
 import verify
-from calibration import fit_calibration, read_score_file
-from checkpoints import load_checkpoint, save_checkpoint
-from frontend import read_wav
+from e2e_verification import frontend, image_input
+from e2e_verification.calibration import fit_calibration, read_score_file
+from e2e_verification.checkpoints import load_checkpoint, save_checkpoint
+from e2e_verification.frontend import read_wav
 from tools import asterisk_set
 from utils import write_json
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 import models
-from checkpoints import save_checkpoint
+from e2e_verification.checkpoints import save_checkpoint
 
 
 def make_image_tree(root, n_classes=4, per_class=50, size=8, seed=0):

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import speech_data
-from metrics import compute_eer
+from e2e_verification import speech_data
+from e2e_verification.metrics import compute_eer
 from utils import UserError, atomic_folder, check_output_folder, cli, make_parser
 
 SOUNDS = "/usr/share/asterisk/sounds"

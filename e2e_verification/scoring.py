@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from metrics import compute_metrics, format_table
-from streaming_metrics import CHUNK, NonFiniteScores, as_float32, table_metrics
+from e2e_verification.metrics import compute_metrics, format_table
+from e2e_verification.streaming_metrics import CHUNK, NonFiniteScores, as_float32, table_metrics
 from utils import UserError, atomic_path, atomic_write, write_json
 
 # Hidden activations held at once when scoring pairs: 16 MB blocks in fp32 on the CPU (cache-sized,
@@ -586,7 +586,7 @@ def report(
     if out_path:
         write_json(out_path + ".json", summary)
     if out_path and plot:
-        import plots
+        from e2e_verification import plots
 
         for s in scorers:  # one column in memory at a time
             column = {s.name: table.column(scorers, s.name)}

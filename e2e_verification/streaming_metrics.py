@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from metrics import _eer, _mindcf, _target_runs
+from e2e_verification.metrics import _eer, _mindcf, _target_runs
 
 CHUNK = 1 << 20  # pairs per step
 WALK_CHUNK = 1 << 18  # distinct values per step of the walk: its temporaries take ~80 bytes each

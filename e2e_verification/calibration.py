@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
 
-from scoring import PROVENANCE_LINE
+from e2e_verification.scoring import PROVENANCE_LINE
 from utils import UserError
 
 LEGACY_COLUMNS = ("e2e", "cos", "fus")

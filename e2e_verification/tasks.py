@@ -14,8 +14,8 @@ import torch
 
 import data_load
 import models
-import speech_data
-from checkpoints import model_provenance
+from e2e_verification import speech_data
+from e2e_verification.checkpoints import model_provenance
 from utils import UserError
 
 # The digits demo: the seed README's CIFAR-10 settings for the heads, sized to finish in about a minute.
@@ -128,7 +128,7 @@ class ImageTask(Task):
     def evaluate(self, model, args, device, out_path, backends=None):
         """eval.py for images: all pairs of the test images (--data-path, default the held-out digits);
         `backends` (backends.Backends) adds calibrated, normalised and PLDA scorers."""
-        from scoring import run_image_eval
+        from e2e_verification.scoring import run_image_eval
 
         if args.test_data is not None or args.trials_path is not None:
             raise UserError(f"--test-data needs a speech model; this checkpoint holds {model.config['model']}")
@@ -146,7 +146,7 @@ class ImageTask(Task):
         """eval.py --cohort for images: embeddings (c, emb) of the images at `path` (an image folder, IDX, CIFAR)."""
         from torch.utils.data import DataLoader
 
-        from scoring import embed_loader
+        from e2e_verification.scoring import embed_loader
 
         images = data_load.load_images(path, "test")
         data_load.check_image_shape(images, model.config["encoder_args"]["in_channels"], "cohort")
@@ -167,7 +167,7 @@ class ImageTask(Task):
 
     def file_input(self, model, state, cp_path, chunk_seconds, min_frames):
         """Image files, decoded and normalised as the training images were (image_input)."""
-        import image_input
+        from e2e_verification import image_input
 
         reader = image_input.from_checkpoint(state, cp_path)
 
@@ -235,7 +235,7 @@ class SpeechTask(Task):
         """The seed's random truncation of every batch to [frames/4, frames], then SpecAugment with --specaug."""
         specaug = None
         if args.specaug:
-            from augment import SpecAugment
+            from e2e_verification.augment import SpecAugment
 
             specaug = SpecAugment()
 
@@ -249,7 +249,7 @@ class SpeechTask(Task):
 
     def frontend(self, args):
         """The feature settings data_prep.py recorded in the training HDF5 (a dict), or None for Kaldi features."""
-        from frontend import read_frontend
+        from e2e_verification.frontend import read_frontend
 
         found = read_frontend(args.train_hdf_file)
         return found.to_dict() if found is not None else None
@@ -263,7 +263,7 @@ class SpeechTask(Task):
     def evaluate(self, model, args, device, out_path, backends=None):
         """eval.py for speech: embed every utterance the trials name once (whole, tiled to --min-frames), score;
         `backends` (backends.Backends) adds calibrated, normalised and PLDA scorers."""
-        from scoring import SCORERS, embed_matrices, report, trials_table
+        from e2e_verification.scoring import SCORERS, embed_matrices, report, trials_table
 
         if args.test_data is None:
             raise UserError("this checkpoint holds a speech model: give --test-data and --trials-path")
@@ -301,7 +301,7 @@ class SpeechTask(Task):
     def embed_cohort(self, model, path, args):
         """eval.py --cohort for speech: embeddings (c, emb) of every utterance of the features at `path`
         (feats.scp, its folder or an HDF5), whole and tiled to --min-frames as the test utterances."""
-        from scoring import embed_matrices
+        from e2e_verification.scoring import embed_matrices
 
         self.check_frontend(model, path)
         items = speech_data.checked_features(path, None, model.config["encoder_args"].get("ncoef"))
@@ -312,7 +312,7 @@ class SpeechTask(Task):
         """Refuse features at `path` (HDF5, feats.scp or its folder) computed with another front end than the
         model's, naming the settings that differ. Unknown on either side (checkpoints from before front ends
         were recorded, features from Kaldi) passes: nothing can be compared."""
-        from frontend import FrontEnd, frontend_for_features
+        from e2e_verification.frontend import FrontEnd, frontend_for_features
 
         recorded = model.config.get("frontend")
         if recorded is None:
@@ -335,8 +335,8 @@ class SpeechTask(Task):
 
     def file_input(self, model, state, cp_path, chunk_seconds, min_frames):
         """Wav files through the checkpoint's front end, in chunks of about `chunk_seconds`, tiled to `min_frames`."""
-        from frontend import chunks, front_end_of, wav_features
-        from scoring import embed_matrices
+        from e2e_verification.frontend import chunks, front_end_of, wav_features
+        from e2e_verification.scoring import embed_matrices
 
         front_end = front_end_of(model.config, cp_path)
         chunk_frames = round(chunk_seconds * 1000.0 / front_end.frame_shift_ms)

@@ -16,8 +16,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import nevergrad as ng
 
 import models
-import training
-from tasks import task_for_args
+from e2e_verification import training
+from e2e_verification.tasks import task_for_args
 from utils import UserError, write_json
 
 LOG_NAME = "hp_trials.jsonl"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from metrics import compute_metrics, roc_points
+from e2e_verification.metrics import compute_metrics, roc_points
 from utils import atomic_path
 
 DET_TICKS = (1e-5, 1e-4, 1e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import models
-from tasks import task_for_model
+from e2e_verification.tasks import task_for_model
 from utils import UserError
 
 OPSETS = {"torchscript": (14, 20, 17), "dynamo": (18, 23, 18)}  # exporter -> (lowest, highest, default)

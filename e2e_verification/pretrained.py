@@ -10,8 +10,8 @@ encoder cannot take is refused.
 import inspect
 
 import models
-from checkpoints import check_known_model, load_checkpoint, strip_wrapper_prefixes
-from tasks import task_for_model
+from e2e_verification.checkpoints import check_known_model, load_checkpoint, strip_wrapper_prefixes
+from e2e_verification.tasks import task_for_model
 from utils import UserError
 
 # flag -> where train.model_config keeps its value (a key, or (encoder_args, key)).
@@ -111,7 +111,7 @@ def pretrained_config(cp_path, state, config, typed):
     `config`: what the run's flags and data give (train.model_config plus frontend / image_input);
     `typed`: the flags typed on the command line. UserError on a contradiction.
     """
-    from frontend import FrontEnd
+    from e2e_verification.frontend import FrontEnd
 
     old = state["model_config"]
     for flag, where in ARCHITECTURE_FLAGS.items():

@@ -17,9 +17,9 @@ import kaldiio
 import numpy as np
 from tqdm import tqdm
 
-import frontend
-from augment import Augmenter, speed_perturb
-from frontend import FrontEnd, read_wav
+from e2e_verification import frontend
+from e2e_verification.augment import Augmenter, speed_perturb
+from e2e_verification.frontend import FrontEnd, read_wav
 from utils import UserError, atomic_path, atomic_write
 
 HDF5_FORMAT_VERSION = 1

@@ -16,13 +16,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data_load
-import image_input
 import models
-import pretrained
+from e2e_verification import image_input, pretrained
+from e2e_verification.tasks import task_for_args, task_for_model
+from e2e_verification.train_loop import TrainConfig, TrainLoop, noam_factor
 from losses import HEADS
 from models.verifier import PAIR_FEATURES
-from tasks import task_for_args, task_for_model
-from train_loop import TrainConfig, TrainLoop, noam_factor
 from utils import (
     UserError,
     check_inputs_outside,

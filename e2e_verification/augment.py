@@ -20,7 +20,7 @@ import torch
 from scipy.signal import fftconvolve, resample_poly
 from torch import nn
 
-from frontend import load_wav
+from e2e_verification.frontend import load_wav
 from utils import UserError
 
 SPEEDS = (0.9, 1.1)

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_weights, save_checkpoint
+from e2e_verification.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_weights, save_checkpoint
+from e2e_verification.scoring import VALIDATION_SCORERS, embed_loader, evaluate_scores, score_all_pairs
 from losses import label_smoothing_ce, pair_loss
-from scoring import VALIDATION_SCORERS, embed_loader, evaluate_scores, score_all_pairs
 from utils import UserError, seed_everything
 
 # One `<scorer>_eer` per validated scorer of scoring.SCORERS (e2e, cos, fus).

@@ -12,12 +12,10 @@ import os
 import numpy as np
 import torch
 
-import embedding_files
-import score_norm
-import scoring
-from calibration import PREFIX, apply_calibration, load_calibration
-from checkpoints import check_provenance
-from scoring import Scorer
+from e2e_verification import embedding_files, score_norm, scoring
+from e2e_verification.calibration import PREFIX, apply_calibration, load_calibration
+from e2e_verification.checkpoints import check_provenance
+from e2e_verification.scoring import Scorer
 from utils import UserError
 
 # Raw scores normalised against the cohort, by the name of the scorer that gives them.
@@ -117,7 +115,7 @@ class Backends:
             raise UserError(f"--cohort-top-n must be >= 2, got {top_n}")
         self.plda = None
         if plda is not None:
-            from plda import PLDA
+            from e2e_verification.plda import PLDA
 
             if not os.path.isfile(plda):
                 raise UserError(f"PLDA model not found: {plda}")
