@@ -12,7 +12,7 @@ import os
 import sys
 
 from e2e_verification import hp_space, training
-from utils import UserError, atomic_write, cli
+from utils import atomic_write, check_outputs, cli
 
 EXAMPLE = """example (one trial, as run_hp_slurm.sh starts it):
   python train_hp.py --train-hdf-file data/train.hdf --valid-hdf-file data/valid.hdf --model TDNN \\
@@ -31,9 +31,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parsed = build_parser().parse_args(argv)
     args = argparse.Namespace(**{k: None if v == "None" else v for k, v in vars(parsed).items()})
-    out_folder = os.path.dirname(os.path.abspath(args.out_file))
-    if not os.path.isdir(out_folder):
-        raise UserError(f"--out-file folder does not exist: {out_folder}")
+    flags = ("train_hdf_file", "valid_hdf_file", "data_path", "valid_data_path", "pretrained_path")
+    inputs = {"--" + name.replace("_", "-"): getattr(args, name, None) for name in flags}
+    if args.cp_name:
+        inputs["--checkpoint-path/--cp-name"] = os.path.join(args.checkpoint_path or ".", args.cp_name)
+    check_outputs({"--out-file": args.out_file}, inputs)
     if args.logdir and args.cp_name:
         args.logdir = os.path.join(args.logdir, os.path.splitext(args.cp_name)[0])
     best = hp_space.train_objective(args, argv)

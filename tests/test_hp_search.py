@@ -323,7 +323,7 @@ def test_train_hp_fails_non_zero_and_writes_nothing(speakers, tmp_path):
     assert not out.exists()
     argv = seed_train_hp_argv(speakers, str(tmp_path / "cp"), str(tmp_path / "missing" / "o.txt"))
     proc = subprocess.run([sys.executable, "train_hp.py", *argv], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--out-file folder" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--out-file: output folder does not" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- real clusters

@@ -298,3 +298,13 @@ def test_image_cohort_folder_still_embeds(tmp_path):
     out = tmp_path / "s.out"
     done = run("eval.py", "--data-path", data, "--cp-path", cp, "--out-path", out, "--cohort", cohort, *CPU)
     assert done.returncode == 0 and out.exists(), done.stderr
+
+
+def test_train_hp_out_file_never_replaces_its_training_data(tmp_path):
+    """train_hp.py --out-file naming its --train-hdf-file (an instance of the class nobody listed): refused
+    before training, the data intact."""
+    data = tmp_path / "train.hdf"
+    data.write_bytes(b"precious")
+    done = run("train_hp.py", "--train-hdf-file", data, "--out-file", data, "--checkpoint-path", tmp_path / "cp")
+    refused(done, "--out-file would overwrite", "an input of this run")
+    assert data.read_bytes() == b"precious" and not (tmp_path / "cp").exists()
