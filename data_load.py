@@ -638,21 +638,39 @@ def _open_hdf5(path):
     return h5py.File(path, "r")
 
 
+HDF5_LAYOUT = "one group per speaker holding one (ncoef, frames) dataset per utterance, as data_prep.py writes"
+
+
+def speaker_utterances(h5, path):
+    """[(speaker, utterance, h5py.Dataset)] of an open speaker HDF5, in file order: the one reader of the layout
+    (HDF5_LAYOUT) that training (read_speaker_index) and evaluation (speech_data) share. Anything at the root but
+    a speaker group, or in a group but an utterance dataset, is a UserError naming it; an empty group adds nothing.
+    Metadata lives in attributes (ncoef, frontend), which this does not read."""
+    out = []
+    for spk, group in h5.items():
+        if not isinstance(group, h5py.Group):
+            kind = type(group).__name__
+            raise UserError(f"{path}: `{spk}` at the root is a {kind}, not a speaker group ({HDF5_LAYOUT})")
+        for utt, item in group.items():
+            if not isinstance(item, h5py.Dataset):
+                raise UserError(f"{path}: `{spk}/{utt}` is a {type(item).__name__}, not an utterance ({HDF5_LAYOUT})")
+            out.append((spk, utt, item))
+    return out
+
+
 def read_speaker_index(path):
-    """(speakers sorted, {speaker: sorted utterance names}, ncoef) of a speaker HDF5; empty groups are left out.
+    """(speakers sorted, {speaker: sorted utterance names}, ncoef) of a speaker HDF5 (speaker_utterances); empty
+    groups are left out.
 
     Reads the `ncoef` root attribute of data_prep.py, or else the first dataset's shape, which also
     accepts the seed's files ((1, ncoef, frames) datasets, no attribute).
     """
     with _open_hdf5(path) as h5:
-        groups = sorted(k for k in h5 if isinstance(h5[k], h5py.Group))
         shapes, utts = {}, {}  # shapes: (speaker, utterance) -> shape, metadata only (no frames are read)
-        for spk in groups:
-            for name, obj in h5[spk].items():
-                if isinstance(obj, h5py.Dataset):
-                    shapes[spk, name] = obj.shape
-                    utts.setdefault(spk, []).append(name)
-        utts = {spk: sorted(names) for spk, names in utts.items()}
+        for spk, name, dataset in speaker_utterances(h5, path):
+            shapes[spk, name] = dataset.shape
+            utts.setdefault(spk, []).append(name)
+        utts = {spk: sorted(utts[spk]) for spk in sorted(utts)}
         if not utts:
             raise UserError(f"{path} holds no speakers (expected one group of utterance datasets per speaker)")
         first = next(iter(utts))

@@ -9,8 +9,7 @@ per line (or a compact .npz) plus a JSON of the metrics beside it.
 
 import os
 
-from e2e_verification import scoring
-from e2e_verification.backends import Backends
+from e2e_verification import backends, scoring
 from e2e_verification.checkpoints import ALLOW_OTHER_MODEL, ALLOW_OTHER_MODEL_HELP, load_model
 from e2e_verification.tasks import task_for_model
 from utils import (
@@ -68,19 +67,7 @@ def build_parser():
     p.add_argument(
         "--no-score-file", action="store_true", help="write no score file, only the metrics JSON (with --out-path)"
     )
-    p.add_argument(
-        "--calibration", default=None, help="calibration.py JSON: adds its calibrated and fused LLR scorers (cal_*)"
-    )
-    p.add_argument(
-        "--cohort",
-        default=None,
-        help="score-normalisation cohort: an embed.py embeddings.h5, or speech features (feats.scp, its folder, "
-        "HDF5) / images (a folder) to embed; adds S-norm and AS-norm of cos and e2e_logit",
-    )
-    p.add_argument(
-        "--cohort-top-n", type=int, default=300, help="AS-norm: highest cohort scores kept per item (default 300)"
-    )
-    p.add_argument("--plda", default=None, help="PLDA model from train_plda.py: adds the `plda` LLR scorer")
+    backends.add_arguments(p)
     p.add_argument(ALLOW_OTHER_MODEL, action="store_true", help=ALLOW_OTHER_MODEL_HELP)
     return p
 
@@ -109,8 +96,8 @@ def resolve_out_path(out_path, score_format="text", plot=False, inputs=None):
 
 def input_paths(args):
     """{flag: path} of every file or folder eval.py reads."""
-    flags = ("cp_path", "data_path", "test_data", "trials_path", "spk2utt", "calibration", "cohort", "plda")
-    return {"--" + name.replace("_", "-"): getattr(args, name) for name in flags}
+    flags = ("--cp-path", "--data-path", "--test-data", "--trials-path", "--spk2utt", *backends.input_flags())
+    return {flag: getattr(args, flag[2:].replace("-", "_")) for flag in flags}
 
 
 def main(argv=None):
@@ -121,10 +108,10 @@ def main(argv=None):
         raise UserError("--plot writes its PNGs beside the score file: give --out-path too")
     if args.no_score_file:
         args.score_format = None
-    backends = Backends.from_args(args)  # reads and checks every back-end file before any embedding
+    run_backends = backends.Backends.from_args(args)  # reads and checks every back-end file before any embedding
     model = load_model(args.cp_path, args.model, device)
-    backends.check_model(model)
-    task_for_model(model.config["model"]).evaluate(model, args, device, out_path, backends)
+    run_backends.check_model(model)
+    task_for_model(model.config["model"]).evaluate(model, args, device, out_path, run_backends)
     return 0
 
 

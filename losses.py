@@ -1,4 +1,14 @@
-"""Classification heads, label smoothing and the pair loss of the learned distance."""
+"""Classification heads, label smoothing and the pair loss of the learned distance.
+
+Two registries, each one name -> one object, and nothing else to edit:
+
+- `HEADS` (--softmax): a head class with `__init__(in_features, n_classes, margin=, scale=)` when its
+  class attribute `takes_margin` is true, else `__init__(in_features, n_classes, scale=)`;
+  `forward(embeddings (batch, in_features), labels (batch,) or None) -> logits (batch, n_classes)`
+  (labels=None: inference, no margin); class attribute `hp_search`: whether hp_space's searches try it.
+- `PAIR_LOSSES`: the objective of the learned distance, `fn(logits (n_heads, pairs), same (pairs,)
+  bool, smoothing float) -> scalar loss`; the training loop calls `PAIR_LOSSES[DEFAULT_PAIR_LOSS]`.
+"""
 
 import math
 
@@ -11,6 +21,7 @@ class MarginHead(nn.Module):
     """What the margin heads share: class weights (n_classes, in_features), a margin and a scale."""
 
     takes_margin = True  # built with the run's --margin and --scale (see build_head)
+    hp_search = False  # tried by the hyperparameter searches (hp_space)
 
     def __init__(self, in_features, n_classes, margin, scale):
         super().__init__()
@@ -31,6 +42,8 @@ class AMSoftmax(MarginHead):
     Defaults follow the seed code (m=0.35, s=30). With `labels=None` the margin is left out
     (plain scaled cosines), which is what inference and accuracy want.
     """
+
+    hp_search = True  # one of the seed search's two heads
 
     def __init__(self, in_features, n_classes, margin=0.35, scale=30.0):
         super().__init__(in_features, n_classes, margin, scale)
@@ -85,6 +98,7 @@ class SoftmaxHead(nn.Module):
     """
 
     takes_margin = False
+    hp_search = True  # one of the seed search's two heads
 
     def __init__(self, in_features, n_classes, scale=1.0):
         super().__init__()
@@ -98,7 +112,8 @@ class SoftmaxHead(nn.Module):
         return self.linear(self.scale * F.normalize(embeddings, dim=1))
 
 
-# The classification heads by --softmax name: a new head is one class (with `takes_margin`) and one entry.
+# The classification heads by --softmax name: a new head is one class (with `takes_margin` and
+# `hp_search`) and one entry, appended (the order is that of --softmax's choices in --help).
 HEADS = {"am_softmax": AMSoftmax, "aam_softmax": AAMSoftmax, "softmax": SoftmaxHead}
 
 
@@ -172,3 +187,9 @@ def pair_loss(logits, same, smoothing=0.0):
         bce = F.binary_cross_entropy_with_logits(head_logits.float(), targets, reduction="none")
         total = total + (bce * weights).sum()
     return total
+
+
+# The pair objectives of the learned distance by name: a new one is one function (pair_loss's signature) and
+# one entry. DEFAULT_PAIR_LOSS is the one the training loop uses.
+PAIR_LOSSES = {"bce": pair_loss}
+DEFAULT_PAIR_LOSS = "bce"

@@ -24,8 +24,10 @@ def build_parser():
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv  # resolve_defaults reads which flags were given
-    parsed = build_parser().parse_args(argv)
+    parser = build_parser()
+    # resolve_defaults reads which flags were given, those of a recipe (@recipes/x.args) included
+    argv = parser.expand_arg_files(sys.argv[1:] if argv is None else argv)
+    parsed = parser.parse_args(argv)
     rank, world_size, device = init_distributed(parsed)
     try:
         run = fit(build(parsed, argv, device, rank, world_size))

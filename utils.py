@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+    def convert_arg_line_to_args(self, line):
+        """A line of an @file (recipes/*.args): a flag and its value, split as the shell splits them; # comments."""
+        return shlex.split(line, comments=True)
+
+    def expand_arg_files(self, argv):
+        """`argv` with every @file replaced by the arguments it holds (when this parser reads @files), so that
+        callers that look at which flags were typed see the recipe's flags too."""
+        if not self.fromfile_prefix_chars:
+            return list(argv)
+        return self._read_args_from_files(list(argv))
 
 
 def add_options(parser, *tables):

@@ -1,6 +1,7 @@
-"""Shared bits of the bench scripts: the repository root on sys.path, their command line, a synchronised
-timer, ratio lines and the written results; for the accuracy benches, the learned-distance variants, the
-image recipe and running the toolkit's scripts in subprocesses.
+"""Shared bits of the bench scripts and of the accuracy studies in experiments/ (which put bench/ on sys.path):
+the repository root on sys.path, their command line, a synchronised timer, ratio lines and the written results;
+for the accuracy studies, the learned-distance variants, the recipes (recipes/*.args) and running the toolkit's
+scripts in subprocesses.
 
 Every bench script times a candidate against a baseline in the same run, on the same device, and
 prints the ratio; absolute numbers depend on the machine, ratios much less.
@@ -12,6 +13,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -114,10 +116,15 @@ def name_list(known, what):
     return parse
 
 
+# Where the accuracy studies write their tables by default: docs/results/<name>.md, the JSON beside it.
+RESULTS = os.path.join(ROOT, "docs", "results")
+
+
 def table_path(text):
     """An argparse type: --out of a result table, refused (utils.check_outputs) unless it and its .json beside it
-    can be written, so a long bench never fails at its last step."""
-    check_outputs({"--out": text, "--out (its .json)": text + ".json"})
+    can be written, so a long bench never fails at its last step; docs/results/ is made when missing."""
+    in_results = os.path.dirname(os.path.abspath(text)) == RESULTS
+    check_outputs({"--out": text, "--out (its .json)": text + ".json"}, create=in_results)
     return text
 
 
@@ -129,8 +136,15 @@ REPEATS = {"--repeats": (at_least(1), 3, "timed runs per measurement; the best c
 RUN_THREADS = {"--threads": (at_least(1), 2, "OMP threads of each run (default 2)")}
 # --fonts: the font set of the benches that train on fonts.
 FONTS = {"--fonts": (str, "runs/fonts32", "font set folder; built with tools/font_set.py if missing")}
-# --out of the benches that write a result table (benchlib.write_results).
-OUT_TABLE = {"--out": (table_path, None, "markdown table file (also printed); a .json of every run beside it")}
+
+
+def out_table(name):
+    """--out of a study that writes a result table (write_results), by default docs/results/`name`.md."""
+    default = os.path.join(RESULTS, name + ".md")
+    text = f"markdown table file (also printed; default docs/results/{name}.md); a .json of every run beside it"
+    return {"--out": (table_path, default, text)}
+
+
 # --device, --repeats and --threads, common to every bench script that times torch code.
 DEVICE = {
     "--device": dict(help="cpu, cuda or cuda:N (default cuda when available)"),
@@ -201,6 +215,7 @@ def write_results(text, runs, out):
     """Print the markdown table `text`; with `out`, also write it there and the list `runs` to `out`.json."""
     print(text)
     if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with atomic_write(out) as handle:
             handle.write(text)
         with atomic_write(out + ".json") as handle:
@@ -250,10 +265,17 @@ VARIANTS = {
     "concat-norm": ["--distance-norm"],
     "sym-detach": ["--pair-features", "sym", "--detach-distance"],
 }
+
+
+def recipe(name):
+    """The train.py flags of recipes/`name`.args as a list: each line a flag and its value, shell-quoted ("--lr
+    0.05"); '#' starts a comment. The same file runs by hand as `python train.py @recipes/<name>.args ...`."""
+    with open(os.path.join(ROOT, "recipes", name + ".args")) as handle:
+        return [word for line in handle for word in shlex.split(line, comments=True)]
+
+
 # A small image recipe for 2 CPU cores: a narrow pre-activation ResNet-18, the plateau schedule.
-IMAGE_RECIPE = ["--model", "resnet", "--width", "16", "--batch-size", "64", "--lr", "0.05", "--l2", "1e-4"]
-IMAGE_RECIPE += ["--softmax", "am_softmax", "--smoothing", "0.05", "--hidden-size", "256", "--n-hidden", "2"]
-IMAGE_RECIPE += ["--dropout-prob", "0.01", "--valid-max-items", "600", "--patience", "3", "--max-gnorm", "5"]
+IMAGE_RECIPE = recipe("image_small")
 # --seeds of the benches that repeat runs over seeds: a sorted list of ints.
 SEEDS_OPTION = {"--seeds": (int_list(), "1,2,3", "seeds of the runs, e.g. 1,2,3 or 1-3 (default 1,2,3)")}
 # --variants of the accuracy benches: a list of VARIANTS' names.

@@ -4,8 +4,12 @@ AS-norm against a cohort (--cohort, --cohort-top-n), and a PLDA back-end (--plda
 Every file a flag names is read and checked when the Backends is built, before the checkpoint or any
 embedding, so a bad file fails in a second. `scorers(...)` then returns the full scorer list for the
 evaluated items' embeddings; every consumer (score file, JSON, tables, plots) iterates that list.
+
+Each back-end is a `Backend` subclass (its flags, its files, its scorers) listed in BACKENDS; eval.py's
+back-end flags and the Backends of a run come from that list alone.
 """
 
+import abc
 import functools
 import os
 
@@ -103,72 +107,207 @@ def plda_scorer(model, emb):
     return Scorer("plda", functools.partial(_plda_scores, model, projected), "two-covariance PLDA LLR", is_llr=True)
 
 
+# ----------------------------------------------------------------------------- the back-end registry
+
+
+class Backend(abc.ABC):
+    """One eval.py back-end: its flags, the files they name (read and checked in `from_args`, before the checkpoint
+    or any embedding) and the scorers it adds. A new back-end is one subclass and one line in BACKENDS."""
+
+    flags = ()  # ((flag, argparse keyword arguments), ...) in --help order
+    input_flags = ()  # the flags that name a file or folder eval.py reads (checked against its outputs)
+    reads_scores = False  # True when its scorers read other scorers' columns: then it is built and applied last
+
+    @classmethod
+    def add_arguments(cls, parser):
+        """Add the back-end's flags to eval.py's parser."""
+        for flag, kwargs in cls.flags:
+            parser.add_argument(flag, **kwargs)
+
+    @classmethod
+    @abc.abstractmethod
+    def from_args(cls, args, columns):
+        """The back-end of eval.py's `args`, its files read and checked, or None when its flags leave it off;
+        `columns` = the names of the scorers before it (scoring.SCORERS and the earlier back-ends')."""
+
+    @abc.abstractmethod
+    def names(self):
+        """The names of the scorers it adds, known before any embedding (a calibration may read them)."""
+
+    @abc.abstractmethod
+    def check_model(self, model, allow_other_model):
+        """Before any embedding: refuse files made with another model than `model` (their recorded provenance,
+        see checkpoints.check_provenance) or of another embedding size."""
+
+    @abc.abstractmethod
+    def scorers(self, model, emb, embed_cohort=None, amp=False):
+        """Its scorers for the evaluated items' embeddings emb (N, d), in the order of `names()`."""
+
+
+class Calibration(Backend):
+    """--calibration: calibrate.py's calibrated and fused LLRs (`cal_<name>`) of the other scorers' columns."""
+
+    flags = (
+        (
+            "--calibration",
+            {"default": None, "help": "calibration.py JSON: adds its calibrated and fused LLR scorers (cal_*)"},
+        ),
+    )
+    input_flags = ("--calibration",)
+    reads_scores = True
+
+    def __init__(self, params):
+        self.params = params
+
+    @classmethod
+    def from_args(cls, args, columns):
+        return cls(load_calibration(args.calibration, columns=columns)) if args.calibration else None
+
+    def names(self):
+        return [PREFIX + name for name in (*self.params["calibrations"], *self.params["fusions"])]
+
+    def check_model(self, model, allow_other_model):
+        check_provenance(self.params.get("provenance"), model, "the --calibration file", allow_other_model)
+
+    def scorers(self, model, emb, embed_cohort=None, amp=False):
+        return calibrated_scorers(self.params)
+
+
+class Cohort(Backend):
+    """--cohort, --cohort-top-n: S-norm and AS-norm of cos and e2e_logit against a cohort."""
+
+    flags = (
+        (
+            "--cohort",
+            {
+                "default": None,
+                "help": "score-normalisation cohort: an embed.py embeddings.h5, or speech features (feats.scp, its "
+                "folder, HDF5) / images (a folder) to embed; adds S-norm and AS-norm of cos and e2e_logit",
+            },
+        ),
+        (
+            "--cohort-top-n",
+            {"type": int, "default": 300, "help": "AS-norm: highest cohort scores kept per item (default 300)"},
+        ),
+    )
+    input_flags = ("--cohort",)
+
+    def __init__(self, path, top_n=300):
+        self.path, self.top_n = path, top_n
+        self.file = None  # the cohort's Embeddings when it is an embeddings file (read in check_model)
+
+    @classmethod
+    def from_args(cls, args, columns):
+        if args.cohort is not None and not os.path.exists(args.cohort):
+            raise UserError(f"cohort not found: {args.cohort}")
+        if args.cohort_top_n < 2:
+            raise UserError(f"--cohort-top-n must be >= 2, got {args.cohort_top_n}")
+        return cls(args.cohort, args.cohort_top_n) if args.cohort is not None else None
+
+    def names(self):
+        return [f"{prefix}_{raw}" for raw in NORMALISED for prefix in ("snorm", "asnorm")]
+
+    def check_model(self, model, allow_other_model):
+        """Also reads an embeddings cohort, checking its embedding size."""
+        if embedding_files.is_embeddings_file(self.path):
+            self.file = embedding_files.read(self.path, "--cohort", model.encoder.embedding_size)
+            where = f"the --cohort embeddings {self.path}"
+            check_provenance(self.file.provenance, model, where, allow_other_model)
+
+    def embeddings(self, embed_items, device):
+        """The cohort's embeddings (c, d) on device: those of the embeddings file, else `embed_items(path)`."""
+        if self.file is not None:
+            return torch.from_numpy(self.file.vectors).to(device)
+        return embed_items(self.path)
+
+    def scorers(self, model, emb, embed_cohort=None, amp=False):
+        cohort = self.embeddings(embed_cohort, emb.device)
+        if len(cohort) < 2:
+            raise UserError(f"cohort {self.path}: score normalisation needs at least 2 items")
+        return normalised_scorers(model.distance, emb, cohort, min(self.top_n, len(cohort)), amp)
+
+
+class Plda(Backend):
+    """--plda: the two-covariance PLDA LLR of train_plda.py's model."""
+
+    flags = (("--plda", {"default": None, "help": "PLDA model from train_plda.py: adds the `plda` LLR scorer"}),)
+    input_flags = ("--plda",)
+
+    def __init__(self, model):
+        self.model = model
+
+    @classmethod
+    def from_args(cls, args, columns):
+        if args.plda is None:
+            return None
+        from e2e_verification.plda import PLDA
+
+        if not os.path.isfile(args.plda):
+            raise UserError(f"PLDA model not found: {args.plda}")
+        return cls(PLDA.load(args.plda))
+
+    def names(self):
+        return ["plda"]
+
+    def check_model(self, model, allow_other_model):
+        check_provenance(self.model.provenance, model, "the --plda model", allow_other_model)
+        size = model.encoder.embedding_size
+        if self.model.dim != size:
+            raise UserError(f"the PLDA model takes embeddings of size {self.model.dim}; the checkpoint's are {size}")
+
+    def scorers(self, model, emb, embed_cohort=None, amp=False):
+        return [plda_scorer(self.model, emb)]
+
+
+# eval.py's back-ends, in --help order; they are built and applied in this order, except that those that read
+# scores (reads_scores) come after the rest.
+BACKENDS = (Calibration, Cohort, Plda)
+
+
+def add_arguments(parser):
+    """Every back-end's flags, in BACKENDS order."""
+    for backend in BACKENDS:
+        backend.add_arguments(parser)
+
+
+def input_flags():
+    """The flags of every back-end that name a file or folder eval.py reads, in BACKENDS order."""
+    return [flag for backend in BACKENDS for flag in backend.input_flags]
+
+
 class Backends:
-    """The extra scorers of one eval.py run, from its flags (see build_parser in eval.py)."""
+    """The back-ends of one eval.py run (see BACKENDS), in the order their scorers are applied."""
 
-    def __init__(self, calibration=None, cohort=None, top_n=300, plda=None, allow_other_model=False):
-        self.cohort_path, self.top_n, self.allow_other_model = cohort, top_n, allow_other_model
-        self.cohort_file = None  # the cohort's Embeddings when it is an embeddings file (read in check_model)
-        if cohort is not None and not os.path.exists(cohort):
-            raise UserError(f"cohort not found: {cohort}")
-        if top_n < 2:
-            raise UserError(f"--cohort-top-n must be >= 2, got {top_n}")
-        self.plda = None
-        if plda is not None:
-            from e2e_verification.plda import PLDA
-
-            if not os.path.isfile(plda):
-                raise UserError(f"PLDA model not found: {plda}")
-            self.plda = PLDA.load(plda)
-        self.calibration = load_calibration(calibration, columns=self.raw_names()) if calibration else None
+    def __init__(self, backends=(), allow_other_model=False):
+        self.backends, self.allow_other_model = list(backends), allow_other_model
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.calibration, args.cohort, args.cohort_top_n, args.plda, args.allow_other_model)
+        """Build every back-end its flags turn on; each reads and checks its files here."""
+        built = []
+        for backend in sorted(BACKENDS, key=lambda b: b.reads_scores):
+            one = backend.from_args(args, cls(built).raw_names())
+            if one is not None:
+                built.append(one)
+        return cls(built, args.allow_other_model)
 
     def raw_names(self):
-        """Names of the scorers before calibration (a calibration may read any of them)."""
-        names = [s.name for s in scoring.SCORERS]
-        if self.cohort_path is not None:
-            names += [f"{prefix}_{raw}" for raw in NORMALISED for prefix in ("snorm", "asnorm")]
-        if self.plda is not None:
-            names.append("plda")
-        return names
+        """Names of the scorers: scoring.SCORERS's, then each back-end's (a calibration built after these may read
+        any of them)."""
+        return [s.name for s in scoring.SCORERS] + [name for b in self.backends for name in b.names()]
 
     def check_model(self, model):
-        """Before any embedding: refuse back-end files made with another model than `model` (their recorded
-        provenance, see checkpoints.check_provenance) or of another embedding size; read an embeddings cohort."""
-        size = model.encoder.embedding_size
-        if self.calibration is not None:
-            where = "the --calibration file"
-            check_provenance(self.calibration.get("provenance"), model, where, self.allow_other_model)
-        if self.plda is not None:
-            check_provenance(self.plda.provenance, model, "the --plda model", self.allow_other_model)
-            if self.plda.dim != size:
-                raise UserError(f"the PLDA model takes embeddings of size {self.plda.dim}; the checkpoint's are {size}")
-        if self.cohort_path is not None and embedding_files.is_embeddings_file(self.cohort_path):
-            self.cohort_file = embedding_files.read(self.cohort_path, "--cohort", size)
-            where = f"the --cohort embeddings {self.cohort_path}"
-            check_provenance(self.cohort_file.provenance, model, where, self.allow_other_model)
-
-    def cohort_embeddings(self, embed_items, device):
-        """The cohort's embeddings (c, d) on device: those of the embeddings file, else `embed_items(path)`."""
-        if self.cohort_file is not None:
-            return torch.from_numpy(self.cohort_file.vectors).to(device)
-        return embed_items(self.cohort_path)
+        """Before any embedding: each back-end checks its files against `model`, the last applied first (a
+        calibration, which reads the others' columns, then PLDA, then a cohort)."""
+        for backend in reversed(self.backends):
+            backend.check_model(model, self.allow_other_model)
 
     def scorers(self, model, emb, embed_cohort=None, amp=False):
         """The scorer list for the evaluated items' embeddings emb (N, d); `embed_cohort(path)` -> (c, d)
         embeds a cohort that is not an embeddings file (the task's own reader)."""
         scorers = list(scoring.SCORERS)
-        if self.cohort_path is not None:
-            cohort = self.cohort_embeddings(embed_cohort, emb.device)
-            if len(cohort) < 2:
-                raise UserError(f"cohort {self.cohort_path}: score normalisation needs at least 2 items")
-            top_n = min(self.top_n, len(cohort))
-            scorers += normalised_scorers(model.distance, emb, cohort, top_n, amp)
-        if self.plda is not None:
-            scorers.append(plda_scorer(self.plda, emb))
-        if self.calibration is not None:
-            scorers += calibrated_scorers(self.calibration)
+        for backend in self.backends:
+            added = backend.scorers(model, emb, embed_cohort, amp)
+            assert [s.name for s in added] == backend.names(), (backend, [s.name for s in added])
+            scorers += added
         return scorers

@@ -18,6 +18,7 @@ import nevergrad as ng
 import models
 from e2e_verification import training
 from e2e_verification.tasks import task_for_args
+from losses import HEADS
 from utils import UserError, write_json
 
 LOG_NAME = "hp_trials.jsonl"
@@ -26,6 +27,10 @@ FAILED_LOSS = 1.0  # told to the optimizer for a failed trial: no EER is worse
 DEFAULT_OPTIMIZER = "NGOpt"
 RESUME_MAY_CHANGE = ("budget", "workers")  # header entries a resumed search may change
 MAX_REPEATS = 100  # asks in a row answered from known points before a repeated point is trained anyway
+
+# The --softmax values searched: the heads of losses.HEADS marked `hp_search`, the plain head first, then
+# the margin heads in registry order (the seed's ["softmax", "am_softmax"]; a search's log depends on the order).
+SEARCHED_HEADS = tuple(sorted((n for n, c in HEADS.items() if c.hp_search), key=lambda n: HEADS[n].takes_margin))
 
 # name -> [kind, values]: "log" = log-uniform on [lo, hi]; "ordered" = ordinal choice (nevergrad's
 # TransitionChoice, the old OrderedDiscrete); "choice" = unordered categories. Values are the seed's (§8).
@@ -39,7 +44,7 @@ IMAGE_SPACE = {
     "n_hidden": ["ordered", [2, 3, 4, 5]],
     "hidden_size": ["ordered", [128, 256, 350, 512]],
     "dropout_prob": ["ordered", [0.01, 0.1, 0.2]],
-    "softmax": ["choice", ["softmax", "am_softmax"]],
+    "softmax": ["choice", list(SEARCHED_HEADS)],
 }
 SPEECH_SPACE = {
     "lr": ["log", 0.1, 2.0],
@@ -53,7 +58,7 @@ SPEECH_SPACE = {
     "hidden_size": ["ordered", [128, 256, 350, 512]],
     "n_frames": ["ordered", [300, 500, 800]],
     "dropout_prob": ["ordered", [0.01, 0.1, 0.2]],
-    "softmax": ["choice", ["softmax", "am_softmax"]],
+    "softmax": ["choice", list(SEARCHED_HEADS)],
     "max_gnorm": ["ordered", [10.0, 20.0, 50.0]],
 }
 SPACES = {"image": IMAGE_SPACE, "speech": SPEECH_SPACE}  # by task name

@@ -17,6 +17,7 @@ import kaldiio
 import numpy as np
 from tqdm import tqdm
 
+import data_load
 from e2e_verification import frontend
 from e2e_verification.augment import Augmenter, speed_perturb
 from e2e_verification.frontend import FrontEnd, read_wav
@@ -289,21 +290,10 @@ def iter_features(path, wanted=None):
         source.close()
 
 
-HDF5_LAYOUT = "one group per speaker holding one (ncoef, frames) dataset per utterance, as data_prep.py writes"
-
-
 def _hdf5_index(h5, path):
-    """{utt: spk} of a speaker HDF5; anything but speaker groups of utterance datasets is a UserError."""
-    index = {}
-    for spk, group in h5.items():
-        if not isinstance(group, h5py.Group):
-            kind = type(group).__name__
-            raise UserError(f"{path}: `{spk}` at the root is a {kind}, not a speaker group ({HDF5_LAYOUT})")
-        for utt, item in group.items():
-            if not isinstance(item, h5py.Dataset):
-                raise UserError(f"{path}: `{spk}/{utt}` is a {type(item).__name__}, not an utterance ({HDF5_LAYOUT})")
-            index[utt] = spk
-    return index
+    """{utt: spk} of a speaker HDF5, read by data_load.speaker_utterances (which refuses anything but speaker
+    groups of utterance datasets)."""
+    return {utt: spk for spk, utt, _ in data_load.speaker_utterances(h5, path)}
 
 
 def _hdf5_matrix(dataset, path):

@@ -7,6 +7,7 @@ the training-time crop, and evaluation (all pairs of a test set, or a trials fil
 on the domain.
 """
 
+import abc
 import copy
 
 import numpy as np
@@ -48,13 +49,77 @@ DOMAIN_DEFAULTS = {
 DOMAINS = ("image", "speech")
 
 
-class Task:
-    """A domain's name, the flags that give its training and validation data, and its column of DOMAIN_DEFAULTS."""
+class Task(abc.ABC):
+    """A domain's name, the flags that give its training and validation data, and its column of DOMAIN_DEFAULTS.
+
+    The methods below are everything a script may ask of a domain; both tasks implement every one with these
+    signatures (tests/test_contracts_tasks.py checks it), so a script never branches on the domain."""
 
     def __init__(self, name, data_flag, valid_flag):
         self.name, self.data_flag, self.valid_flag = name, data_flag, valid_flag
         column = DOMAINS.index(name)
         self.defaults = {flag: values[column] for flag, values in DOMAIN_DEFAULTS.items()}
+
+    @abc.abstractmethod
+    def resolve(self, args, given):
+        """Domain defaults into the resolved namespace `args`; `given` = the flags typed on the command line."""
+
+    @abc.abstractmethod
+    def has_validation(self, args):
+        """Whether the run has validation data."""
+
+    @abc.abstractmethod
+    def datasets(self, args):
+        """(train, valid or None, n_classes, encoder_args) for a run."""
+
+    @abc.abstractmethod
+    def groups_per_batch(self, args):
+        """How many same-class groups a training batch holds (what --batch-size counts)."""
+
+    @abc.abstractmethod
+    def training_transform(self, args):
+        """A function applied to every training batch (the crop), or None."""
+
+    @abc.abstractmethod
+    def frontend(self, args):
+        """The feature front end the checkpoint records (a dict), or None."""
+
+    @abc.abstractmethod
+    def memory_format(self, device):
+        """The torch memory format of model and batches on `device`, or None for the default."""
+
+    @abc.abstractmethod
+    def final_test(self, args):
+        """The dataset train.py scores after training, or None."""
+
+    @abc.abstractmethod
+    def evaluate(self, model, args, device, out_path, backends=None):
+        """eval.py: score the test trials, print and return {scorer: metrics}; `backends` (backends.Backends)
+        adds calibrated, normalised and PLDA scorers."""
+
+    @abc.abstractmethod
+    def embed_cohort(self, model, path, args, device):
+        """eval.py --cohort: embeddings (c, emb) on `device` of the cohort items at `path`."""
+
+    @abc.abstractmethod
+    def require_recordings(self, script, model_name):
+        """Refuse (UserError) scripts that take speech recordings when this domain has none."""
+
+    @abc.abstractmethod
+    def bench_flags(self, batch, n_frames, image_path, make_hdf5):
+        """train.py flags for a throughput bench."""
+
+    @abc.abstractmethod
+    def bench_sizes(self, device):
+        """(batch size, frames) of the throughput bench on this device type."""
+
+    @abc.abstractmethod
+    def file_input(self, model, state, cp_path, chunk_seconds, min_frames):
+        """How verify.py reads this domain's files: a FileInput."""
+
+    @abc.abstractmethod
+    def export_spec(self, arg, image_size, stem_sizes, min_frames):
+        """The exported encoder's input (a dict: domain, shape, dynamic axes, notes)."""
 
 
 class FileInput:
@@ -287,7 +352,8 @@ class SpeechTask(Task):
         if backends is None:
             scorers = SCORERS
         else:
-            scorers = backends.scorers(model, emb, lambda path: self.embed_cohort(model, path, args), args.amp)
+            embed_cohort = lambda path: self.embed_cohort(model, path, args, device)  # noqa: E731
+            scorers = backends.scorers(model, emb, embed_cohort, args.amp)
         table = trials_table(model.distance, emb, idx_a, idx_b, target, amp=args.amp, ids=ids)
         line = "{trials} trials ({targets} target) over {utterances} utterances"
         extra = {"utterances": len(ids)}
@@ -298,14 +364,13 @@ class SpeechTask(Task):
     def require_recordings(self, script, model_name):
         return None
 
-    def embed_cohort(self, model, path, args):
+    def embed_cohort(self, model, path, args, device):
         """eval.py --cohort for speech: embeddings (c, emb) of every utterance of the features at `path`
         (feats.scp, its folder or an HDF5), whole and tiled to --min-frames as the test utterances."""
         from e2e_verification.scoring import embed_matrices
 
         self.check_frontend(model, path)
         items = speech_data.checked_features(path, None, model.config["encoder_args"].get("ncoef"))
-        device = next(model.parameters()).device
         return embed_matrices(model, items, device, args.min_frames, args.amp, progress=True)[1]
 
     def check_frontend(self, model, path):

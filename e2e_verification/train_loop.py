@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from e2e_verification.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_weights, save_checkpoint
 from e2e_verification.scoring import VALIDATION_SCORERS, embed_loader, evaluate_scores, score_all_pairs
-from losses import label_smoothing_ce, pair_loss
+from losses import DEFAULT_PAIR_LOSS, PAIR_LOSSES, label_smoothing_ce
 from utils import UserError, seed_everything
 
 # One `<scorer>_eer` per validated scorer of scoring.SCORERS (e2e, cos, fus).
@@ -34,6 +34,7 @@ class TrainConfig:
     smoothing: float = 0.0
     ablation: bool = False
     pair_weight: float = 1.0  # weight of the pair loss beside the classification loss (0: distance untrained)
+    pair_loss: str = DEFAULT_PAIR_LOSS  # the learned distance's objective, a key of losses.PAIR_LOSSES
     amp: bool = False
     max_gnorm: float = 0.0
     margin_warmup_epochs: int = 0
@@ -217,7 +218,7 @@ class TrainLoop:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             logits, pair_logits, same = self.model(x, y)
         ce = label_smoothing_ce(logits.float(), y, cfg.smoothing)
-        bce = pair_loss(pair_logits.float(), same, cfg.smoothing)
+        bce = PAIR_LOSSES[cfg.pair_loss](pair_logits.float(), same, cfg.smoothing)
         if cfg.ablation:
             loss = bce
         elif cfg.pair_weight == 0:  # the distance gets no gradient at all (so SGD leaves it, decay included)

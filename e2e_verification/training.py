@@ -210,7 +210,7 @@ def build_parser(add_help=True, description=None, epilog=None):
     `parents=` (extended_parser)."""
     model = {"--model": dict(default=None, help="encoder: " + ", ".join(models.encoder_names())), **MODEL_OPTIONS}
     sections = ("data", DATA_OPTIONS), ("model", model), ("optimisation", OPTIMISATION_OPTIONS), ("run", RUN_OPTIONS)
-    return make_parser(description, epilog, *sections, add_help=add_help)
+    return make_parser(description, epilog, *sections, add_help=add_help, fromfile_prefix_chars="@")
 
 
 def extended_parser(description, epilog):

@@ -1,32 +1,39 @@
 """Encoder registry and the full verification model.
 
 A new encoder is one file here plus one `@register_encoder` line; scripts never branch on names.
+Every module of this package is imported (found with pkgutil) the first time the registry is read,
+so there is no list of modules to keep. Every encoder subclasses `models.base.Encoder` (its contract).
 """
 
+import functools
 import importlib
+import pkgutil
 
-ENCODERS = {}
-_MODULES = ("resnet", "vgg", "densenet", "tdnn", "resnet_speech", "ecapa_tdnn", "resnet34")
+from models.base import Encoder, contract_errors
+
+ENCODERS = {}  # name -> (class or constructor function, domain)
 
 
 def register_encoder(name, domain):
-    """Class decorator: make an encoder constructible by `name` for `domain` ('image' or 'speech')."""
+    """Decorator: make an encoder class (an `Encoder` subclass), or a function that builds one,
+    constructible by `name` for `domain` ('image' or 'speech')."""
 
     def wrap(cls):
         assert name not in ENCODERS, f"encoder {name} registered twice"
+        assert domain in ("image", "speech"), f"encoder {name}: unknown domain {domain!r}"
+        if isinstance(cls, type) and not issubclass(cls, Encoder):
+            raise TypeError(f"encoder {name}: {cls.__name__} must subclass models.base.Encoder")
         ENCODERS[name] = (cls, domain)
         return cls
 
     return wrap
 
 
+@functools.cache
 def _load_all():
-    for module in _MODULES:
-        try:
-            importlib.import_module(f"models.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"models.{module}":
-                raise
+    """Import every module of the package once, so their `@register_encoder` lines run."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def encoder_names(domain=None):
@@ -42,20 +49,26 @@ def encoder_domain(name):
 
 
 def create_encoder(name, **kwargs):
-    """Build a registered encoder; its forward returns (embedding, classification_input)."""
+    """Build a registered encoder; its forward returns (embedding, classification_input) (see models.base)."""
     _load_all()
     if name not in ENCODERS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(encoder_names())}")
-    return ENCODERS[name][0](**kwargs)
+    encoder = ENCODERS[name][0](**kwargs)
+    errors = contract_errors(encoder)
+    if errors:
+        raise TypeError(f"encoder {name} breaks the Encoder contract: {'; '.join(errors)}")
+    return encoder
 
 
 from models.verifier import LearnedDistance, Verifier, build_model  # noqa: E402
 
 __all__ = [
     "ENCODERS",
+    "Encoder",
     "LearnedDistance",
     "Verifier",
     "build_model",
+    "contract_errors",
     "create_encoder",
     "encoder_domain",
     "encoder_names",

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import register_encoder
+from models.base import Encoder
 from models.resnet import make_stem
 
 
@@ -37,7 +38,7 @@ class Transition(nn.Module):
 
 
 @register_encoder("densenet", "image")
-class DenseNet(nn.Module):
+class DenseNet(Encoder):
     """DenseNet-BC (the seed's densenet_cifar): (batch, C, H, W) -> 384-d embedding."""
 
     def __init__(self, in_channels=3, stem="cifar", growth=12, blocks=(6, 12, 24, 16), reduction=0.5):

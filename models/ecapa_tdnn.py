@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from models import register_encoder
+from models.base import Encoder
 from models.pooling import _weighted_stats, as_frames, init_weights
 from utils import UserError
 
@@ -111,7 +112,7 @@ class ContextAttentiveStatsPool(nn.Module):
 
 
 @register_encoder("ECAPA_TDNN", "speech")
-class ECAPA_TDNN(nn.Module):  # noqa: N801 (the architecture's published name, also its --model name)
+class ECAPA_TDNN(Encoder):  # noqa: N801 (the architecture's published name, also its --model name)
     """(batch, ncoef, frames) or (batch, 1, ncoef, frames) -> (embedding (batch, 192), mu (batch, latent_size)).
 
     `channels` is the paper's C (512 or 1024); frames >= 1. See the module docstring for the layout.

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import register_encoder
+from models.base import Encoder
 
 
 class PreActBlock(nn.Module):
@@ -42,7 +43,7 @@ def make_stem(stem, in_channels, width):
 
 
 @register_encoder("resnet", "image")
-class ResNet18(nn.Module):
+class ResNet18(Encoder):
     """Pre-activation ResNet-18 [2,2,2,2]: (batch, C, H, W) -> 8*width-d embedding, global average pooled.
 
     `width` is the first stage's channels (64, the standard ResNet-18; smaller for quick CPU studies).

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import register_encoder
+from models.base import Encoder
 from models.pooling import StatsPool, as_frames, init_weights
 
 STAGES = ((1, 3, 1), (2, 4, 2), (4, 6, 2), (8, 3, 2))  # (channels / base, blocks, stride) per stage
@@ -48,7 +49,7 @@ def _reduced(size, stages=STAGES):
 
 
 @register_encoder("ResNet34", "speech")
-class ResNet34(nn.Module):
+class ResNet34(Encoder):
     """(batch, ncoef, frames) or (batch, 1, ncoef, frames) -> (embedding (batch, 256), mu (batch, latent_size))."""
 
     def __init__(self, ncoef=80, base_channels=32, embedding_size=256, latent_size=256):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import register_encoder
+from models.base import Encoder
 from models.pooling import AttentiveStatsPool, StatsPool, as_frames, init_weights
 
 STEM_WIDTH = 32
@@ -91,7 +92,7 @@ class LSTMPool(nn.Module):
         return torch.cat([self.attention(out.transpose(1, 2)), h_n.mean(dim=0)], dim=1)
 
 
-class SpeechResNet(nn.Module):
+class SpeechResNet(Encoder):
     """(batch, ncoef, frames) or (batch, 1, ncoef, frames) -> (fc (batch, 512), mu (batch, latent_size))."""
 
     def __init__(self, block, layers, pooling, ncoef=23, latent_size=256):

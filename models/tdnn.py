@@ -3,6 +3,7 @@
 from torch import nn
 
 from models import register_encoder
+from models.base import Encoder
 from models.pooling import StatsPool, as_frames, init_weights
 
 # (kernel, padding, out_channels) of the frame-level layers; the output has frames - 4 steps.
@@ -15,7 +16,7 @@ def _bn_relu_linear(in_features, out_features):
 
 
 @register_encoder("TDNN", "speech")
-class TDNN(nn.Module):
+class TDNN(Encoder):
     """(batch, ncoef, frames) or (batch, 1, ncoef, frames) -> (fc (batch, 512), mu (batch, latent_size)).
 
     Five Conv1d + BN + ReLU frame layers, mean || std pooling over time (3000), then `fc` =

@@ -4,12 +4,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import register_encoder
+from models.base import Encoder
 
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
 @register_encoder("vgg", "image")
-class VGG(nn.Module):
+class VGG(Encoder):
     """VGG-16 (conv3x3-BN-ReLU stacks, max pools): (batch, C, H, W) -> 512-d embedding.
 
     Pools use ceil mode and the output is global-average pooled, so inputs from 8x8 to 84x84 work.

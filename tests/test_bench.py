@@ -1,4 +1,5 @@
-"""The bench scripts run end to end at tiny sizes and their built-in checks hold (no timing is asserted)."""
+"""The bench scripts (bench/) and the accuracy studies (experiments/) run end to end at tiny sizes and their built-in
+checks hold (no timing is asserted)."""
 
 import importlib
 import itertools
@@ -13,13 +14,22 @@ import data_load
 from utils import UserError
 
 FASHION = data_load.FASHION_DIR  # the installed Fashion-MNIST IDX folder
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+EXPERIMENTS = os.path.join(ROOT, "experiments")
 
 
 @pytest.fixture
 def bench(monkeypatch):
     """Import a bench script by name, with bench/ on sys.path as when it runs as a script."""
     monkeypatch.syspath_prepend(BENCH)
+    return lambda name: importlib.import_module(name)
+
+
+@pytest.fixture
+def experiment(monkeypatch):
+    """Import an accuracy study by name, with experiments/ on sys.path as when it runs as a script."""
+    monkeypatch.syspath_prepend(EXPERIMENTS)
     return lambda name: importlib.import_module(name)
 
 
@@ -54,11 +64,11 @@ def test_train_throughput(bench, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_calibration_study_dev_threshold_reaches_the_minimum_cost(bench, seed):
+def test_calibration_study_dev_threshold_reaches_the_minimum_cost(experiment, seed):
     """The threshold picked on a set costs exactly that set's minDCF (ties between trials included)."""
     from e2e_verification.metrics import compute_mindcf
 
-    study = bench("calibration_study")
+    study = experiment("calibration_study")
     rng = np.random.default_rng(seed)
     labels = rng.random(3000) < 0.3
     scores = np.round(rng.normal(size=3000) + 2.0 * labels, 1)
@@ -70,9 +80,9 @@ def test_calibration_study_dev_threshold_reaches_the_minimum_cost(bench, seed):
     assert everything_rejected == np.inf
 
 
-def test_speech_backends_calibration_sets(bench, tmp_path):
+def test_speech_backends_calibration_sets(experiment, tmp_path):
     """next / others / halves: what calibrates which test set, and the halves never share an utterance."""
-    backends = bench("speech_backends")
+    backends = experiment("speech_backends")
     utt2spk = tmp_path / "utt2spk"
     utts = [(f"{spk}-{i}", spk) for spk in ("a", "b") for i in range(6)]
     utt2spk.write_text("".join(f"{u} {s}\n" for u, s in utts))
@@ -100,7 +110,7 @@ def test_speech_backends_calibration_sets(bench, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
-def test_image_calibration_on_a_kept_fashion_mnist_run(bench, tmp_path, capsys):
+def test_image_calibration_on_a_kept_fashion_mnist_run(experiment, tmp_path, capsys):
     """A tiny kept run (accuracy.py's layout) -> both halves calibrated on each other, at two priors."""
     import train
 
@@ -111,7 +121,7 @@ def test_image_calibration_on_a_kept_fashion_mnist_run(bench, tmp_path, capsys):
     assert train.main(argv) == 0
     out = tmp_path / "llr.md"
     flags = ["--runs", str(tmp_path), "--variants", "concat", "--seeds", "1", "--test-items-per-class", "12"]
-    assert bench("image_calibration").main([*flags, "--p-targets", "0.01,0.5", "--out", str(out)]) == 0
+    assert experiment("image_calibration").main([*flags, "--p-targets", "0.01,0.5", "--out", str(out)]) == 0
     results = json.loads((tmp_path / "llr.md.json").read_text())
     assert sorted(results) == ["0.01", "0.5"]
     halves = results["0.5"]["concat"]
@@ -123,4 +133,4 @@ def test_image_calibration_on_a_kept_fashion_mnist_run(bench, tmp_path, capsys):
     assert out.read_text().count("| concat | cal_cos | 2 |") == 2
     assert not (run / "pairs.npz").exists()
     with pytest.raises(UserError, match="--p-targets"):
-        bench("image_calibration").main([*flags, "--p-targets", "0.01,1"])
+        experiment("image_calibration").main([*flags, "--p-targets", "0.01,1"])

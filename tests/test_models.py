@@ -42,6 +42,7 @@ def config(name, encoder_args, softmax="am_softmax", ndisc=2, rproj=0):
 def test_encoder_shapes_finite_and_every_parameter_learns(name, encoder_args, shape, device):
     torch.manual_seed(0)
     model = models.build_model(config(name, encoder_args)).to(device).train()
+    assert not models.contract_errors(model.encoder)  # subclasses models.base.Encoder, sizes set
     x = torch.randn(*shape, device=device)
     emb, latent = model(x)
     assert emb.shape == (shape[0], model.encoder.embedding_size)

@@ -282,7 +282,9 @@ def test_learning_speed_bench_runs_small(tmp_path):
     argv = ["--rows", "baseline,research", "--seeds", "1", "--epochs", "2", "--early-epoch", "1", "--width", "4"]
     argv += ["--train-items-per-class", "10", "--test-items-per-class", "5", "--scorers", "cos"]
     argv += ["--work-dir", str(tmp_path), "--out", str(out)]
-    done = subprocess.run([sys.executable, "bench/learning_speed.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "experiments/learning_speed.py", *argv], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-1000:]
     lines = out.read_text().splitlines()
     assert lines[2].startswith("| baseline | 1 |") and lines[3].startswith("| research | 1 |")

@@ -20,6 +20,7 @@ from utils import OUTPUT_MARKER, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
+EXPERIMENTS = os.path.join(ROOT, "experiments")
 SOUNDS = "/usr/share/asterisk/sounds"
 # Five families of tests/test_font_set.py's fonts: enough for a split with 2 test families.
 FONTS = [
@@ -280,8 +281,9 @@ def test_item21_font_set_broken_font_file_is_dropped_not_a_traceback(tmp_path):
 
 @pytest.fixture
 def bench(monkeypatch):
-    """Import a bench script by name, with bench/ on sys.path as when it runs as a script."""
+    """Import a bench script or an accuracy study by name, with bench/ and experiments/ on sys.path."""
     monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.syspath_prepend(EXPERIMENTS)
     return lambda name: importlib.import_module(name)
 
 
@@ -327,7 +329,8 @@ def test_item22_item31_bench_flags_are_checked_while_parsing(bench, name, argv, 
 
 
 def bench_names():
-    return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(BENCH, "*.py")) if "benchlib" not in p)
+    scripts = glob.glob(os.path.join(BENCH, "*.py")) + glob.glob(os.path.join(EXPERIMENTS, "*.py"))
+    return sorted(os.path.basename(p)[:-3] for p in scripts if "benchlib" not in p)
 
 
 @pytest.mark.parametrize("name", bench_names())
@@ -348,8 +351,8 @@ def test_item22_item31_every_checked_flag_of_every_bench_refuses_nonsense(bench,
 
 
 def test_item31_calibration_study_run_directly_is_refused(bench):
-    refused("bench/calibration_study.py", ["--bogus-flag"], "unrecognized arguments: --bogus-flag")
-    refused("bench/calibration_study.py", [], "library of the calibration benches, not a command")
+    refused("experiments/calibration_study.py", ["--bogus-flag"], "unrecognized arguments: --bogus-flag")
+    refused("experiments/calibration_study.py", [], "library of the calibration benches, not a command")
 
 
 def test_item22_bench_bad_flag_is_one_line_from_the_command(tmp_path):

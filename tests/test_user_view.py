@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def scripts():
-    """Every command-line script of the project (top level, tools/, bench/): files with a __main__ block."""
+    """Every command-line script of the project (top level, tools/, bench/, experiments/): files with a __main__
+    block."""
     found = []
     for path in sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py"))):
         rel = os.path.relpath(path, ROOT)
@@ -25,7 +26,7 @@ def help_text(rel):
     """The --help text of a script, from its build_parser() (some return (parser, their own flags))."""
     folder = os.path.join(ROOT, os.path.dirname(rel))
     if folder not in sys.path:
-        sys.path.insert(0, folder)  # bench scripts import their sibling benchlib
+        sys.path.insert(0, folder)  # bench scripts import their sibling benchlib (experiments/ add bench/)
     spec = importlib.util.spec_from_file_location("script_" + rel.replace(os.sep, "_")[:-3], os.path.join(ROOT, rel))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,6 +1,6 @@
 """Likelihood ratios on the Fashion-MNIST sets: the learned distance's raw logit beside calibrated scores.
 
-Reads the Fashion-MNIST runs that bench/accuracy.py kept (--keep-dir). For each run it scores the
+Reads the Fashion-MNIST runs that experiments/accuracy.py kept (--keep-dir). For each run it scores the
 protocol's test images again with eval.py (all pairs, into a compact .npz) and splits the images in two
 halves, alternating in their order: the trials within one half are calibrated (cosine, e2e logit and
 their fusion, prior-weighted at each --p-targets value, as calibrate.py) on the trials within the other;
@@ -13,23 +13,28 @@ fit (the objective weighs targets and non-targets by the prior, not by their cou
 
 import argparse
 import os
+import sys
 
-import benchlib
-import calibration_study as study
-import numpy as np
-from benchlib import SEEDS_OPTION, VARIANT_OPTION, at_least, python
+# benchlib (the shared helpers of bench/ and experiments/) lives in bench/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-from data_load import FASHION_DIR
-from utils import cli
+import benchlib  # noqa: E402
+import calibration_study as study  # noqa: E402
+import numpy as np  # noqa: E402
+from benchlib import SEEDS_OPTION, VARIANT_OPTION, at_least, python  # noqa: E402
+
+from data_load import FASHION_DIR  # noqa: E402
+from utils import cli  # noqa: E402
 
 EXAMPLE = """example:
-  python bench/accuracy.py --protocols fmnist-open --variants concat,sym --seeds 1,2,3 --keep-dir runs/keep/fmnist
-  python bench/image_calibration.py --runs runs/keep/fmnist --protocol fmnist-open --out results/fmnist_llr.md"""
+  python experiments/accuracy.py --protocols fmnist-open --variants concat,sym --seeds 1,2,3 --keep-dir runs/keep/fmnist
+  python experiments/image_calibration.py --runs runs/keep/fmnist --protocol fmnist-open \\
+      --out docs/results/fmnist_llr.md"""
 SCORERS = ("cos", "e2e_logit")  # calibrated alone; and fused: study.FUSION
 
 
 def test_flags(protocol, items_per_class):
-    """eval.py's data flags for the protocol's test images (bench/accuracy.py's Fashion-MNIST protocols)."""
+    """eval.py's data flags for the protocol's test images (experiments/accuracy.py's Fashion-MNIST protocols)."""
     flags = ["--data-path", FASHION_DIR]
     if protocol == "fmnist-open":
         flags += ["--classes", "5-9", "--items-per-class", str(items_per_class)]
@@ -80,7 +85,7 @@ def p_target_list(text):
 
 
 OPTIONS = {
-    "--runs": dict(required=True, help="bench/accuracy.py --keep-dir of the runs"),
+    "--runs": dict(required=True, help="experiments/accuracy.py --keep-dir of the runs"),
     "--protocol": dict(choices=("fmnist-open", "fmnist-closed"), default="fmnist-open", help="(default fmnist-open)"),
     "--test-items-per-class": (at_least(2), 300, "fmnist-open: test images per class, as the runs' (default 300)"),
     "--p-targets": (
@@ -98,7 +103,13 @@ OPTIONS = {
 
 def build_parser():
     return benchlib.make_parser(
-        __doc__, EXAMPLE, OPTIONS, SEEDS_OPTION, VARIANT_OPTION, benchlib.RUN_THREADS, benchlib.OUT_TABLE
+        __doc__,
+        EXAMPLE,
+        OPTIONS,
+        SEEDS_OPTION,
+        VARIANT_OPTION,
+        benchlib.RUN_THREADS,
+        benchlib.out_table("image_calibration"),
     )
 
 

@@ -21,19 +21,23 @@ mean EERs over --seeds and CPU seconds per epoch.
 import json
 import os
 import statistics
+import sys
 import time
 
-import benchlib
-import torch
-from benchlib import at_least, children_cpu_seconds, python
+# benchlib (the shared helpers of bench/ and experiments/) lives in bench/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-from data_load import FASHION_DIR
-from utils import UserError, choose_device, cli
+import benchlib  # noqa: E402
+import torch  # noqa: E402
+from benchlib import at_least, children_cpu_seconds, python  # noqa: E402
+
+from data_load import FASHION_DIR  # noqa: E402
+from utils import UserError, choose_device, cli  # noqa: E402
 
 EXAMPLE = """examples:
-  python bench/learning_speed.py --seeds 1,2 --out results/learning_speed.md
-  python bench/learning_speed.py --rows research,no-flip,no-augment,final-norm,pair-weight-0,random-batches \\
-      --width 8 --seeds 1 --scorers cos --out results/learning_speed_ablation.md"""
+  python experiments/learning_speed.py --seeds 1,2
+  python experiments/learning_speed.py --rows research,no-flip,no-augment,final-norm,pair-weight-0,random-batches \\
+      --width 8 --seeds 1 --scorers cos --out docs/results/learning_speed_ablation.md"""
 
 SCORERS = ("cos", "e2e", "fus")
 # The research code's CIFAR-10 command line (seed README) less its paths, run length and batch size.
@@ -213,7 +217,7 @@ def build_parser():
         ("what to run", RUN_OPTIONS),
         ("data", DATA_OPTIONS),
         ("recipe, the same for every row", RECIPE_OPTIONS),
-        ("files", {**FILE_OPTIONS, **benchlib.OUT_TABLE}),
+        ("files", {**FILE_OPTIONS, **benchlib.out_table("learning_speed")}),
     )
 
 

@@ -1,25 +1,31 @@
 """Calibration studies of the benches: development and test trial sets, calibration fitted on one and
 measured on the other, and the table of how close actual costs come to the minimum.
 
-A library for bench/speech_backends.py and bench/image_calibration.py, not a command: run directly, it says
+A library for experiments/speech_backends.py and experiments/image_calibration.py, not a command: run directly, it says
 so and exits with status 2.
 """
 
 import os
 import re
 import statistics
+import sys
 
 import numpy as np
-from benchlib import make_parser, mean_sd
 
-from e2e_verification.calibration import apply_calibration, fit_calibration
-from e2e_verification.metrics import act_dcf, cllr, compute_eer, compute_mindcf
-from utils import UserError, cli
+# benchlib (the shared helpers of bench/ and experiments/) lives in bench/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+from benchlib import make_parser, mean_sd  # noqa: E402
+
+from e2e_verification.calibration import apply_calibration, fit_calibration  # noqa: E402
+from e2e_verification.metrics import act_dcf, cllr, compute_eer, compute_mindcf  # noqa: E402
+from utils import UserError, cli  # noqa: E402
 
 EXAMPLE = """examples (the benches this library serves; it has no flags of its own):
-  python bench/calibration_study.py --help
-  python bench/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md
-  python bench/image_calibration.py --runs runs/keep/fmnist --protocol fmnist-open --out results/fmnist_llr.md"""
+  python experiments/calibration_study.py --help
+  python experiments/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md
+  python experiments/image_calibration.py --runs runs/keep/fmnist --protocol fmnist-open \\
+      --out docs/results/fmnist_llr.md"""
 
 CHECKPOINT = re.compile(r"checkpoint_(\d+)ep\.pt")
 FUSION = ("e2e_logit", "cos")  # the fusion every study fits beside the scorers calibrated alone
@@ -139,8 +145,8 @@ def build_parser():
 def main(argv=None):
     build_parser().parse_args(argv)
     raise UserError(
-        "this is a library of the calibration benches, not a command: run bench/speech_backends.py or "
-        "bench/image_calibration.py"
+        "this is a library of the calibration benches, not a command: run experiments/speech_backends.py or "
+        "experiments/image_calibration.py"
     )
 
 

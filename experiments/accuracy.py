@@ -20,27 +20,26 @@ import argparse
 import contextlib
 import os
 import shlex
+import sys
 import tempfile
 
-import benchlib
-from benchlib import IMAGE_RECIPE, VARIANTS, at_least, children_cpu_seconds, mean_sd, metrics_of, name_list, python
+# benchlib (the shared helpers of bench/ and experiments/) lives in bench/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-from data_load import FASHION_DIR
-from utils import cli
+import benchlib  # noqa: E402
+from benchlib import IMAGE_RECIPE, VARIANTS, at_least, children_cpu_seconds, mean_sd, metrics_of, name_list, python  # noqa: E402
+
+from data_load import FASHION_DIR  # noqa: E402
+from utils import cli  # noqa: E402
 
 EXAMPLE = """examples:
-  python bench/accuracy.py --protocols digits-open,fonts --variants concat,sym --seeds 1,2,3 --out results/accuracy.md
-  python bench/accuracy.py --protocols asterisk --variants concat,sym --folds 0-6"""
+  python experiments/accuracy.py --protocols digits-open,fonts --variants concat,sym --seeds 1,2,3
+  python experiments/accuracy.py --protocols asterisk --variants concat,sym --folds 0-6"""
 
 ROOT = benchlib.ROOT
 SCORERS = ("e2e", "cos", "fus")
-# The README's Asterisk run (TDNN, 8 epochs), its Noam warmup scaled to the capped data: with 150 prompts
-# per speaker an epoch is ~17 steps, so warmup 50 peaks about a third into training, as warmup 200 does on
-# all prompts. (Warmup 200 for 4 epochs never left the warmup: lr <= 0.012, the distance stayed untrained.)
-SPEECH_RECIPE = ["--model", "TDNN", "--max-gnorm", "20", "--batch-size", "8", "--valid-batch-size", "32"]
-SPEECH_RECIPE += ["--lr", "0.5", "--momentum", "0.85", "--l2", "1e-5", "--warmup", "50", "--ncoef", "30"]
-SPEECH_RECIPE += ["--n-frames", "150", "--latent-size", "256", "--hidden-size", "256", "--n-hidden", "2"]
-SPEECH_RECIPE += ["--dropout-prob", "0.01", "--softmax", "am_softmax", "--smoothing", "0.05", "--workers", "0"]
+# The README's Asterisk run (TDNN, 8 epochs), its warmup scaled to the capped data (recipes/asterisk_tdnn.args).
+SPEECH_RECIPE = benchlib.recipe("asterisk_tdnn")
 
 
 def run_digits(folder, seed, variant, args, open_set):
@@ -177,7 +176,7 @@ FILE_OPTIONS = {
 
 def build_parser():
     recipes = ("image recipe", IMAGE_OPTIONS), ("speech recipe", SPEECH_OPTIONS)
-    files = {**FILE_OPTIONS, **benchlib.OUT_TABLE}
+    files = {**FILE_OPTIONS, **benchlib.out_table("accuracy")}
     return benchlib.accuracy_parser(__doc__, EXAMPLE, RUN_OPTIONS, *recipes, files=files)
 
 

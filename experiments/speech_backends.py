@@ -1,6 +1,6 @@
 """Speech back-ends on the Asterisk folds: PLDA, S-norm / AS-norm, and calibration from other data.
 
-Reads the Asterisk runs that bench/accuracy.py kept (--keep-dir): each fold's checkpoint, and the
+Reads the Asterisk runs that experiments/accuracy.py kept (--keep-dir): each fold's checkpoint, and the
 fold's features under --work-dir. For every fold it embeds the training speakers' utterances (the
 score-normalisation cohort and the PLDA training set), trains PLDA, and scores the fold's test trials
 with every scorer (eval.py --cohort --plda). Then it calibrates (prior-weighted logistic regression at
@@ -18,19 +18,23 @@ actDCF within 10 % of their minDCF.
 """
 
 import os
+import sys
 
-import benchlib
-import calibration_study as study
-import numpy as np
-from benchlib import at_least, mean_sd, metrics_of, python
+# benchlib (the shared helpers of bench/ and experiments/) lives in bench/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-from e2e_verification import speech_data
-from e2e_verification.calibration import read_score_file
-from utils import UserError, cli
+import benchlib  # noqa: E402
+import calibration_study as study  # noqa: E402
+import numpy as np  # noqa: E402
+from benchlib import at_least, mean_sd, metrics_of, python  # noqa: E402
+
+from e2e_verification import speech_data  # noqa: E402
+from e2e_verification.calibration import read_score_file  # noqa: E402
+from utils import UserError, cli  # noqa: E402
 
 EXAMPLE = """example:
-  python bench/accuracy.py --protocols asterisk --variants concat --folds 0-6 --keep-dir runs/keep/tdnn
-  python bench/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md"""
+  python experiments/accuracy.py --protocols asterisk --variants concat --folds 0-6 --keep-dir runs/keep/tdnn
+  python experiments/speech_backends.py --runs runs/keep/tdnn --variant concat --folds 0-6 --out runs/backends.md"""
 DEV_PROTOCOLS = ("next", "others", "halves")
 CALIBRATED = ("cos", "asnorm_cos", "e2e_logit")  # calibrated alone; and fused: study.FUSION
 COLUMNS = (("EER", "eer"), ("minDCF(0.01)", "mindcf_0.01"), ("actDCF(0.01)", "act_dcf_0.01"), ("Cllr", "cllr"))
@@ -102,7 +106,7 @@ def calibration_sets(protocol, folds, scores, halves):
 
 
 OPTIONS = {
-    "--runs": dict(required=True, help="bench/accuracy.py --keep-dir of the Asterisk runs"),
+    "--runs": dict(required=True, help="experiments/accuracy.py --keep-dir of the Asterisk runs"),
     "--variant": dict(default="concat", help="the runs' learned-distance variant (default concat)"),
     "--folds": (benchlib.asterisk_folds, "0-6", "folds to use, 0..6, at least two (default 0-6)"),
     "--dev": (
@@ -111,13 +115,13 @@ OPTIONS = {
         "development data of the calibration, comma-separated, from: " + ", ".join(DEV_PROTOCOLS) + " (default all)",
     ),  # fmt: skip
     "--p-target": (benchlib.prior, 0.01, "target prior of the calibration and its costs (default 0.01)"),
-    "--work-dir": dict(default="runs/accuracy", help="the folds' data (bench/accuracy.py --work-dir)"),
+    "--work-dir": dict(default="runs/accuracy", help="the folds' data (experiments/accuracy.py --work-dir)"),
     "--lda-dim": (at_least(0), 0, "PLDA's LDA size (default 0: no LDA)"),
 }
 
 
 def build_parser():
-    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.RUN_THREADS, benchlib.OUT_TABLE)
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.RUN_THREADS, benchlib.out_table("speech_backends"))
 
 
 def main(argv=None):

@@ -12,16 +12,20 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 
-import benchlib
-import numpy as np
-from benchlib import IMAGE_RECIPE, VARIANTS, at_least, children_cpu_seconds, python
+# benchlib (the shared helpers of bench/ and experiments/) lives in bench/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-from utils import UserError, atomic_path, atomic_write, cli
+import benchlib  # noqa: E402
+import numpy as np  # noqa: E402
+from benchlib import IMAGE_RECIPE, VARIANTS, at_least, children_cpu_seconds, python  # noqa: E402
+
+from utils import UserError, atomic_path, atomic_write, cli  # noqa: E402
 
 EXAMPLE = """example:
-  python bench/class_count.py --fonts runs/fonts32 --sizes 8,32,128,all --seeds 1,2,3 --out results/class_count"""
+  python experiments/class_count.py --fonts runs/fonts32 --sizes 8,32,128,all --seeds 1,2,3"""
 SCORERS = ("e2e", "cos", "fus")
 
 
@@ -102,7 +106,13 @@ RECIPE_OPTIONS = {
     "--width": (at_least(1), 16, "resnet first-stage width (default 16)"),
     "--test-items-per-class": (at_least(2), 16, "glyphs of each test font scored (16)"),
 }
-OUT_OPTION = {"--out": (str, "runs/class_count", "output prefix: <out>.md, <out>.json, <out>.png")}
+OUT_OPTION = {
+    "--out": (
+        str,
+        os.path.join(benchlib.RESULTS, "class_count"),
+        "output prefix: <out>.md, <out>.json, <out>.png (default docs/results/class_count)",
+    )
+}
 
 
 def build_parser():

@@ -1,0 +1,114 @@
+"""The named recipes (recipes/*.args): each line a flag and its value, every flag one of train.py's, and the
+benches that read them pass train.py the very flags they passed when the recipes were lists in the code."""
+
+import glob
+import importlib
+import os
+import shlex
+
+import pytest
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(os.path.basename(p)[: -len(".args")] for p in glob.glob(os.path.join(ROOT, "recipes", "*.args")))
+
+# The recipes as the benches held them before they moved to recipes/ (benchlib.IMAGE_RECIPE, accuracy.SPEECH_RECIPE).
+OLD_IMAGE = ["--model", "resnet", "--width", "16", "--batch-size", "64", "--lr", "0.05", "--l2", "1e-4"]
+OLD_IMAGE += ["--softmax", "am_softmax", "--smoothing", "0.05", "--hidden-size", "256", "--n-hidden", "2"]
+OLD_IMAGE += ["--dropout-prob", "0.01", "--valid-max-items", "600", "--patience", "3", "--max-gnorm", "5"]
+OLD_SPEECH = ["--model", "TDNN", "--max-gnorm", "20", "--batch-size", "8", "--valid-batch-size", "32"]
+OLD_SPEECH += ["--lr", "0.5", "--momentum", "0.85", "--l2", "1e-5", "--warmup", "50", "--ncoef", "30"]
+OLD_SPEECH += ["--n-frames", "150", "--latent-size", "256", "--hidden-size", "256", "--n-hidden", "2"]
+OLD_SPEECH += ["--dropout-prob", "0.01", "--softmax", "am_softmax", "--smoothing", "0.05", "--workers", "0"]
+
+
+@pytest.fixture
+def benchlib(monkeypatch):
+    """bench/benchlib.py, imported as the bench scripts import it."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    return importlib.import_module("benchlib")
+
+
+@pytest.fixture
+def accuracy(monkeypatch):
+    """experiments/accuracy.py, imported as when it runs as a script."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    return importlib.import_module("accuracy")
+
+
+def test_the_bench_recipes_are_there():
+    assert {"image_small", "asterisk_tdnn"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_line_is_a_flag_and_its_value(name):
+    with open(os.path.join(ROOT, "recipes", name + ".args")) as handle:
+        for line in handle:
+            words = shlex.split(line, comments=True)
+            assert not words or (len(words) <= 2 and words[0].startswith("--")), f"{name}.args: {line!r}"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_flag_is_train_py_s_and_at_file_reads_the_same(name, benchlib, monkeypatch):
+    """`python train.py @recipes/<name>.args` (argparse's fromfile, a line split as the shell splits it) parses
+    as the recipe's list does, and every flag is one of train.py's."""
+    words = benchlib.recipe(name)
+    parser = train.build_parser()
+    parsed = parser.parse_args(words)
+    parser.fromfile_prefix_chars = "@"
+    parser.convert_arg_line_to_args = lambda line: shlex.split(line, comments=True)
+    monkeypatch.chdir(ROOT)
+    assert parser.parse_args([f"@recipes/{name}.args"]) == parsed
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_readme_lists_each_recipe(name):
+    with open(os.path.join(ROOT, "recipes", "README.md")) as handle:
+        assert f"@recipes/{name}.args" in handle.read()
+
+
+def test_the_recipes_are_the_lists_the_benches_held(benchlib, accuracy):
+    assert benchlib.IMAGE_RECIPE == OLD_IMAGE
+    assert accuracy.SPEECH_RECIPE == OLD_SPEECH
+
+
+def captured_runs(accuracy, monkeypatch):
+    """accuracy.py's subprocess runs replaced by a list of their argument lists."""
+    runs = []
+    monkeypatch.setattr(accuracy, "python", lambda script, *argv, threads: runs.append([script, *argv]))
+    monkeypatch.setattr(accuracy, "metrics_of", lambda path: {})
+    return runs
+
+
+def test_fonts_runs_pass_train_py_the_same_flags(accuracy, monkeypatch):
+    runs = captured_runs(accuracy, monkeypatch)
+    args = accuracy.build_parser().parse_args(["--fonts", "F", "--image-epochs", "4", "--items-per-class", "30"])
+    accuracy.run_fonts("run", 2, "sym", args)
+    expected = ["train.py", *OLD_IMAGE, "--epochs", "4", "--seed", "2", "--checkpoint-path", os.path.join("run", "cp")]
+    expected += ["--data-path", "F/train", "--valid-data-path", "F/valid", "--items-per-class", "30"]
+    assert runs[0] == expected + ["--verbose", "0", "--pair-features", "sym"]
+
+
+def test_asterisk_runs_pass_train_py_the_same_flags(accuracy, monkeypatch):
+    runs = captured_runs(accuracy, monkeypatch)
+    monkeypatch.setattr(accuracy, "asterisk_fold", lambda args, fold: "D")
+    args = accuracy.build_parser().parse_args(["--speech-epochs", "3", "--speech-flags=--specaug"])
+    accuracy.run_asterisk("run", 5, "concat", args)
+    expected = ["train.py", *OLD_SPEECH, "--epochs", "3", "--seed", "1", "--checkpoint-path", os.path.join("run", "cp")]
+    expected += ["--train-hdf-file", "D/train.hdf", "--valid-hdf-file", "D/valid.hdf", "--specaug"]
+    assert runs[0] == expected + ["--verbose", "0"]
+
+
+def test_train_reads_a_recipe_file_and_sees_its_flags_as_typed(tmp_path, benchlib):
+    """`python train.py @recipes/x.args --epochs 3`: the recipe's flags are expanded before train.py looks at
+    which flags were typed (so the digits demo's defaults never override them), and parse as if typed."""
+    from utils import UserError
+
+    parser = train.build_parser()
+    argv = parser.expand_arg_files([f"@{os.path.join(ROOT, 'recipes', 'image_small.args')}", "--epochs", "3"])
+    assert argv == [*benchlib.recipe("image_small"), "--epochs", "3"]
+    args = parser.parse_args(argv)
+    assert (args.model, args.width, args.softmax, args.epochs) == ("resnet", 16, "am_softmax", 3)
+    with pytest.raises(UserError, match="No such file"):
+        parser.parse_args(parser.expand_arg_files([f"@{tmp_path / 'missing.args'}"]))
