@@ -12,13 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import tracemalloc
 import zipfile
 
 import numpy as np
 import pytest
-from tiny_data import make_image_tree, write_checkpoint
+from tiny_data import make_image_tree, unwritable_folder, write_checkpoint
 
 import calibrate
 from e2e_verification import calibration, scoring
@@ -117,22 +116,6 @@ def test_item17_out_that_is_a_folder_or_in_no_folder_is_one_line(tmp_path, capsy
     assert "does not exist" in refused(["--scores", scores, "--out", str(tmp_path / "no" / "cal.json")], capsys)
     assert "is a file" in refused(["--scores", scores, "--out", str(tmp_path / "dev.out" / "cal.json")], capsys)
     assert listing(tmp_path) == before
-
-
-def unwritable_folder(tmp_path):
-    """A folder no one can create files in: /proc/self as root (a chmod'ed folder stays writable to root)."""
-    if os.geteuid() != 0:
-        folder = tmp_path / "read_only"
-        folder.mkdir()
-        folder.chmod(0o500)
-        return str(folder)
-    try:
-        fd, probe = tempfile.mkstemp(dir="/proc/self")
-    except OSError:
-        return "/proc/self"
-    os.close(fd)
-    os.remove(probe)
-    pytest.skip("/proc/self takes new files here")
 
 
 def test_item18_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):

@@ -11,10 +11,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
+from tiny_data import unwritable_folder
 
 from utils import OUTPUT_MARKER, UserError
 
@@ -89,20 +89,6 @@ def precious(tmp_path):
     (folder / "notes.txt").write_text("my notes\n")
     (folder / "mine" / "data.csv").write_text("1,2,3\n")
     return folder
-
-
-def read_only_parent(tmp_path):
-    """A folder no one can create entries in: a chmod'ed one, or /proc/self as root (root writes anywhere else)."""
-    if os.geteuid() != 0:
-        folder = tmp_path / "read_only"
-        folder.mkdir()
-        folder.chmod(0o500)
-        return str(folder)
-    try:
-        tempfile.mkdtemp(dir="/proc/self")
-    except OSError:
-        return "/proc/self"
-    pytest.skip("/proc/self takes new folders here")
 
 
 # ----------------------------------------------------------------------------- 5: --force and atomic builds
@@ -222,7 +208,7 @@ def test_item19_asterisk_set_out_on_or_under_a_file_is_one_line(tmp_path, where)
 
 @asterisk
 def test_item18_asterisk_set_read_only_parent_is_one_line(tmp_path):
-    parent = read_only_parent(tmp_path)
+    parent = unwritable_folder(tmp_path)
     refused("tools/asterisk_set.py", ["--out", os.path.join(parent, "ast"), "--max-per-speaker", "2"], "cannot write")
 
 

@@ -7,6 +7,7 @@ import pty
 import select
 import struct
 import subprocess
+import tempfile
 import termios
 import time
 
@@ -155,3 +156,20 @@ def run_on_terminal(cmd, timeout=300, **kwargs):
     stdout = proc.stdout.read()
     proc.stdout.close()
     return proc.wait(), stdout, terminal
+
+
+def unwritable_folder(tmp_path):
+    """A folder no one can create files or folders in: a chmod'ed one, or /proc/self as root (root writes
+    anywhere else); skips the test where even that takes new entries."""
+    import pytest
+
+    if os.geteuid() != 0:
+        folder = os.path.join(str(tmp_path), "read_only")
+        os.mkdir(folder)
+        os.chmod(folder, 0o500)
+        return folder
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/proc/self"))
+    except OSError:
+        return "/proc/self"
+    pytest.skip("/proc/self takes new entries here")
