@@ -1,5 +1,6 @@
 """Shared helpers: user errors, atomic outputs, devices, seeding."""
 
+import _thread
 import argparse
 import contextlib
 import json
@@ -27,7 +28,24 @@ class Terminated(KeyboardInterrupt):
     `atomic_path` removes its temporary file and `cli` exits with 143 (128 + SIGTERM)."""
 
 
+# Code whose exceptions Python prints as "Exception ignored in ..." and then goes on: a Terminated raised
+# there would be lost and the run would finish (and commit its outputs) as if no SIGTERM had come.
+_FINALIZER_MODULES = ("weakref", "_weakrefset")
+
+
+def _in_finalizer(frame):
+    """True when `frame` runs inside a __del__ method or a weak-reference callback."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_globals.get("__name__") in _FINALIZER_MODULES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_terminated(signum, frame):
+    if _in_finalizer(frame):  # raise it again a moment later, back in ordinary code
+        threading.Timer(0.01, _thread.interrupt_main, (signal.SIGTERM,)).start()
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated()
 

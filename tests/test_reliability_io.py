@@ -375,3 +375,37 @@ def test_mindcf_is_at_most_one():
     metrics = compute_metrics(scores, labels)
     assert metrics["mindcf_0.01"] == metrics["mindcf_0.05"] == 1.0
     assert compute_mindcf(torch.tensor([1.0, 0.0]), torch.tensor([True, False]), 0.01) == 0.0
+
+
+def test_sigterm_inside_a_finalizer_is_not_lost(tmp_path):
+    """A SIGTERM that lands while a __del__ method or a weak-reference callback runs (h5py closes files in such
+    callbacks) used to raise there, where Python prints "Exception ignored" and goes on: the run finished with
+    exit 0. It is now raised again once ordinary code runs: one line, exit 143, the output not committed."""
+    script = tmp_path / "slow_finalizer.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, sys, time
+            sys.path.insert(0, {ROOT!r})
+            from utils import atomic_write, cli
+
+            class Closes:
+                def __del__(self):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.2)
+
+            def main(argv):
+                with atomic_write({str(tmp_path / "out.txt")!r}) as handle:
+                    handle.write("partial")
+                    Closes()
+                    time.sleep(2)
+                return 0
+
+            cli(main)
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines() == ["terminated"], done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["slow_finalizer.py"]
