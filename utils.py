@@ -145,6 +145,14 @@ def make_parser(doc, epilog, *tables, **kwargs):
     return parser
 
 
+def _umask():
+    """The process's file-creation mask, read without changing it (temporary files are made 0600; outputs get
+    the permissions a plain open() would have given them)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` on success, delete it on failure."""
@@ -153,8 +161,7 @@ def atomic_path(path):
         raise UserError(f"output folder does not exist: {folder}")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask)
@@ -399,9 +406,7 @@ def atomic_folder(path, tool=None, **record):
         yield tmp
         if tool is not None:
             mark_output_folder(tmp, tool, **record)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~_umask())
         _put_in_place(tmp, os.path.join(parent, name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
