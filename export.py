@@ -13,7 +13,7 @@ replaces only an earlier export):
                  graphs against PyTorch (when onnxruntime is here)
   encoder.pt, distance.pt   with --torchscript: the same two modules traced with torch.jit.trace
 
-The graphs are traced through the model's own methods (Verifier.embed, LearnedDistance.forward and
+The graphs are traced through the model's own methods (VerifierModel.embed, LearnedDistance.forward and
 .score), so they compute what eval.py computes. The default exporter is the TorchScript one
 (`dynamo=False`): it exports every registered encoder with dynamic axes, including resnet_lstm,
 which the torch.export-based exporter (--exporter dynamo) cannot trace with a dynamic time axis.

@@ -83,7 +83,7 @@ def check_known_model(config, path):
 
 
 def load_model_and_state(cp_path, model_name=None, device="cpu"):
-    """(the Verifier a checkpoint holds, in eval mode on `device`; the checkpoint dict), one weights-only load.
+    """(the VerifierModel a checkpoint holds, in eval mode on `device`; the checkpoint dict), one weights-only load.
 
     `model_name`, when given, must match the checkpoint's encoder (a check for the user's flags).
     """
@@ -101,7 +101,7 @@ def load_model_and_state(cp_path, model_name=None, device="cpu"):
 
 
 def load_model(cp_path, model_name=None, device="cpu"):
-    """The Verifier a checkpoint holds (weights-only load), in eval mode on `device` (see load_model_and_state)."""
+    """The VerifierModel a checkpoint holds (weights-only load), in eval mode on `device` (see load_model_and_state)."""
     return load_model_and_state(cp_path, model_name, device)[0]
 
 

@@ -1,7 +1,7 @@
 """A trained model as two serving graphs: the encoder and the learned distance, traced to ONNX (and
 optionally TorchScript), and checked against PyTorch with onnxruntime. export.py is the command line.
 
-The graphs are traced through the model's own methods (Verifier.embed, LearnedDistance.forward and
+The graphs are traced through the model's own methods (VerifierModel.embed, LearnedDistance.forward and
 .score), so they compute what eval.py computes.
 """
 

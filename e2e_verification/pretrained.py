@@ -135,7 +135,7 @@ def pretrained_config(cp_path, state, config, typed):
 
 
 def start_from(cp_path, config, typed, verbose=True):
-    """A new Verifier for `config`'s classes with the encoder and learned distance of checkpoint `cp_path`."""
+    """A new VerifierModel for `config`'s classes with the encoder and learned distance of checkpoint `cp_path`."""
     state = read(cp_path)
     model = models.build_model(pretrained_config(cp_path, state, config, typed))
     weights = {k: v for k, v in strip_wrapper_prefixes(state["model_state"]).items() if k.startswith(COPIED)}

@@ -96,7 +96,7 @@ def validate(model, loader, device, amp=False, progress=False):
 
 
 class TrainLoop:
-    """Fits a Verifier; see `fit`. `scheduler_kind` is 'noam' (stepped per batch) or 'plateau' (per epoch).
+    """Fits a VerifierModel; see `fit`. `scheduler_kind` is 'noam' (stepped per batch) or 'plateau' (per epoch).
 
     `cfg` is a TrainConfig; `crop` (the task's training-time crop) maps each input batch before the step.
     """

@@ -60,13 +60,13 @@ def create_encoder(name, **kwargs):
     return encoder
 
 
-from models.verifier import LearnedDistance, Verifier, build_model  # noqa: E402
+from models.verifier import LearnedDistance, VerifierModel, build_model  # noqa: E402
 
 __all__ = [
     "ENCODERS",
     "Encoder",
     "LearnedDistance",
-    "Verifier",
+    "VerifierModel",
     "build_model",
     "contract_errors",
     "create_encoder",

@@ -1,4 +1,4 @@
-"""The encoder contract: what the Verifier, scoring, export and the training loop rely on.
+"""The encoder contract: what the VerifierModel, scoring, export and the training loop rely on.
 
 An encoder is an `nn.Module` that subclasses `Encoder` and sets, in `__init__`:
 

@@ -24,7 +24,7 @@ from models.pooling import AttentiveStatsPool, StatsPool, as_frames, init_weight
 STEM_WIDTH = 32
 
 
-class PreActBlock(nn.Module):
+class PreActBlock1d(nn.Module):
     """BN-ReLU-conv3(stride), BN-ReLU-conv3; a 1x1 projection of the activated input when the shape changes."""
 
     expansion = 1
@@ -44,7 +44,7 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck1d(nn.Module):
     """BN-ReLU-conv1, BN-ReLU-conv3(stride), BN-ReLU-conv1 (x4 planes), with the same shortcut rule."""
 
     expansion = 4
@@ -125,11 +125,11 @@ class SpeechResNet(Encoder):
 
 # name -> (block, blocks per stage, pooling over time)
 VARIANTS = {
-    "resnet_stats": (PreActBottleneck, (3, 4, 6, 3), "stats"),
-    "resnet_mfcc": (PreActBottleneck, (3, 4, 6, 3), "attention"),
-    "resnet_lstm": (PreActBottleneck, (3, 4, 6, 3), "lstm"),
-    "resnet_small": (PreActBlock, (2, 2, 2, 2), "attention"),
-    "resnet_large": (PreActBottleneck, (3, 4, 23, 3), "attention"),
+    "resnet_stats": (PreActBottleneck1d, (3, 4, 6, 3), "stats"),
+    "resnet_mfcc": (PreActBottleneck1d, (3, 4, 6, 3), "attention"),
+    "resnet_lstm": (PreActBottleneck1d, (3, 4, 6, 3), "lstm"),
+    "resnet_small": (PreActBlock1d, (2, 2, 2, 2), "attention"),
+    "resnet_large": (PreActBottleneck1d, (3, 4, 23, 3), "attention"),
 }
 
 

@@ -199,7 +199,7 @@ class LearnedDistance(nn.Module):
         return torch.sigmoid(self.forward(a, b)).mean(0)
 
 
-class Verifier(nn.Module):
+class VerifierModel(nn.Module):
     """Encoder + classification head + learned distance, rebuilt from `config` alone.
 
     `config` keys: model, encoder_args (dict), n_classes, softmax, margin, scale, hidden_size,
@@ -255,5 +255,5 @@ class Verifier(nn.Module):
 
 
 def build_model(config):
-    """The Verifier described by a checkpoint's `model_config`."""
-    return Verifier(config)
+    """The VerifierModel described by a checkpoint's `model_config`."""
+    return VerifierModel(config)

@@ -92,3 +92,22 @@ def test_every_pair_loss_keeps_the_pair_loss_contract(name):
 
 def test_the_default_pair_loss_is_the_balanced_bce():
     assert PAIR_LOSSES[DEFAULT_PAIR_LOSS] is pair_loss and DEFAULT_PAIR_LOSS == "bce"
+
+
+def test_no_two_classes_share_a_name():
+    """A class name means one thing in the repository (a reader meeting `Verifier` knows which one)."""
+    import ast
+    import collections
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=root, capture_output=True, text=True, check=True)
+    where = collections.defaultdict(list)
+    for path in files.stdout.split():
+        with open(os.path.join(root, path)) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                where[node.name].append(path)
+    assert len(where) > 20
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_data import model_config, write_checkpoint
+from tiny_data import PicklePayload, model_config, write_checkpoint
 
 import export
 import models
@@ -272,20 +272,10 @@ def test_force_replaces_the_folder_atomically(tdnn_cp, tmp_path):
     assert os.listdir(tmp_path) == ["onnx"], "temporary or old folders were left behind"
 
 
-class Payload:
-    """Unpickling this creates the file `marker`: it appears only if a loader runs pickled code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_bad_input_is_one_line(tdnn_cp, tmp_path):
     """Each mistake: one UserError line, and nothing written beside the output folder."""
     unsafe, marker = str(tmp_path / "unsafe.pt"), str(tmp_path / "PAYLOAD_RAN")
-    torch.save({"model_config": {"model": "TDNN"}, "model_state": {}, "payload": Payload(marker)}, unsafe)
+    torch.save({"model_config": {"model": "TDNN"}, "model_state": {}, "payload": PicklePayload(marker)}, unsafe)
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "mine.txt").write_text("x")
     (tmp_path / "a_file").write_text("x")

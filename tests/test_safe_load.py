@@ -8,24 +8,14 @@ import sys
 
 import pytest
 import torch
-from tiny_data import make_image_tree
+from tiny_data import PicklePayload, make_image_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Payload:
-    """Unpickling this calls open(marker, 'w'): the file appears only if the loader runs pickled code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def write_malicious_checkpoint(path, marker):
     """A file shaped like a checkpoint (the keys eval.py looks for) whose pickle calls open()."""
-    state = {"model_config": {"model": "resnet"}, "model_state": {}, "epoch": 1, "payload": Payload(marker)}
+    state = {"model_config": {"model": "resnet"}, "model_state": {}, "epoch": 1, "payload": PicklePayload(marker)}
     torch.save(state, path)
     return path
 

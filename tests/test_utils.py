@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
+from tiny_data import PicklePayload
 
 from e2e_verification.checkpoints import load_checkpoint, save_checkpoint
 from e2e_verification.metrics import compute_auc, compute_eer, compute_metrics, compute_mindcf
@@ -101,21 +102,13 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         pass
 
 
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_checkpoints_load_weights_only(tmp_path):
     good = str(tmp_path / "good.pt")
     save_checkpoint(good, {"model_config": {"model": "resnet"}, "model_state": {"w": torch.ones(2)}, "h": [0.5]})
     assert torch.equal(load_checkpoint(good)["model_state"]["w"], torch.ones(2))
     marker = tmp_path / "pwned"
     bad = str(tmp_path / "bad.pt")
-    torch.save({"model_config": {}, "model_state": {}, "x": Payload(str(marker))}, bad)
+    torch.save({"model_config": {}, "model_state": {}, "x": PicklePayload(str(marker))}, bad)
     with pytest.raises(UserError, match="weights only"):
         load_checkpoint(bad)
     assert not marker.exists()

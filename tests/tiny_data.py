@@ -173,3 +173,13 @@ def unwritable_folder(tmp_path):
     except OSError:
         return "/proc/self"
     pytest.skip("/proc/self takes new entries here")
+
+
+class PicklePayload:
+    """Unpickling this calls open(marker, 'w'): the file `marker` appears only if a loader runs pickled code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
