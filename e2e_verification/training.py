@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import data_load
 import models
 from e2e_verification import image_input, pretrained
-from e2e_verification.tasks import task_for_args, task_for_model
+from e2e_verification.tasks import DIGITS_RECIPE, task_for_args, task_for_model
 from e2e_verification.train_loop import TrainConfig, TrainLoop, noam_factor
 from losses import HEADS
 from models.verifier import PAIR_FEATURES
@@ -218,6 +218,17 @@ def extended_parser(description, epilog):
     return make_parser(description, epilog, parents=[build_parser(add_help=False)])
 
 
+def apply_recipe(args, path, typed):
+    """Set in `args` each flag of the recipe file `path` (read by train.py's own parser, so with its types and
+    checks) that is not among the `typed` flags: a recipe as defaults (the digits demo's)."""
+    parser = build_parser()
+    tokens = parser.expand_arg_files(["@" + path])
+    recipe = parser.parse_args(tokens)
+    for action in parser._actions:
+        if set(action.option_strings) & set(tokens) and not typed & set(action.option_strings):
+            setattr(args, action.dest, getattr(recipe, action.dest))
+
+
 def resolve_defaults(args, argv):
     """A resolved copy of parsed `args`: the task's defaults filled in, combinations checked.
 
@@ -240,6 +251,8 @@ def resolve_defaults(args, argv):
             setattr(args, key, value)
     typed = {a.split("=")[0] for a in (argv or [])}
     task.resolve(args, typed)
+    if getattr(args, "digits", False):
+        apply_recipe(args, DIGITS_RECIPE, typed)
     check_output_folders(args)
     if args.pretrained_path:  # the architecture comes from the checkpoint, read (and checked) before any data
         pretrained.adopt_architecture(args, task, typed)

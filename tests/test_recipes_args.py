@@ -112,3 +112,25 @@ def test_train_reads_a_recipe_file_and_sees_its_flags_as_typed(tmp_path, benchli
     assert (args.model, args.width, args.softmax, args.epochs) == ("resnet", 16, "am_softmax", 3)
     with pytest.raises(UserError, match="No such file"):
         parser.parse_args(parser.expand_arg_files([f"@{tmp_path / 'missing.args'}"]))
+
+
+# The digits demo's defaults as tasks.py held them before they moved to recipes/digits.args.
+OLD_DIGITS = {"epochs": 20, "batch_size": 100, "lr": 0.05, "softmax": "am_softmax", "smoothing": 0.05,
+              "hidden_size": 350, "n_hidden": 3, "dropout_prob": 0.01, "checkpoint_path": "runs/digits",
+              "keep_checkpoints": 1}  # fmt: skip
+
+
+def resolved(argv):
+    from e2e_verification import training
+
+    return vars(training.resolve_defaults(training.build_parser().parse_args(argv), argv))
+
+
+def test_the_digits_demo_defaults_are_its_recipe_and_a_typed_flag_wins():
+    demo = resolved([])
+    assert {k: demo[k] for k in OLD_DIGITS} == OLD_DIGITS
+    assert all(type(demo[k]) is type(v) for k, v in OLD_DIGITS.items())
+    typed = resolved(["--epochs", "3", "--lr=0.2", "--softmax", "softmax"])
+    assert (typed["epochs"], typed["lr"], typed["softmax"], typed["batch_size"]) == (3, 0.2, "softmax", 100)
+    other = resolved(["--data-path", "somewhere"])  # not the demo: the recipe is not applied
+    assert other["batch_size"] != 100 and other["hidden_size"] == 512
