@@ -51,7 +51,7 @@ def test_readme_speech_section_runs_as_written(tmp_path):
     path = tmp_path / "readme.sh"
     path.write_text("set -euo pipefail\n" + script)
     env = dict(os.environ, PYTHONPATH=ROOT, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    for name in ("tools", "data_prep.py", "train.py", "eval.py", "embed.py"):
+    for name in ("tools", "recipes", "data_prep.py", "train.py", "eval.py", "embed.py"):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     proc = subprocess.run(["bash", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
