@@ -10,6 +10,10 @@ and training arguments, records under `averaged` which checkpoints made it (path
 holds no optimizer or scheduler state: training cannot be resumed from it (--pretrained-path fine-tunes it).
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import os
 
 from e2e_verification.averaging import EPOCH_FILE, last_checkpoints, write_average

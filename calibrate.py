@@ -8,6 +8,10 @@ which calibration.load_calibration / apply_calibration apply to evaluation score
 (the model) the score file records. Calibrated columns are named cal_<scorer> and cal_<a>+<b>.
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import numpy as np
 
 from e2e_verification.calibration import (

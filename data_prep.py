@@ -6,6 +6,10 @@ or log-mel filterbanks), which is recorded in the file. Audio can be speed-pertu
 added noise or reverberation (augment.py).
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import os
 
 from e2e_verification import augment, speech_data

@@ -9,6 +9,10 @@ the checkpoint that made them in the root attribute `provenance`, which eval.py 
 carry on and check).
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import contextlib
 import itertools
 import json

@@ -7,6 +7,10 @@ Cllr, minCllr and actDCF for the scorers whose output is a log-likelihood ratio;
 per line (or a compact .npz) plus a JSON of the metrics beside it.
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import os
 
 from e2e_verification import backends, scoring

@@ -19,6 +19,10 @@ The graphs are traced through the model's own methods (VerifierModel.embed, Lear
 which the torch.export-based exporter (--exporter dynamo) cannot trace with a dynamic time axis.
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import os
 
 import torch

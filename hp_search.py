@@ -6,6 +6,10 @@ Every train.py flag is accepted and held fixed; the search varies the hyperparam
 <checkpoint-path>/hp_best.json. Run the same command again to resume a stopped search.
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import os
 import sys
 

@@ -9,6 +9,10 @@ trial: recorded, told to the optimizer, and the search goes on. Trials are recor
 again to resume a stopped search (jobs it left running are cancelled first).
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import dataclasses
 import os
 import re

@@ -4,6 +4,10 @@ With no arguments it runs the embedded demo: scikit-learn's handwritten digits, 
 evaluation of the held-out digits with e2e, cosine and fused scores.
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import os
 import sys
 

@@ -7,6 +7,10 @@ best validation e2e EER, is written to --out-file as one number (temporary name,
 failure exits non-zero and writes nothing.
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import argparse
 import os
 import sys

@@ -6,6 +6,10 @@ With --utt2spk, only the utterances it lists are used. The model is written as J
 model that made the embeddings (their provenance), which eval.py --plda checks against its checkpoint.
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import h5py
 import numpy as np
 

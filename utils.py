@@ -15,6 +15,10 @@ import sys
 import tempfile
 import threading
 
+# first, before torch loads libgomp: a waiting OpenMP thread sleeps instead of spinning (e2e_verification/threads.py)
+from e2e_verification import threads
+
+# isort: split
 import numpy as np
 import torch
 
@@ -63,10 +67,13 @@ def user_message(err):
 
 def cli(main, argv=None):
     """Run `main(argv)` as a command: a UserError becomes one line on stderr and exit status 2; Ctrl-C
-    (SIGINT) exits with 130 and SIGTERM with 143, each after the temporary outputs are removed."""
+    (SIGINT) exits with 130 and SIGTERM with 143, each after the temporary outputs are removed. torch computes
+    with the threads threads.configure() chooses while `main` runs."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    torch_threads = torch.get_num_threads()
     try:
+        threads.configure()  # the CPUs the job was given, or E2E_THREADS / OMP_NUM_THREADS
         code = main(argv)
     except UserError as err:
         prog = os.path.basename(sys.argv[0]) or "e2e"
@@ -79,6 +86,7 @@ def cli(main, argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
+        torch.set_num_threads(torch_threads)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

@@ -11,6 +11,10 @@ at --threshold on the --scorer's score, or, with --calibration, at the Bayes thr
 the scorer's calibrated log-likelihood ratio. Also a Python API: Verifier.load(cp).score(enroll, test).
 """
 
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
 import json
 import math
 import numbers
