@@ -35,6 +35,7 @@ class TrainConfig:
     ablation: bool = False
     pair_weight: float = 1.0  # weight of the pair loss beside the classification loss (0: distance untrained)
     pair_loss: str = DEFAULT_PAIR_LOSS  # the learned distance's objective, a key of losses.PAIR_LOSSES
+    cos_correction_penalty: float = 1e-2  # weight of the `cos` distance's mean squared correction (0 for others)
     amp: bool = False
     max_gnorm: float = 0.0
     margin_warmup_epochs: int = 0
@@ -219,6 +220,7 @@ class TrainLoop:
             logits, pair_logits, same = self.model(x, y)
         ce = label_smoothing_ce(logits.float(), y, cfg.smoothing)
         bce = PAIR_LOSSES[cfg.pair_loss](pair_logits.float(), same, cfg.smoothing)
+        bce = bce + cfg.cos_correction_penalty * self.raw_model.distance.regulariser()  # 0 unless --pair-features cos
         if cfg.ablation:
             loss = bce
         elif cfg.pair_weight == 0:  # the distance gets no gradient at all (so SGD leaves it, decay included)

@@ -129,7 +129,13 @@ MODEL_OPTIONS = {
         choices=tuple(PAIR_FEATURES),
         default="concat",
         help="how the learned distance sees a pair: concat = [a; b] (research code, default); sym = "
-        "[Pa*Pb, |Pa-Pb|] of normalised embeddings, order-invariant",
+        "[Pa*Pb, |Pa-Pb|] of normalised embeddings, order-invariant; cos = a*cos + b + a symmetric learned "
+        "correction g (zero at initialisation: starts as the cosine score)",
+    ),
+    "--cos-correction-penalty": (
+        non_negative(float),
+        1e-2,
+        "--pair-features cos: weight of the mean squared correction g^2 added to the pair loss (default 1e-2; 0: off)",
     ),
     "--distance-norm": ("L2-normalise embeddings before a concat distance",),
     "--detach-distance": ("the pair loss trains the distance only, not the encoder",),

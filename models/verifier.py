@@ -95,6 +95,10 @@ class DistanceHead(nn.Module):
         (activations run in place: all-pairs scoring holds large blocks)."""
         return self.rest(F.leaky_relu(hidden, 0.1, inplace=True)).squeeze(-1)
 
+    def regulariser(self):
+        """The head's own penalty term for the training loss (0-dim); none for this head."""
+        return self.first.weight.new_zeros(())
+
 
 class SymmetricDistanceHead(DistanceHead):
     """An order-invariant discriminator on relations between the two embeddings.
@@ -146,8 +150,72 @@ class SymmetricDistanceHead(DistanceHead):
         return self._relation(projected[index_a], projected[index_b])
 
 
+COS_SCALE, COS_OFFSET = 10.0, -5.0  # initial a, b of CosineDistanceHead: logit 0 at cos 0.5, range [-15, 5]
+
+
+class CosineDistanceHead(SymmetricDistanceHead):
+    """A learned distance anchored on cosine: logit = a * cos(e1, e2) + b + g(e1, e2).
+
+    a, b: learned scalars, initially COS_SCALE and COS_OFFSET (logit 0 at cos 0.5, -5 at cos 0). g: the
+    symmetric head's MLP over [P_a * P_b, |P_a - P_b|] with its last layer zero-initialised, so an untrained
+    head is an increasing affine map of cosine (cosine's EER exactly) and training learns a correction to it.
+    score(a, b) == score(b, a) exactly. The cosine is computed in float32 (outside autocast). `regulariser()`
+    is the mean g^2 over the pairs of the last forward with autograd: the penalty that keeps g small.
+    """
+
+    pair_features = "cos"
+
+    def __init__(self, emb_size, hidden_size, n_hidden, dropout_prob, rproj_size=0, trainable_rproj=False, **_):
+        super().__init__(emb_size, hidden_size, n_hidden, dropout_prob, rproj_size, trainable_rproj)
+        self.scale = nn.Parameter(torch.tensor(COS_SCALE))
+        self.offset = nn.Parameter(torch.tensor(COS_OFFSET))
+        nn.init.zeros_(self.rest[-1].weight)
+        nn.init.zeros_(self.rest[-1].bias)
+        self._penalty = None
+
+    @property
+    def pair_width(self):
+        return 2 * self.first.out_features + 1  # the relation and the cosine
+
+    @staticmethod
+    def _cosine(ua, ub):
+        """Dot products of unit vectors along the last axis (broadcasting), in float32 at least; a block of all
+        pairs, (rows, 1, emb) x (1, cols, emb), as one matrix product (no (rows, cols, emb) temporary)."""
+        dtype = torch.promote_types(torch.result_type(ua, ub), torch.float32)
+        ua, ub = ua.to(dtype), ub.to(dtype)
+        with torch.autocast(ua.device.type, enabled=False):
+            if ua.dim() == 3 and ub.dim() == 3 and ua.shape[1] == 1 and ub.shape[0] == 1:
+                return ua[:, 0] @ ub[0].t()
+            return (ua * ub).sum(-1)
+
+    def forward(self, a, b):
+        ua, ub = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        return self.tail((self._relation(self.first(ua), self.first(ub)), self._cosine(ua, ub)))
+
+    def project(self, emb):
+        unit = F.normalize(emb, dim=-1)
+        return unit, self.first(unit)
+
+    def combine(self, projected, index_a, index_b):
+        """(relation (..., pair_width - 1), cosine (...)) of the pairs (see DistanceHead.combine)."""
+        unit, proj = projected
+        return self._relation(proj[index_a], proj[index_b]), self._cosine(unit[index_a], unit[index_b])
+
+    def tail(self, hidden):
+        """(relation, cosine) -> logits a * cos + b + g (...); the relation is overwritten when scoring."""
+        relation, cos = hidden
+        correction = self.rest(F.leaky_relu(relation, 0.1, inplace=True)).squeeze(-1)
+        tracked = torch.is_grad_enabled() and correction.requires_grad
+        self._penalty = correction.float().square().mean() if tracked else None
+        return self.scale * cos + self.offset + correction
+
+    def regulariser(self):
+        """Mean g^2 over the pairs of the last forward with autograd (0-dim; zero when there was none)."""
+        return self._penalty if self._penalty is not None else self.scale.new_zeros(())
+
+
 # --pair-features: how a head represents a pair; each class owns its naive and its projected form.
-PAIR_FEATURES = {"concat": DistanceHead, "sym": SymmetricDistanceHead}
+PAIR_FEATURES = {"concat": DistanceHead, "sym": SymmetricDistanceHead, "cos": CosineDistanceHead}
 
 
 class LearnedDistance(nn.Module):
@@ -193,6 +261,11 @@ class LearnedDistance(nn.Module):
     def pair_logits(self, emb, idx_a, idx_b):
         """Logits (n_heads, pairs) of the pairs (emb[idx_a], emb[idx_b]), through the projected form."""
         return self.projected_logits(self.project(emb), idx_a, idx_b)
+
+    def regulariser(self):
+        """Sum over the heads of their penalty terms for the last training forward (0-dim; 0 for concat and sym):
+        the cos heads' mean squared correction, which the training loop adds to the pair loss times a weight."""
+        return torch.stack([head.regulariser() for head in self.heads]).sum()
 
     def score(self, a, b):
         """(pairs, emb) x 2 -> probability of same class (pairs,), averaged over heads."""
