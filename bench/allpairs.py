@@ -7,6 +7,8 @@ of pairs. Both score the N(N-1)/2 pairs of N random embeddings (default d=512, M
 metrics of the split scores (EER and minDCF from one sort) are timed too.
 """
 
+import os
+
 import benchlib
 import torch
 from benchlib import at_least
@@ -53,30 +55,72 @@ OPTIONS = {
     "--amp": ("bf16 autocast for both forms",),
     "--tf32": ("allow TF32 matmuls on CUDA for both forms",),
     "--no-baseline": ("time the split form only",),
+    "--out": (
+        benchlib.table_path,
+        os.path.join(benchlib.ROOT, "docs", "performance.md"),
+        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/allpairs.json "
+        "(allpairs_sym.json with --pair-features sym), results/perf/ beside the page",
+    ),
 }
+
+
+def json_name(pair_features):
+    """The JSON of the table, relative to the page's folder: one per pair-features form."""
+    return os.path.join("results", "perf", "allpairs.json" if pair_features == "concat" else "allpairs_sym.json")
+
+
+def seconds(value):
+    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
+    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
+
+
+def ratio(baseline_s, ours_s):
+    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
+    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
+    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
+
+
+def render(record):
+    """Markdown: the row of the performance table (what and command, ours, baseline, ratio) of each run."""
+    lines = ["| what (command) | ours | baseline | ratio |", "|---|---|---|---|"]
+    for r in record["runs"]:
+        what = (
+            f"learned-distance scores of all {r['pairs']:,} pairs of {r['n']:,} embeddings (d={r['emb_size']}, "
+            f"MLP {r['n_hidden']}×{r['hidden_size']}, pair features {r['pair_features']}) — `{record['command']}`"
+        )
+        ours = f"projected (split) first layer: {seconds(r['split_s'])} (+ EER and minDCF: {seconds(r['metrics_s'])})"
+        if r["concat_s"] is None:
+            lines.append(f"| {what} | {ours} | not run (--no-baseline) | — |")
+            continue
+        baseline = f"each pair concatenated through the whole MLP: {seconds(r['concat_s'])}"
+        same = f"same scores to {r['max_diff']:.1e}"
+        lines.append(f"| {what} | {ours} | {baseline} | {ratio(r['concat_s'], r['split_s'])} ({same}) |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser():
     return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
 
 
-def main(argv=None):
-    args, device = benchlib.start(build_parser(), argv)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+def make_inputs(args, device):
+    """Random embeddings from --classes centres and the timed learned distance: -> (emb, labels, distance,
+    baseline), the baseline being the research code's concatenated MLP of the same width."""
     n = args.n if args.n is not None else 10_000 if device.type == "cuda" else 2_000
     torch.manual_seed(0)
     labels = torch.randint(0, args.classes, (n,), device=device)
     centres = torch.randn(args.classes, args.emb_size, device=device)
     emb = centres[labels] + torch.randn(n, args.emb_size, device=device)
-    distance = LearnedDistance(
-        args.emb_size, args.hidden_size, args.n_hidden, 0.25, args.ndiscriminators, pair_features=args.pair_features
-    ).to(device)
-    distance.eval()
-    baseline = distance
-    if args.pair_features != "concat":
-        baseline = LearnedDistance(args.emb_size, args.hidden_size, args.n_hidden, 0.25, args.ndiscriminators)
-        baseline = baseline.to(device).eval()
+    width = (args.emb_size, args.hidden_size, args.n_hidden, 0.25, args.ndiscriminators)
+    distance = LearnedDistance(*width, pair_features=args.pair_features).to(device).eval()
+    baseline = distance if args.pair_features == "concat" else LearnedDistance(*width).to(device).eval()
+    return emb, labels, distance, baseline
+
+
+def measure(args, device):
+    """Time both forms and the metrics, print them; -> the run (sizes, seconds, max difference) for the table."""
+    emb, labels, distance, baseline = make_inputs(args, device)
+    n = len(emb)
     pairs = n * (n - 1) // 2
     print(benchlib.describe(device))
     print(
@@ -92,8 +136,11 @@ def main(argv=None):
     print(f"split form (e2e, cosine and fused scores): {split_s:.4f} s ({pairs / split_s / 1e6:.2f} M pairs/s)")
     print(f"EER + minDCF(0.01, 0.05) of {pairs} scores: {metrics_s:.4f} s (EER {metrics['eer']:.4f})")
     print(f"split scoring + metrics: {split_s + metrics_s:.4f} s")
+    sizes = {k: getattr(args, k) for k in ("emb_size", "hidden_size", "n_hidden", "ndiscriminators", "pair_features")}
+    run = {"device": benchlib.describe(device), "n": n, "pairs": pairs, **sizes, "amp": args.amp, "tf32": args.tf32}
+    run.update(split_s=split_s, metrics_s=metrics_s, concat_s=None, max_diff=None)
     if args.no_baseline:
-        return 0
+        return run
     concat_s, concat = times["concatenated"]
     if baseline is not distance:  # exactness against this variant's own naive per-pair form (untimed)
         concat = concatenated_all_pairs(distance, emb, args.amp)
@@ -105,6 +152,17 @@ def main(argv=None):
     )
     print(benchlib.ratio_line("all-pairs scoring, split", split_s, "concatenated", concat_s))
     print(benchlib.ratio_line("scoring + metrics, split", split_s + metrics_s, "concatenated", concat_s + metrics_s))
+    return {**run, "concat_s": concat_s, "max_diff": diff}
+
+
+def main(argv=None):
+    args, device = benchlib.start(build_parser(), argv)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    name = json_name(args.pair_features)
+    if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
+        benchlib.make_folder(os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), name)), "--out")
+    benchlib.publish(__file__, argv, args, [measure(args, device)], render, args.out, name)
     return 0
 
 

@@ -116,16 +116,95 @@ def name_list(known, what):
     return parse
 
 
-# Where the accuracy studies write their tables by default: docs/results/<name>.md, the JSON beside it.
+# Where the accuracy studies and benches write their tables by default: docs/results/<name>.md, <name>.json beside it.
 RESULTS = os.path.join(ROOT, "docs", "results")
+# A published table sits in its page between these two lines; the first names the JSON (beside the page) it was
+# rendered from. tests/test_results_tables.py renders every such JSON again with its script's `render` and compares.
+TABLE_START = "<!-- table from {} (rendered by its script; regenerate, do not edit) -->"
+TABLE_START_RE = re.compile(r"^<!-- table from (\S+\.json) \(rendered by its script; regenerate, do not edit\) -->$")
+TABLE_END = "<!-- end of table -->"
+
+
+def json_beside(page):
+    """The JSON of the table page `page`: x.md -> x.json (any other name: name + .json)."""
+    return page[:-3] + ".json" if page.endswith(".md") else page + ".json"
 
 
 def table_path(text):
-    """An argparse type: --out of a result table, refused (utils.check_outputs) unless it and its .json beside it
+    """An argparse type: --out of a result table, refused (utils.check_outputs) unless it and its JSON beside it
     can be written, so a long bench never fails at its last step; docs/results/ is made when missing."""
     in_results = os.path.dirname(os.path.abspath(text)) == RESULTS
-    check_outputs({"--out": text, "--out (its .json)": text + ".json"}, create=in_results)
+    check_outputs({"--out": text, "--out (its .json)": json_beside(text)}, create=in_results)
     return text
+
+
+def jsonable(value):
+    """`value` with argparse namespaces, tuples and sets made JSON types (for the record of a run's options)."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def in_repository(value):
+    """A path inside the repository as a path relative to its root (so a record reads the same on any clone)."""
+    if isinstance(value, str) and os.path.isabs(value) and value.startswith(ROOT + os.sep):
+        return os.path.relpath(value, ROOT)
+    return value
+
+
+def publish(script, argv, args, runs, render, out, json_name=None):
+    """Render the table of `runs` with `render(record)`, print it, and with `out` write the record (the command,
+    the options, the runs) to the JSON beside the page `out` (`json_name` in its folder when a page holds several
+    tables, else the page's name with .json) and the table into the page between its markers (a new page when
+    `out` does not exist; the text around the markers is kept)."""
+    script = os.path.relpath(os.path.abspath(script), ROOT)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = {k: in_repository(v) for k, v in (jsonable(args) or {}).items()}
+    record = {"command": shlex.join(["python", script, *argv]), "script": script, "args": options, "runs": runs}
+    text = render(record)
+    print(text)
+    if not out:
+        return record
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    json_name = json_name or os.path.basename(json_beside(out))
+    json_path = os.path.join(os.path.dirname(os.path.abspath(out)), json_name)
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    with atomic_write(json_path) as handle:
+        json.dump(record, handle, indent=1)
+        handle.write("\n")
+    region = f"{TABLE_START.format(json_name)}\n{text.rstrip()}\n{TABLE_END}\n"
+    page = f"# {os.path.basename(out)[:-3]}\n\nRegenerate: `{record['command']}`\n\n{region}"
+    if os.path.exists(out):
+        with open(out) as handle:
+            page = replace_table(handle.read(), json_name, region)
+    with atomic_write(out) as handle:
+        handle.write(page)
+    return record
+
+
+def replace_table(page, json_name, region):
+    """`page` with the table rendered from `json_name` replaced by `region` (appended when it has none)."""
+    lines = page.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == TABLE_START.format(json_name)), None)
+    if start is None:
+        return page.rstrip("\n") + "\n\n" + region
+    end = next(i for i in range(start, len(lines)) if lines[i].rstrip("\n") == TABLE_END)
+    return "".join(lines[:start]) + region + "".join(lines[end + 1 :])
+
+
+def published_tables(page_text):
+    """[(json name, table text)] of every rendered table in a page's text."""
+    found, lines = [], page_text.splitlines()
+    for i, line in enumerate(lines):
+        match = TABLE_START_RE.match(line)
+        if match:
+            end = lines.index(TABLE_END, i)
+            found.append((match.group(1), "\n".join(lines[i + 1 : end]) + "\n"))
+    return found
 
 
 # --ncoef of the benches that make random speech features.
@@ -139,9 +218,9 @@ FONTS = {"--fonts": (str, "runs/fonts32", "font set folder; built with tools/fon
 
 
 def out_table(name):
-    """--out of a study that writes a result table (write_results), by default docs/results/`name`.md."""
+    """--out of a study that writes a result table (publish), by default docs/results/`name`.md."""
     default = os.path.join(RESULTS, name + ".md")
-    text = f"markdown table file (also printed; default docs/results/{name}.md); a .json of every run beside it"
+    text = f"page of the table (also printed; default docs/results/{name}.md; its JSON beside it, {name}.json)"
     return {"--out": (table_path, default, text)}
 
 
@@ -211,17 +290,6 @@ def ratio_line(what, candidate_s, baseline_name, baseline_s):
     return f"{what}: {candidate_s:.4f} s vs {baseline_name} {baseline_s:.4f} s -> {baseline_s / candidate_s:.2f}x"
 
 
-def write_results(text, runs, out):
-    """Print the markdown table `text`; with `out`, also write it there and the list `runs` to `out`.json."""
-    print(text)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with atomic_write(out) as handle:
-            handle.write(text)
-        with atomic_write(out + ".json") as handle:
-            json.dump(runs, handle, indent=1)
-
-
 def make_kaldi_features(folder, speakers, utts_per_speaker, frames, ncoef, seed=0):
     """Write random features as Kaldi files in `folder`: feats.ark + feats.scp, utt2spk, spk2utt.
 
@@ -264,6 +332,7 @@ VARIANTS = {
     "sym": ["--pair-features", "sym"],
     "concat-norm": ["--distance-norm"],
     "sym-detach": ["--pair-features", "sym", "--detach-distance"],
+    "cos": ["--pair-features", "cos"],
 }
 
 

@@ -29,7 +29,15 @@ LOW_OPSET, HIGH_OPSET, _ = onnx_graphs.OPSETS["torchscript"]
 OPTIONS = {
     "--models": dict(nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"),
     "--opset": (at_least(LOW_OPSET, HIGH_OPSET), 17, f"ONNX opset, {LOW_OPSET} to {HIGH_OPSET} (default 17)"),
+    "--out": (
+        benchlib.table_path,
+        os.path.join(benchlib.ROOT, "docs", "performance.md"),
+        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
+        "export_speed.json (results/perf/ beside the page)",
+    ),
 }
+# The JSON of the table, relative to the page's folder.
+JSON_NAME = os.path.join("results", "perf", "export_speed.json")
 
 # Each task's input flags, a --help section apiece; INPUTS below reads them.
 SPEECH_INPUT = {
@@ -65,8 +73,35 @@ INPUTS = {
 }
 
 
+def seconds(value):
+    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
+    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
+
+
+def ratio(baseline_s, ours_s):
+    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
+    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
+    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
+
+
+def render(record):
+    """Markdown: the rows of the performance table (what and command, ours, baseline, ratio), one per encoder."""
+    lines = ["| what (command) | ours | baseline | ratio |", "|---|---|---|---|"]
+    for r in record["runs"]:
+        what = f"embedding one batch of {r['batch']} × {r['shape']} with the exported {r['model']} encoder, "
+        what += f"{r['threads']} thread(s) — `{record['command']}`"
+        ours = f"onnxruntime {r['onnxruntime']}: {seconds(r['ort_s'])}"
+        same = f"outputs equal to {r['max_diff']:.1e}, relative {r['relative_diff']:.1e}"
+        lines.append(
+            f"| {what} | {ours} | PyTorch: {seconds(r['torch_s'])} | {ratio(r['torch_s'], r['ort_s'])} ({same}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def bench_encoder(name, args, device, folder):
-    """Export `name`, time PyTorch and onnxruntime on one batch; print parity and the ratio line."""
+    """Export `name`, time PyTorch and onnxruntime on one batch; print parity and the ratio line; -> the run for
+    the table."""
     encoder_args, batch, shape = INPUTS[task_for_model(name).name](args)
     config = {
         "model": name,
@@ -101,6 +136,8 @@ def bench_encoder(name, args, device, folder):
     rel = diff / max(float(np.abs(ref).max()), 1e-30)
     print(f"{name}: batch {batch} x {shape}; max |onnxruntime - PyTorch| {diff:.2e} (relative {rel:.2e})")
     print(benchlib.ratio_line(f"{name} embedding, onnxruntime", ort_s, "PyTorch", torch_s))
+    run = dict(model=name, batch=batch, shape=shape, threads=torch.get_num_threads(), ort_s=ort_s, torch_s=torch_s)
+    return {**run, "max_diff": diff, "relative_diff": rel}
 
 
 def main(argv=None):
@@ -113,9 +150,15 @@ def main(argv=None):
     import onnxruntime
 
     print(benchlib.describe(device) + f"; onnxruntime {onnxruntime.__version__} ({torch.get_num_threads()} threads)")
+    if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
+        benchlib.make_folder(
+            os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), JSON_NAME)), "--out"
+        )
     with tempfile.TemporaryDirectory(prefix="bench_export.") as folder:
-        for name in args.models:
-            bench_encoder(name, args, device, folder)
+        runs = [bench_encoder(name, args, device, folder) for name in args.models]
+    for run in runs:
+        run.update(device=benchlib.describe(device), onnxruntime=onnxruntime.__version__)
+    benchlib.publish(__file__, argv, args, runs, render, args.out, JSON_NAME)
     return 0
 
 

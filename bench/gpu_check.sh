@@ -53,12 +53,12 @@ if [ "${GPUS:-0}" -ge 2 ] || [ "$DEVICE" = cpu ]; then
 else
   echo "ddp-2-processes              skipped: one GPU (needs 2)" | tee -a "$SUMMARY"
 fi
-step allpairs-fp32 120 "$PY" bench/allpairs.py --device "$DEVICE" --n "$N_PAIRS" --repeats 2
-step allpairs-tf32 120 "$PY" bench/allpairs.py --device "$DEVICE" --n "$N_PAIRS" --repeats 2 --tf32 --no-baseline
-step allpairs-bf16 120 "$PY" bench/allpairs.py --device "$DEVICE" --n "$N_PAIRS" --repeats 2 --amp --no-baseline
-step allpairs-sym-fp32 120 "$PY" bench/allpairs.py --device "$DEVICE" --n "$N_PAIRS" --repeats 2 --pair-features sym
-step metrics 60 "$PY" bench/metric_speed.py --device "$DEVICE" --n "$N_SCORES" --no-sklearn
-step throughput 240 "$PY" bench/train_throughput.py --device "$DEVICE" --models TDNN,resnet \
+step allpairs-fp32 120 "$PY" bench/allpairs.py --device "$DEVICE" --n "$N_PAIRS" --repeats 2 --out "$LOGS/performance.md"
+step allpairs-tf32 120 "$PY" bench/allpairs.py --device "$DEVICE" --n "$N_PAIRS" --repeats 2 --tf32 --no-baseline --out "$LOGS/performance.md"
+step allpairs-bf16 120 "$PY" bench/allpairs.py --device "$DEVICE" --n "$N_PAIRS" --repeats 2 --amp --no-baseline --out "$LOGS/performance.md"
+step allpairs-sym-fp32 120 "$PY" bench/allpairs.py --device "$DEVICE" --n "$N_PAIRS" --repeats 2 --pair-features sym --out "$LOGS/performance.md"
+step metrics 60 "$PY" bench/metric_speed.py --device "$DEVICE" --n "$N_SCORES" --no-sklearn --out "$LOGS/performance.md"
+step throughput 240 "$PY" bench/train_throughput.py --device "$DEVICE" --out "$LOGS/performance.md" --models TDNN,resnet \
   --precisions "$([ "$DEVICE" = cpu ] && echo fp32 || echo fp32,bf16)" --steps "$STEPS" \
   --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 8)"
 DIGITS_FLAGS=()

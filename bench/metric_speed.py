@@ -6,6 +6,8 @@ and one bare argsort of the scores (numpy on the CPU, torch on a GPU), the floor
 sort-based method. The scores are float32, 10% targets, drawn as two Gaussians.
 """
 
+import os
+
 import benchlib
 import numpy as np
 import torch
@@ -32,22 +34,58 @@ OPTIONS = {
     "--n": (at_least(10), 10_000_000, "scores, at least 10 (default 10,000,000)"),
     "--decimals": (at_least(0), None, "round the scores to this many decimals (ties)"),
     "--no-sklearn": ("skip the roc_curve baseline (slow for large N)",),
+    "--out": (
+        benchlib.table_path,
+        os.path.join(benchlib.ROOT, "docs", "performance.md"),
+        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
+        "metric_speed.json (results/perf/ beside the page)",
+    ),
 }
+# The JSON of the table, relative to the page's folder.
+JSON_NAME = os.path.join("results", "perf", "metric_speed.json")
+
+
+def seconds(value):
+    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
+    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
+
+
+def ratio(baseline_s, ours_s):
+    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
+    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
+    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
+
+
+def render(record):
+    """Markdown: the rows of the performance table (what and command, ours, baseline, ratio), one per baseline."""
+    lines = ["| what (command) | ours | baseline | ratio |", "|---|---|---|---|"]
+    for r in record["runs"]:
+        what = f"EER + minDCF + AUC of {r['n']:,} float32 scores ({r['distinct']:,} distinct) — `{record['command']}`"
+        ours = f"compute_metrics: {seconds(r['ours_s'])}"
+        baseline = f"a bare {r['sort']} of the scores: {seconds(r['sort_s'])}"
+        lines.append(f"| {what} | {ours} | {baseline} | {ratio(r['sort_s'], r['ours_s'])} |")
+        if r["roc_s"] is not None:
+            baseline = f"`sklearn.metrics.roc_curve` + EER: {seconds(r['roc_s'])}"
+            same = f"EER the same to {r['eer_diff']:.1e}"
+            lines.append(f"| {what} | {ours} | {baseline} | {ratio(r['roc_s'], r['ours_s'])} ({same}) |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser():
     return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
 
 
-def main(argv=None):
-    args, device = benchlib.start(build_parser(), argv)
+def measure(args, device):
+    """Time compute_metrics, the bare argsort and roc_curve, print them; -> the run for the table."""
     rng = np.random.default_rng(0)
     labels = rng.random(args.n) < 0.1
     scores = (rng.standard_normal(args.n, dtype=np.float32) + 2.0 * labels).astype(np.float32)
     if args.decimals is not None:
         scores = np.round(scores, args.decimals)
     print(benchlib.describe(device))
-    print(f"{args.n} float32 scores, {int(labels.sum())} targets, {len(np.unique(scores))} distinct")
+    distinct = len(np.unique(scores))
+    print(f"{args.n} float32 scores, {int(labels.sum())} targets, {distinct} distinct")
     if device.type == "cuda":
         s, y = torch.from_numpy(scores).to(device), torch.from_numpy(labels).to(device)
         sort_s, _ = benchlib.best_time(lambda: torch.argsort(s), device, args.repeats)
@@ -57,11 +95,23 @@ def main(argv=None):
     ours_s, metrics = benchlib.best_time(lambda: compute_metrics(s, y), device, args.repeats)
     print("compute_metrics: " + ", ".join(f"{k} {v:.6f}" for k, v in metrics.items()))
     print(benchlib.ratio_line("EER + minDCF + AUC", ours_s, "bare argsort", sort_s))
+    sort = "`torch.argsort`" if device.type == "cuda" else "`numpy.argsort`"
+    run = {"device": benchlib.describe(device), "n": args.n, "distinct": distinct, "eer": metrics["eer"]}
+    run.update(ours_s=ours_s, sort=sort, sort_s=sort_s, roc_s=None, eer_diff=None)
     if args.no_sklearn:
-        return 0
+        return run
     roc_s, eer = benchlib.best_time(lambda: sklearn_eer(scores, labels), torch.device("cpu"), 1, warmup=0)
     print(f"EER through roc_curve {eer:.6f} (|difference| {abs(eer - metrics['eer']):.1e})")
     print(benchlib.ratio_line("EER + minDCF + AUC", ours_s, "roc_curve + EER (CPU)", roc_s))
+    return {**run, "roc_s": roc_s, "eer_diff": float(abs(eer - metrics["eer"]))}
+
+
+def main(argv=None):
+    args, device = benchlib.start(build_parser(), argv)
+    if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
+        folder = os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), JSON_NAME))
+        benchlib.make_folder(folder, "--out")
+    benchlib.publish(__file__, argv, args, [measure(args, device)], render, args.out, JSON_NAME)
     return 0
 
 

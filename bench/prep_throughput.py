@@ -39,7 +39,40 @@ OPTIONS = {
     "--utts": (at_least(1), 20, "utterances per speaker (default 20)"),
     "--frames": (at_least(2), 400, "longest utterance in frames, at least 2 (default 400)"),
     "--work-dir": (str, None, "folder for the features and the HDF5 (default: a temporary one)"),
+    "--out": (
+        benchlib.table_path,
+        os.path.join(benchlib.ROOT, "docs", "performance.md"),
+        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
+        "prep_throughput.json (results/perf/ beside the page)",
+    ),
 }
+# The JSON of the table, relative to the page's folder.
+JSON_NAME = os.path.join("results", "perf", "prep_throughput.json")
+
+
+def seconds(value):
+    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
+    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
+
+
+# The conversion's floors (the baselines), each with its key in the run.
+FLOORS = (("reading the ark's bytes alone", "read_s"), ("parsing the matrices with kaldiio alone", "parse_s"))
+
+
+def render(record):
+    """Markdown: the rows of the performance table (what and command, ours, baseline, ratio), one per baseline:
+    the conversion takes longer than either floor, the ratio says how many times."""
+    lines = ["| what (command) | ours | baseline | ratio |", "|---|---|---|---|"]
+    for r in record["runs"]:
+        what = (
+            f"data_prep's Kaldi-features conversion to the training HDF5, {r['utterances']:,} utterances "
+            f"({r['megabytes']:.1f} MB of features) — `{record['command']}`"
+        )
+        ours = f"{seconds(r['prep_s'])} ({r['utterances'] / r['prep_s']:,.0f} utterances/s)"
+        for floor, key in FLOORS:
+            times = f"{r['prep_s'] / r[key]:.1f}× the floor's time"
+            lines.append(f"| {what} | {ours} | {floor}: {seconds(r[key])} | {times} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser():
@@ -47,6 +80,7 @@ def build_parser():
 
 
 def run(args, folder):
+    """Time the conversion and its two floors in `folder`, print them; -> the run for the table."""
     cpu = torch.device("cpu")
     ark = benchlib.make_kaldi_features(folder, args.speakers, args.utts, args.frames, args.ncoef)
     scp = os.path.join(folder, "feats.scp")
@@ -60,15 +94,20 @@ def run(args, folder):
         print(f"{name}: {seconds:.4f} s ({megabytes / seconds:.1f} MB/s, {n_utts / seconds:.0f} utt/s)")
     print(f"data_prep takes {prep_s / read_s:.1f}x the time of reading the ark bytes")
     print(f"data_prep takes {prep_s / parse_s:.1f}x the time of kaldiio parsing alone")
+    return dict(utterances=n_utts, ncoef=args.ncoef, megabytes=megabytes, prep_s=prep_s, read_s=read_s, parse_s=parse_s)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
+        folder = os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), JSON_NAME))
+        benchlib.make_folder(folder, "--out")
     if args.work_dir:
-        run(args, benchlib.make_folder(args.work_dir, "--work-dir"))
+        measured = run(args, benchlib.make_folder(args.work_dir, "--work-dir"))
     else:
         with tempfile.TemporaryDirectory() as folder:
-            run(args, folder)
+            measured = run(args, folder)
+    benchlib.publish(__file__, argv, args, [measured], render, args.out, JSON_NAME)
     return 0
 
 

@@ -8,6 +8,8 @@ first --direct-trials trials and its time scaled to all of them (it costs the sa
 both forms' outputs on those trials are compared.
 """
 
+import os
+
 import benchlib
 import numpy as np
 import torch
@@ -44,15 +46,54 @@ OPTIONS = {
     "--emb-size": (at_least(1), 256, "embedding size d (default 256)"),
     "--top-n": (at_least(0), 300, "AS-norm top N, 2 to --cohort; 0 means S-norm over the whole cohort (300)"),
     "--direct-trials": (at_least(1), 200, "trials the direct form is timed on, at most --trials (200)"),
+    "--out": (
+        benchlib.table_path,
+        os.path.join(benchlib.ROOT, "docs", "performance.md"),
+        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
+        "score_norm_speed.json (results/perf/ beside the page)",
+    ),
 }
+# The JSON of the table, relative to the page's folder.
+JSON_NAME = os.path.join("results", "perf", "score_norm_speed.json")
+
+
+def seconds(value):
+    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
+    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
+
+
+def ratio(baseline_s, ours_s):
+    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
+    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
+    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
+
+
+def render(record):
+    """Markdown: the row of the performance table (what and command, ours, baseline, ratio)."""
+    lines = ["| what (command) | ours | baseline | ratio |", "|---|---|---|---|"]
+    for r in record["runs"]:
+        norm = f"AS-norm (top {r['top_n']})" if r["top_n"] else "S-norm (whole cohort)"
+        what = (
+            f"{norm} of {r['trials']:,} trials against a {r['cohort']:,}-item cohort, cosine, d={r['emb_size']} "
+            f"— `{record['command']}`"
+        )
+        ours = f"vectorised, each item scored against the cohort once: {seconds(r['fast_s'])}"
+        baseline = (
+            f"per-trial loop, timed on {r['direct_trials']:,} trials ({seconds(r['direct_sub_s'])}) and scaled: "
+            f"{seconds(r['direct_s'])}"
+        )
+        same = f"same scores to {r['max_diff']:.1e}"
+        lines.append(f"| {what} | {ours} | {baseline} | {ratio(r['direct_s'], r['fast_s'])} ({same}) |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser():
     return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.DEVICE)
 
 
-def main(argv=None):
-    args, device = benchlib.start(build_parser(), argv)
+def measure(args, device):
+    """Time both forms on random embeddings, print them; -> the run for the table."""
     top_n = args.top_n or None
     rng = np.random.default_rng(0)
     enroll = rng.standard_normal((args.enroll, args.emb_size), dtype=np.float32)
@@ -91,6 +132,17 @@ def main(argv=None):
         f"max |vectorised - direct| {diff:.2e}"
     )
     print(benchlib.ratio_line("AS-norm of all trials, vectorised", fast_s, "direct (scaled)", direct_s))
+    sizes = {k: getattr(args, k) for k in ("trials", "enroll", "test", "cohort", "emb_size", "top_n")}
+    run = dict(device=benchlib.describe(device), **sizes, direct_trials=sub, fast_s=fast_s)
+    return {**run, "direct_sub_s": direct_sub_s, "direct_s": direct_s, "max_diff": diff}
+
+
+def main(argv=None):
+    args, device = benchlib.start(build_parser(), argv)
+    if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
+        folder = os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), JSON_NAME))
+        benchlib.make_folder(folder, "--out")
+    benchlib.publish(__file__, argv, args, [measure(args, device)], render, args.out, JSON_NAME)
     return 0
 
 

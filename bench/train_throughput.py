@@ -122,7 +122,32 @@ OPTIONS = {
     "--image-path": (str, None, "real images for ResNet (CIFAR-10, IDX, folders)"),
     "--speakers": (at_least(2), None, "speakers of 20 utterances (default: 25 batches)"),
     "--work-dir": (str, None, "folder for the Kaldi features and HDF5 (default: temporary)"),
+    "--out": (
+        benchlib.table_path,
+        os.path.join(benchlib.ROOT, "docs", "performance.md"),
+        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
+        "train_throughput.json (results/perf/ beside the page)",
+    ),
 }
+# The JSON of the table, relative to the page's folder.
+JSON_NAME = os.path.join("results", "perf", "train_throughput.json")
+# What each task's real loader reads, for the table.
+LOADERS = {"speech": "HDF5 loader (random crops)", "image": "image loader (random crop and flip)"}
+
+
+def render(record):
+    """Markdown: the rows of the performance table (what and command, ours, baseline, ratio), one per model and
+    precision."""
+    lines = ["| what (command) | ours | baseline | ratio |", "|---|---|---|---|"]
+    for r in record["runs"]:
+        what = (
+            f"{r['model']} training ({r['precision']}, batch {r['batch']}), {LOADERS[r['task']]} vs the same batch "
+            f"in memory — `{record['command']}`"
+        )
+        ours = f"real loader: {r['real']:.1f} samples/s (the loader alone delivers {r['alone']:.1f})"
+        share = f"**{100 * r['real'] / r['bound']:.0f} %** of the in-memory rate"
+        lines.append(f"| {what} | {ours} | in memory: {r['bound']:.1f} samples/s | {share} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser():
@@ -130,10 +155,12 @@ def build_parser():
 
 
 def run(args, device, folder):
+    """Measure each model and precision, print the rates; -> the runs for the table."""
     print(benchlib.describe(device))
     precisions = args.precisions or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
     if args.steps is None:
         args.steps = 200 if device.type == "cuda" else 3
+    runs = []
     for name in args.models:
         task = task_for_model(name)
         batch, n_frames = task.bench_sizes(device)
@@ -150,6 +177,8 @@ def run(args, device, folder):
         for precision in precisions:
             alone, real, bound = measure(flags + (["--amp"] if precision == "bf16" else []), device, args)
             rates[precision] = real
+            runs.append(dict(model=name, task=task.name, precision=precision, batch=batch, n_frames=n_frames))
+            runs[-1].update(device=benchlib.describe(device), alone=alone, real=real, bound=bound)
             print(
                 f"{name} {precision}, batch {batch}: training on the real loader {real:.1f} samples/s, "
                 f"in memory {bound:.1f}; the loader alone delivers {alone:.1f}"
@@ -157,15 +186,20 @@ def run(args, device, folder):
             print(f"  real loader reaches {100 * real / bound:.1f}% of the in-memory bound")
         if "fp32" in rates and "bf16" in rates:
             print(f"  {name} bf16 / fp32 with the real loader: {rates['bf16'] / rates['fp32']:.2f}x")
+    return runs
 
 
 def main(argv=None):
     args, device = benchlib.start(build_parser(), argv)
+    if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
+        folder = os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), JSON_NAME))
+        benchlib.make_folder(folder, "--out")
     if args.work_dir:
-        run(args, device, benchlib.make_folder(args.work_dir, "--work-dir"))
+        runs = run(args, device, benchlib.make_folder(args.work_dir, "--work-dir"))
     else:
         with tempfile.TemporaryDirectory() as folder:
-            run(args, device, folder)
+            runs = run(args, device, folder)
+    benchlib.publish(__file__, argv, args, runs, render, args.out, JSON_NAME)
     return 0
 
 

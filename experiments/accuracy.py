@@ -118,15 +118,42 @@ PROTOCOLS = {
 }
 
 
-def table(rows):
-    """Markdown: one row per (protocol, variant), mean ± sd over runs."""
+def paired(runs, scorer):
+    """'mean ± sd (wins/n)' of `scorer`'s EER minus cosine's, run by run (a win: not above cosine)."""
+    diffs = [r[scorer]["eer"] - r["cos"]["eer"] for r in runs]
+    wins = sum(d <= 0 for d in diffs)
+    return f"{mean_sd(diffs)} ({wins}/{len(diffs)})"
+
+
+def render(record):
+    """Markdown: one row per (protocol, variant), mean ± sd over its runs, and the paired differences to cosine."""
     head = "| protocol | variant | runs | " + " | ".join(f"{s} EER" for s in SCORERS)
-    head += " | " + " | ".join(f"{s} minDCF(0.01)" for s in SCORERS) + " | CPU min |"
-    lines = [head, "|" + "---|" * (4 + 2 * len(SCORERS))]
-    for (protocol, variant), (runs, cpu) in rows.items():
+    head += " | e2e − cos (wins) | fus − cos (wins) | " + " | ".join(f"{s} minDCF(0.01)" for s in SCORERS)
+    lines = [head + " | CPU min |", "|" + "---|" * (6 + 2 * len(SCORERS))]
+    groups = {}
+    for run in record["runs"]:
+        groups.setdefault((run["protocol"], run["variant"]), []).append(run)
+    for (protocol, variant), group in groups.items():
+        runs = [r["metrics"] for r in group]
         cells = [mean_sd([r[s]["eer"] for r in runs]) for s in SCORERS]
+        cells += [paired(runs, "e2e"), paired(runs, "fus")]
         cells += [mean_sd([r[s]["mindcf_0.01"] for r in runs]) for s in SCORERS]
-        lines.append(f"| {protocol} | {variant} | {len(runs)} | " + " | ".join(cells) + f" | {cpu / 60:.1f} |")
+        minutes = sum(r["cpu_s"] for r in group) / 60
+        lines.append(f"| {protocol} | {variant} | {len(runs)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return "\n".join(lines) + "\n\n" + per_run(record["runs"])
+
+
+# The per-run table's metrics, as eval.py's JSON names them, and their column titles.
+RUN_METRICS = (("eer", "EER"), ("mindcf_0.01", "minDCF(0.01)"), ("mindcf_0.05", "minDCF(0.05)"), ("auc", "AUC"))
+
+
+def per_run(runs):
+    """Markdown: every run (seed or fold) on its own line, each scorer's metrics, for paired comparisons."""
+    head = "| protocol | variant | seed or fold | " + " | ".join(f"{s} {t}" for _, t in RUN_METRICS for s in SCORERS)
+    lines = [head + " |", "|" + "---|" * (3 + len(SCORERS) * len(RUN_METRICS))]
+    for run in runs:
+        cells = [f"{run['metrics'][s][key]:.4f}" for key, _ in RUN_METRICS for s in SCORERS]
+        lines.append(f"| {run['protocol']} | {run['variant']} | {run['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,21 +212,20 @@ def main(argv=None):
     benchlib.make_folder(args.work_dir, "--work-dir")
     if "fonts" in args.protocols:
         benchlib.make_font_set(args.fonts)
-    rows, every = {}, []
+    every = []
     for protocol in args.protocols:
         for variant in args.variants:
-            runs, start = [], children_cpu_seconds()
             for key in args.folds if protocol == "asterisk" else args.seeds:
+                start = children_cpu_seconds()
                 with run_folder(args, f"{protocol}_{variant}_{key}") as folder:
                     metrics = PROTOCOLS[protocol](folder, key, variant, args)
-                runs.append(metrics)
-                every.append({"protocol": protocol, "variant": variant, "run": key, "metrics": metrics})
+                cpu = children_cpu_seconds() - start
+                every.append({"protocol": protocol, "variant": variant, "run": key, "metrics": metrics, "cpu_s": cpu})
                 line = "  ".join(f"{s} {metrics[s]['eer']:.4f}" for s in SCORERS)
                 print(
                     f"{protocol} {variant} {'fold' if protocol == 'asterisk' else 'seed'} {key}: EER {line}", flush=True
                 )
-            rows[(protocol, variant)] = (runs, children_cpu_seconds() - start)
-    benchlib.write_results(table(rows), every, args.out)
+    benchlib.publish(__file__, argv, args, every, render, args.out)
     return 0
 
 

@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import benchlib  # noqa: E402
 import numpy as np  # noqa: E402
-from benchlib import IMAGE_RECIPE, VARIANTS, at_least, children_cpu_seconds, python  # noqa: E402
+from benchlib import IMAGE_RECIPE, VARIANTS, at_least, children_cpu_seconds, mean_sd, python  # noqa: E402
 
-from utils import UserError, atomic_path, atomic_write, cli  # noqa: E402
+from utils import UserError, atomic_path, cli  # noqa: E402
 
 EXAMPLE = """example:
   python experiments/class_count.py --fonts runs/fonts32 --sizes 8,32,128,all --seeds 1,2,3"""
@@ -83,6 +83,20 @@ def plot(path, results, sizes_used):
     plt.close(fig)
 
 
+def render(record):
+    """Markdown: one row per (variant, training-font count), mean ± sd over seeds."""
+    lines = ["| training fonts | variant | steps | " + " | ".join(f"{s} EER" for s in SCORERS) + " | CPU min |"]
+    lines.append("|" + "---|" * (4 + len(SCORERS)))
+    groups = {}
+    for run in record["runs"]:
+        groups.setdefault((run["variant"], run["size"]), []).append(run)
+    for (variant, size), group in groups.items():
+        cells = [mean_sd([r["metrics"][s]["eer"] for r in group]) for s in SCORERS]
+        minutes = sum(r["cpu_s"] for r in group) / 60
+        lines.append(f"| {size} | {variant} | {group[0]['steps']} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def font_counts(text):
     """An argparse type: --sizes, comma-separated training-font counts (each at least 2) or 'all' -> a list."""
     sizes = []
@@ -131,35 +145,21 @@ def main(argv=None):
     if any(s > n_all for s in sizes):
         raise UserError(f"--sizes must be at most the {n_all} training fonts, got {max(sizes)}")
     seeds, variants = args.seeds, args.variants
-    results, cpu, steps = {v: {s: [] for s in sizes} for v in variants}, {}, {}
+    every = []
     for variant in variants:
         for size in sizes:
-            start = children_cpu_seconds()
             for seed in seeds:
+                start = children_cpu_seconds()
                 with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.out))) as work:
-                    metrics, steps[size] = run_size(args, args.fonts, labels, n_all, size, seed, variant, work)
-                results[variant][size].append(metrics)
+                    metrics, steps = run_size(args, args.fonts, labels, n_all, size, seed, variant, work)
+                cpu = children_cpu_seconds() - start
+                every.append({"variant": variant, "size": size, "seed": seed, "steps": steps, "metrics": metrics,
+                              "cpu_s": cpu})  # fmt: skip
                 line = "  ".join(f"{s} {metrics[s]['eer']:.4f}" for s in SCORERS)
-                print(f"{variant} {size} fonts seed {seed} ({steps[size]} steps): EER {line}", flush=True)
-            cpu[(variant, size)] = children_cpu_seconds() - start
-    lines = ["| training fonts | variant | steps | " + " | ".join(f"{s} EER" for s in SCORERS) + " | CPU min |"]
-    lines.append("|" + "---|" * (4 + len(SCORERS)))
-    for variant in variants:
-        for size in sizes:
-            runs = results[variant][size]
-            cells = []
-            for scorer in SCORERS:
-                values = [r[scorer]["eer"] for r in runs]
-                sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-                cells.append(f"{statistics.mean(values):.4f}{sd}")
-            minutes = cpu[(variant, size)] / 60
-            lines.append(f"| {size} | {variant} | {steps[size]} | " + " | ".join(cells) + f" | {minutes:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with atomic_write(args.out + ".md") as handle:
-        handle.write(text)
-    with atomic_write(args.out + ".json") as handle:
-        json.dump({v: {str(s): r for s, r in by.items()} for v, by in results.items()}, handle, indent=1)
+                print(f"{variant} {size} fonts seed {seed} ({steps} steps): EER {line}", flush=True)
+    benchlib.publish(__file__, argv, args, every, render, args.out + ".md")
+    results = {v: {s: [r["metrics"] for r in every if (r["variant"], r["size"]) == (v, s)] for s in sizes}
+               for v in variants}  # fmt: skip
     plot(args.out + ".png", results, sizes)
     print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
     return 0

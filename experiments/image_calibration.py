@@ -101,6 +101,11 @@ OPTIONS = {
 }
 
 
+def render(record):
+    """Markdown: a calibration table per target prior."""
+    return "\n".join(study.calibration_table(record["runs"][str(p)], p, "variant") for p in record["args"]["p_targets"])
+
+
 def build_parser():
     return benchlib.make_parser(
         __doc__,
@@ -124,8 +129,7 @@ def main(argv=None):
         for run in group:
             for p, sets in study_run(args, run, p_targets).items():
                 results[p][variant].update(sets)
-    text = "\n".join(study.calibration_table(results[p], p, "variant") for p in p_targets)
-    benchlib.write_results(text, {str(p): results[p] for p in p_targets}, args.out)
+    benchlib.publish(__file__, argv, args, {str(p): results[p] for p in p_targets}, render, args.out)
     return 0
 
 

@@ -160,9 +160,14 @@ def cell(runs, epoch, scorer):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(rows, args):
+def render(record):
     """Markdown: one line per row, mean (± sd) over seeds; the ratio of cosine EERs to the baseline's."""
-    e1, e2 = args.early_epoch, args.epochs
+    e1, e2 = record["args"]["early_epoch"], record["args"]["epochs"]
+    rows = {}
+    for run in record["runs"]:
+        runs, cpus = rows.setdefault(run["row"], ([], []))
+        runs.append({int(epoch): eers for epoch, eers in run["eer"].items()})
+        cpus.append(run["cpu_s_per_epoch"])
     head = f"| row | seeds | cos EER @{e1} | cos EER @{e2} | e2e EER @{e1} | e2e EER @{e2} | fus EER @{e1} "
     head += f"| fus EER @{e2} | cos / baseline @{e1} | cos / baseline @{e2} | CPU s / epoch |"
     lines = [head, "|" + "---|" * 11]
@@ -228,22 +233,18 @@ def main(argv=None):
     args.device = str(choose_device(args.device))
     torch.set_num_threads(args.threads)
     test = test_set(args)
-    rows, every = {}, []
+    every = []
     for name in args.rows:
-        runs, cpus = [], []
         for seed in args.seeds:
             if ROWS[name] is None:
                 result, cpu = run_baseline(args, seed, name == "baseline", test)
             else:
                 folder = os.path.join(args.work_dir, f"{name}_w{args.width}_s{seed}")
                 result, cpu = run_toolkit(args, seed, ROWS[name], folder, test)
-            runs.append(result)
-            cpus.append(cpu)
             every.append({"row": name, "seed": seed, "width": args.width, "cpu_s_per_epoch": cpu, "eer": result})
             line = "  ".join(f"@{e}: " + " ".join(f"{s} {v:.4f}" for s, v in r.items()) for e, r in result.items())
             print(f"{name} seed {seed}: {line}  ({cpu:.0f} CPU s/epoch)", flush=True)
-        rows[name] = (runs, cpus)
-    benchlib.write_results(table(rows, args), every, args.out)
+    benchlib.publish(__file__, argv, args, every, render, args.out)
     return 0
 
 

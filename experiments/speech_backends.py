@@ -82,6 +82,16 @@ def table(per_fold):
     return "\n".join(lines) + "\n"
 
 
+def render(record):
+    """Markdown: the scorers' table over the folds, then the calibration table."""
+    runs = record["runs"]
+    return (
+        table(list(runs["folds"].values()))
+        + "\n"
+        + study.calibration_table(runs["calibration"], record["args"]["p_target"])
+    )
+
+
 def utterance_halves(utt2spk):
     """{utt: 0 or 1}: each speaker's utterances, in sorted order, alternate between half 0 and half 1."""
     return study.alternating_halves(speech_data.speaker_info(utt2spk_path=utt2spk)[0])
@@ -144,8 +154,8 @@ def main(argv=None):
             results[protocol][name] = metrics = study.calibrated_metrics(dev, test, args.p_target, CALIBRATED)
             pairs = (f"{s} {m['act_dcf']:.3f}/{m['min_dcf']:.3f}" for s, m in metrics.items())
             print(f"{protocol}: {name}: actDCF/minDCF " + "  ".join(pairs), flush=True)
-    text = table(per_fold) + "\n" + study.calibration_table(results, args.p_target)
-    benchlib.write_results(text, {"folds": dict(zip(map(str, folds), per_fold)), "calibration": results}, args.out)
+    runs = {"folds": dict(zip(map(str, folds), per_fold)), "calibration": results}
+    benchlib.publish(__file__, argv, args, runs, render, args.out)
     return 0
 
 

@@ -33,34 +33,68 @@ def experiment(monkeypatch):
     return lambda name: importlib.import_module(name)
 
 
-def test_allpairs_split_matches_concatenated(bench, capsys):
+def published(module, page, name):
+    """The record a timing bench wrote beside its page (results/perf/`name`.json); its table is in the page."""
+    record = json.loads((page.parent / "results" / "perf" / f"{name}.json").read_text())
+    assert record["script"] == f"bench/{module.__name__}.py" and record["command"].startswith("python bench/")
+    assert module.render(record) in page.read_text()
+    return record
+
+
+def test_allpairs_split_matches_concatenated(bench, capsys, tmp_path):
+    page = tmp_path / "performance.md"
     argv = ["--device", "cpu", "--n", "40", "--hidden-size", "16", "--n-hidden", "2", "--ndiscriminators", "2"]
-    assert bench("allpairs").main(argv + ["--repeats", "1"]) == 0
+    assert bench("allpairs").main(argv + ["--repeats", "1", "--out", str(page)]) == 0
     out = capsys.readouterr().out
     assert float(re.search(r"max \|split - concatenated\| (\S+)", out).group(1)) < 1e-5
     assert re.search(r"all-pairs scoring, split: .* -> [\d.]+x", out)
+    (run,) = published(bench("allpairs"), page, "allpairs")["runs"]
+    assert run["pairs"] == 780 and run["max_diff"] < 1e-5 and run["concat_s"] > 0
+    sym = ["--device", "cpu", "--n", "30", "--pair-features", "sym", "--no-baseline", "--repeats", "1"]
+    assert bench("allpairs").main(sym + ["--out", str(page)]) == 0
+    (run,) = published(bench("allpairs"), page, "allpairs_sym")["runs"]
+    assert run["concat_s"] is None and "not run" in page.read_text()
+    assert page.read_text().count("| what (command) |") == 2  # the concat table kept beside the sym one
 
 
-def test_metrics_agree_with_roc_curve(bench, capsys):
-    assert bench("metric_speed").main(["--device", "cpu", "--n", "20000", "--decimals", "2", "--repeats", "1"]) == 0
+def test_metrics_agree_with_roc_curve(bench, capsys, tmp_path):
+    page = tmp_path / "performance.md"
+    argv = ["--device", "cpu", "--n", "20000", "--decimals", "2", "--repeats", "1", "--out", str(page)]
+    assert bench("metric_speed").main(argv) == 0
     out = capsys.readouterr().out
     assert float(re.search(r"\|difference\| (\S+)\)", out).group(1)) < 1e-9
     assert "vs bare argsort" in out and "vs roc_curve" in out
+    (run,) = published(bench("metric_speed"), page, "metric_speed")["runs"]
+    assert run["n"] == 20000 and run["eer_diff"] < 1e-9 and run["distinct"] < 20000
 
 
 def test_prep_throughput(bench, capsys, tmp_path):
+    page = tmp_path / "performance.md"
     argv = ["--speakers", "3", "--utts", "4", "--frames", "40", "--repeats", "1", "--work-dir", str(tmp_path)]
-    assert bench("prep_throughput").main(argv) == 0
+    assert bench("prep_throughput").main(argv + ["--out", str(page)]) == 0
     assert "the time of reading the ark bytes" in capsys.readouterr().out
     assert (tmp_path / "train.hdf").is_file()
+    (run,) = published(bench("prep_throughput"), page, "prep_throughput")["runs"]
+    assert run["utterances"] == 12 and run["prep_s"] > 0
 
 
 def test_train_throughput(bench, capsys, tmp_path):
+    page = tmp_path / "performance.md"
     argv = ["--device", "cpu", "--batch-size", "10", "--n-frames", "40", "--steps", "1", "--warmup", "1"]
-    argv += ["--repeats", "1", "--workers", "0", "--speakers", "4", "--work-dir", str(tmp_path)]
-    assert bench("train_throughput").main(argv) == 0
+    argv += ["--repeats", "1", "--workers", "0", "--speakers", "4", "--work-dir", str(tmp_path / "w")]
+    assert bench("train_throughput").main(argv + ["--out", str(page)]) == 0
     out = capsys.readouterr().out
     assert out.count("of the in-memory bound") == 2, out
+    runs = published(bench("train_throughput"), page, "train_throughput")["runs"]
+    assert [(r["model"], r["task"], r["precision"]) for r in runs] == [
+        ("TDNN", "speech", "fp32"),
+        ("resnet", "image", "fp32"),
+    ]
+
+
+def test_timing_bench_out_is_checked_before_the_work(bench, tmp_path):
+    with pytest.raises(UserError, match="--out"):
+        bench("metric_speed").main(["--device", "cpu", "--n", "20", "--out", str(tmp_path / "no" / "such" / "p.md")])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -122,8 +156,10 @@ def test_image_calibration_on_a_kept_fashion_mnist_run(experiment, tmp_path, cap
     out = tmp_path / "llr.md"
     flags = ["--runs", str(tmp_path), "--variants", "concat", "--seeds", "1", "--test-items-per-class", "12"]
     assert experiment("image_calibration").main([*flags, "--p-targets", "0.01,0.5", "--out", str(out)]) == 0
-    results = json.loads((tmp_path / "llr.md.json").read_text())
-    assert sorted(results) == ["0.01", "0.5"]
+    record = json.loads((tmp_path / "llr.json").read_text())
+    results = record["runs"]
+    assert sorted(results) == ["0.01", "0.5"] and record["script"] == "experiments/image_calibration.py"
+    assert experiment("image_calibration").render(record) in out.read_text()
     halves = results["0.5"]["concat"]
     assert sorted(halves) == ["fmnist-open_concat_1 half 0", "fmnist-open_concat_1 half 1"]
     for costs in halves.values():

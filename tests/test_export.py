@@ -329,11 +329,12 @@ def test_dynamo_failure_is_one_line_and_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["lstm.pt"]
 
 
-def test_bench_runs_and_agrees(capsys, monkeypatch):
+def test_bench_runs_and_agrees(capsys, monkeypatch, tmp_path):
     """bench/export_speed.py at tiny sizes: it runs and its parity check holds (no timing is asserted)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     bench = importlib.import_module("export_speed")
     argv = ["--speech-batch", "2", "--frames", "50", "--image-batch", "2", "--image-size", "8", "--repeats", "1"]
+    argv += ["--out", str(tmp_path / "performance.md")]  # never the committed page
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     for name in ("TDNN", "resnet"):

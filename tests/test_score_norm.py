@@ -114,10 +114,11 @@ def test_bad_cohort_settings(top_n, size, message):
         cohort_stats(torch.zeros(3, 4), torch.ones(size, 4), cosine_block, top_n)
 
 
-def test_bench_tiny_run_agrees_with_direct(monkeypatch, capsys):
+def test_bench_tiny_run_agrees_with_direct(monkeypatch, capsys, tmp_path):
     monkeypatch.syspath_prepend(BENCH)
     bench = importlib.import_module("score_norm_speed")
     argv = ["--device", "cpu", "--trials", "300", "--enroll", "20", "--test", "30", "--cohort", "50"]
+    argv += ["--out", str(tmp_path / "performance.md")]  # never the committed page
     assert bench.main(argv + ["--emb-size", "16", "--top-n", "10", "--direct-trials", "100", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert float(re.search(r"max \|vectorised - direct\| (\S+)", out).group(1)) < 1e-4
