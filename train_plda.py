@@ -10,10 +10,9 @@ import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_ver
 
 # isort: split
 
-import h5py
 import numpy as np
 
-from e2e_verification import embedding_files, speech_data
+from e2e_verification import embedding_files
 from e2e_verification.plda import PLDA
 from utils import UserError, check_outputs, cli, make_parser
 
@@ -35,34 +34,6 @@ def build_parser():
     return p
 
 
-def labelled(found, utt2spk, path, utt2spk_path):
-    """(N, d) vectors and (N,) speakers of the embeddings that have a speaker: from utt2spk (only those it
-    lists) or from each vector's `spk` attribute (all must have one)."""
-    if utt2spk is not None:
-        keep = [k for k, utt in enumerate(found.ids) if utt in utt2spk]
-        speakers = [utt2spk[found.ids[k]] for k in keep]
-    else:
-        missing = sum(spk is None for spk in found.speakers)
-        if missing and not h5py.is_hdf5(path):
-            raise UserError(f"{path} is a Kaldi table, which holds no speaker labels: give --utt2spk")
-        if missing:
-            raise UserError(
-                f"{missing} embeddings of {path} have no `spk` attribute: give their speakers with --utt2spk"
-            )
-        keep, speakers = list(range(len(found.ids))), found.speakers
-    if not keep:
-        raise UserError(f"no labelled embeddings in {path} are listed in {utt2spk_path}")
-    return found.vectors[keep], np.array(speakers)
-
-
-def read_embeddings(path, utt2spk_path=None):
-    """(N, d) float32 embeddings, (N,) speaker labels and the provenance of an embed.py output (module doc)."""
-    found = embedding_files.read(path)
-    utt2spk = speech_data.read_utt2spk(utt2spk_path) if utt2spk_path else None
-    vectors, speakers = labelled(found, utt2spk, embedding_files.resolve(path), utt2spk_path)
-    return vectors, speakers, found.provenance
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.iterations < 1:
@@ -70,7 +41,7 @@ def main(argv=None):
     source = embedding_files.resolve(args.embeddings)
     inputs = {"--embeddings": args.embeddings, "--embeddings file": source, "--utt2spk": args.utt2spk}
     check_outputs({"--out": args.out}, inputs)
-    embeddings, speakers, provenance = read_embeddings(source, args.utt2spk)
+    embeddings, speakers, provenance = embedding_files.read_labelled(source, args.utt2spk)
     n_speakers = len(np.unique(speakers))
     print(f"{len(embeddings)} embeddings of {embeddings.shape[1]} dimensions from {n_speakers} speakers")
     model = PLDA(args.lda_dim, not args.no_whiten, not args.no_length_norm, args.iterations).fit(embeddings, speakers)

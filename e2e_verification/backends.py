@@ -1,5 +1,6 @@
 """The scorers eval.py adds to scoring.SCORERS from its flags: calibrated LLRs (--calibration), S-norm and
-AS-norm against a cohort (--cohort, --cohort-top-n), and a PLDA back-end (--plda).
+AS-norm against a cohort (--cohort, --cohort-top-n), a PLDA back-end (--plda) and a learned distance trained
+on fixed embeddings (--distance, train_distance.py; its file format is here).
 
 Every file a flag names is read and checked when the Backends is built, before the checkpoint or any
 embedding, so a bad file fails in a second. `scorers(...)` then returns the full scorer list for the
@@ -12,6 +13,8 @@ back-end flags and the Backends of a run come from that list alone.
 import abc
 import functools
 import os
+import pickle
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +23,7 @@ from e2e_verification import embedding_files, score_norm, scoring
 from e2e_verification.calibration import PREFIX, apply_calibration, load_calibration
 from e2e_verification.checkpoints import check_provenance
 from e2e_verification.scoring import Scorer
-from utils import UserError
+from utils import UserError, atomic_path
 
 # Raw scores normalised against the cohort, by the name of the scorer that gives them.
 NORMALISED = ("cos", "e2e_logit")
@@ -105,6 +108,112 @@ def plda_scorer(model, emb):
     block at a time (PLDA.score_projected)."""
     projected = model.project(emb.detach().cpu().numpy().astype(np.float64), "evaluated embeddings")
     return Scorer("plda", functools.partial(_plda_scores, model, projected), "two-covariance PLDA LLR", is_llr=True)
+
+
+# ----------------------------------------------------------------------------- a learned distance on fixed embeddings
+#
+# train_distance.py's file (torch.save, loaded weights only): {"format": DISTANCE_FORMAT, "config": the
+# LearnedDistance keyword arguments (emb_size, hidden_size, n_hidden, dropout_prob, ndiscriminators,
+# pair_features, normalize), "weights": its state_dict, "provenance": the model that made the training
+# embeddings (checkpoints.provenance_of, None when unknown), "training": what the run did (flags, EERs)}.
+
+DISTANCE_FORMAT = "learned-distance/1"
+DISTANCE_CONFIG = (
+    "emb_size",
+    "hidden_size",
+    "n_hidden",
+    "dropout_prob",
+    "ndiscriminators",
+    "pair_features",
+    "normalize",
+)
+
+
+def save_distance(path, distance, config, provenance=None, training=None):
+    """Write a LearnedDistance built from `config` (DISTANCE_CONFIG keys) as train_distance.py's file, atomically."""
+    assert set(config) == set(DISTANCE_CONFIG), sorted(config)
+    weights = {name: tensor.detach().cpu() for name, tensor in distance.state_dict().items()}
+    state = {"format": DISTANCE_FORMAT, "config": dict(config), "weights": weights, "provenance": provenance}
+    state["training"] = training or {}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _read_distance_state(path):
+    """The dict of a distance file, loaded weights only; UserError for anything that is not one."""
+    not_one = f"{path} is not a distance file written by train_distance.py"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise UserError(f"cannot read distance file {path}: {err.strerror or err}") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle stream
+        raise UserError(not_one)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"refusing to load {path}: it holds Python objects besides tensors (loaded weights only)"
+        ) from None
+    except Exception:  # noqa: BLE001 (torch raises RuntimeError, EOFError, KeyError, ... on damaged files)
+        raise UserError(f"cannot read {path}: truncated or damaged") from None
+    if not isinstance(state, dict):
+        raise UserError(not_one)
+    if state.get("format") != DISTANCE_FORMAT:
+        raise UserError(not_one + (" (a checkpoint? give it as --cp-path)" if "model_state" in state else ""))
+    return state
+
+
+class DistanceFile(NamedTuple):
+    distance: torch.nn.Module  # models.verifier.LearnedDistance, in eval mode on the CPU
+    config: dict  # its DISTANCE_CONFIG keyword arguments
+    provenance: dict | None  # the model that made its training embeddings, None when unknown
+    training: dict  # what train_distance.py did: its flags, classes, epochs, held-out EERs
+
+
+def load_distance(path):
+    """The DistanceFile of a file written by save_distance; UserError for a damaged file or an unknown variant."""
+    from models.verifier import PAIR_FEATURES, LearnedDistance
+
+    state = _read_distance_state(path)
+    config = state.get("config")
+    if not isinstance(config, dict) or set(config) != set(DISTANCE_CONFIG):
+        raise UserError(f"{path}: its distance configuration is missing or damaged")
+    if config["pair_features"] not in PAIR_FEATURES:
+        known = ", ".join(PAIR_FEATURES)
+        raise UserError(
+            f"{path}: unknown learned-distance variant {config['pair_features']!r} (this code knows {known})"
+        )
+    try:
+        distance = LearnedDistance(**config)
+        distance.load_state_dict(state.get("weights") or {})
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"{path}: its weights do not fit its configuration (damaged file)") from None
+    provenance = state.get("provenance")
+    provenance = provenance if isinstance(provenance, dict) else None
+    return DistanceFile(distance.eval(), config, provenance, state.get("training") or {})
+
+
+def _distance_scores(distance, projected, amp, block):
+    """The mean logit over the heads of a block's pairs, a pair_chunk at a time (bounded activations)."""
+    device = distance.heads[0].first.weight.device
+    idx_a, idx_b = (i.to(device) for i in block.indices())
+    step = scoring.pair_chunk(distance, device)
+    out = torch.empty(len(idx_a), dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, len(idx_a), step):
+            part = slice(start, start + step)
+            out[part] = scoring._head_means(distance, projected, idx_a[part], idx_b[part], amp)[1].cpu()
+    return out
+
+
+def distance_scorer(distance, emb, amp=False, name="dist"):
+    """Scorer `name`: the learned distance's mean logit of each pair of items emb (N, d), every item projected once."""
+    distance.to(emb.device).eval()
+    with torch.no_grad():
+        projected = distance.project(emb.float())
+    help = "the learned distance trained on fixed embeddings (train_distance.py): its logit (mean over the heads)"
+    return Scorer(name, functools.partial(_distance_scores, distance, projected, amp), help, is_llr=True)
 
 
 # ----------------------------------------------------------------------------- the back-end registry
@@ -259,9 +368,51 @@ class Plda(Backend):
         return [plda_scorer(self.model, emb)]
 
 
+class Distance(Backend):
+    """--distance: the logit of a learned distance that train_distance.py trained on fixed embeddings."""
+
+    flags = (
+        (
+            "--distance",
+            {
+                "default": None,
+                "help": "learned distance from train_distance.py (trained on this model's embeddings): adds the "
+                "`dist` scorer, its logit",
+            },
+        ),
+    )
+    input_flags = ("--distance",)
+
+    def __init__(self, distance, config, provenance=None):
+        self.distance, self.config, self.provenance = distance, config, provenance
+
+    @classmethod
+    def from_args(cls, args, columns):
+        if args.distance is None:
+            return None
+        if not os.path.isfile(args.distance):
+            raise UserError(f"distance file not found: {args.distance}")
+        found = load_distance(args.distance)
+        return cls(found.distance, found.config, found.provenance)
+
+    def names(self):
+        return ["dist"]
+
+    def check_model(self, model, allow_other_model):
+        check_provenance(self.provenance, model, "the --distance file", allow_other_model)
+        size = model.encoder.embedding_size
+        if self.config["emb_size"] != size:
+            raise UserError(
+                f"the --distance file takes embeddings of size {self.config['emb_size']}; the checkpoint's are {size}"
+            )
+
+    def scorers(self, model, emb, embed_cohort=None, amp=False):
+        return [distance_scorer(self.distance, emb, amp)]
+
+
 # eval.py's back-ends, in --help order; they are built and applied in this order, except that those that read
 # scores (reads_scores) come after the rest.
-BACKENDS = (Calibration, Cohort, Plda)
+BACKENDS = (Calibration, Cohort, Plda, Distance)
 
 
 def add_arguments(parser):
@@ -298,7 +449,7 @@ class Backends:
 
     def check_model(self, model):
         """Before any embedding: each back-end checks its files against `model`, the last applied first (a
-        calibration, which reads the others' columns, then PLDA, then a cohort)."""
+        calibration, which reads the others' columns, then the distance, PLDA, then a cohort)."""
         for backend in reversed(self.backends):
             backend.check_model(model, self.allow_other_model)
 

@@ -112,7 +112,9 @@ def load_model(cp_path, model_name=None, device="cpu"):
 # its front end. A command that uses such an artifact with a model calls check_provenance before any work.
 
 ALLOW_OTHER_MODEL = "--allow-other-model"
-ALLOW_OTHER_MODEL_HELP = "use a calibration, cohort, PLDA or score file that records another checkpoint than --cp-path"
+ALLOW_OTHER_MODEL_HELP = (
+    "use a calibration, cohort, PLDA, distance or score file that records another checkpoint than --cp-path"
+)
 
 
 def weights_digest(state_dict):

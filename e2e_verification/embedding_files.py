@@ -14,6 +14,7 @@ import h5py
 import kaldiio
 import numpy as np
 
+from e2e_verification.speech_data import read_utt2spk
 from utils import UserError
 
 NAMES = ("embeddings.h5", "embeddings.scp")  # what embed.py writes into its --out-path folder
@@ -120,3 +121,32 @@ def is_embeddings_file(path):
         return False
     with h5py.File(path, "r") as h5:
         return "embedding_size" in h5.attrs
+
+
+def labelled(found, utt2spk, path, utt2spk_path):
+    """(N, d) vectors and (N,) speakers of the embeddings that have a speaker: from utt2spk (only those it
+    lists) or from each vector's `spk` attribute (all must have one)."""
+    if utt2spk is not None:
+        keep = [k for k, utt in enumerate(found.ids) if utt in utt2spk]
+        speakers = [utt2spk[found.ids[k]] for k in keep]
+    else:
+        missing = sum(spk is None for spk in found.speakers)
+        if missing and not h5py.is_hdf5(path):
+            raise UserError(f"{path} is a Kaldi table, which holds no speaker labels: give --utt2spk")
+        if missing:
+            raise UserError(
+                f"{missing} embeddings of {path} have no `spk` attribute: give their speakers with --utt2spk"
+            )
+        keep, speakers = list(range(len(found.ids))), found.speakers
+    if not keep:
+        raise UserError(f"no labelled embeddings in {path} are listed in {utt2spk_path}")
+    return found.vectors[keep], np.array(speakers)
+
+
+def read_labelled(path, utt2spk_path=None):
+    """(N, d) float32 embeddings, (N,) speaker labels and the provenance of an embed.py output: speakers from
+    `utt2spk_path` (only the utterances it lists) or from each vector's `spk` attribute (HDF5)."""
+    found = read(path)
+    utt2spk = read_utt2spk(utt2spk_path) if utt2spk_path else None
+    vectors, speakers = labelled(found, utt2spk, resolve(path), utt2spk_path)
+    return vectors, speakers, found.provenance

@@ -69,7 +69,7 @@ def test_eval_backend_flags_come_from_the_registry():
     registry = [flag for backend in backends.BACKENDS for flag, _ in backend.flags]
     start = options.index(registry[0])
     assert options[start : start + len(registry) + 1] == [*registry, "--allow-other-model"]
-    assert backends.input_flags() == ["--calibration", "--cohort", "--plda"]
+    assert backends.input_flags() == ["--calibration", "--cohort", "--plda", "--distance"]
 
 
 def test_no_backend_flag_builds_no_backend():
@@ -145,5 +145,7 @@ def test_one_reader_gives_both_views(tmp_path):
 
 def test_argparse_namespace_is_all_a_backend_reads():
     """Back-ends read only their own flags (and --allow-other-model) from the namespace."""
-    ns = argparse.Namespace(calibration=None, cohort=None, cohort_top_n=300, plda=None, allow_other_model=False)
+    ns = argparse.Namespace(
+        calibration=None, cohort=None, cohort_top_n=300, plda=None, distance=None, allow_other_model=False
+    )
     assert backends.Backends.from_args(ns).backends == []

@@ -1,0 +1,253 @@
+"""train_distance.py (a learned distance trained on fixed embeddings) and eval.py --distance, end to end on
+generated clustered embeddings in embed.py's formats and on a tiny real checkpoint."""
+
+import json
+import os
+
+import h5py
+import kaldiio
+import numpy as np
+import pytest
+import torch
+from tiny_data import write_checkpoint, write_kaldi_dir
+
+import eval as eval_script
+import train_distance
+from e2e_verification import backends
+from e2e_verification.calibration import read_score_file
+from e2e_verification.metrics import compute_eer
+from models.verifier import PAIR_FEATURES, LearnedDistance
+from utils import UserError, cli
+
+CPU = ["--device", "cpu"]
+FAST = ["--hidden-size", "32", "--batch-size", "40", "--samples-per-class", "4", *CPU]
+OTHER_MODEL = {"checkpoint": "/elsewhere/other.pt", "weights_sha256": "0123456789abcdef", "model": "TDNN"}
+
+
+def clusters(classes, per_class, dim, seed=0, spread=0.7):
+    """Gaussian clusters: ({utt: class}, {utt: vector}), centres N(0, 1), items centre + spread * N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    utt2spk, vectors = {}, {}
+    for c in range(classes):
+        centre = rng.normal(size=dim)
+        for u in range(per_class):
+            utt = f"s{seed}c{c:03d}-{u:02d}"
+            utt2spk[utt] = f"s{seed}c{c:03d}"
+            vectors[utt] = (centre + spread * rng.normal(size=dim)).astype(np.float32)
+    return utt2spk, vectors
+
+
+def write_embeddings(folder, utt2spk, vectors, labelled=True, provenance=None):
+    """embeddings.h5 (with `spk` attributes), embeddings.ark/scp and utt2spk, as embed.py writes them."""
+    os.makedirs(folder, exist_ok=True)
+    with h5py.File(os.path.join(folder, "embeddings.h5"), "w") as h5:
+        h5.attrs["embedding_size"] = len(next(iter(vectors.values())))
+        if provenance is not None:
+            h5.attrs["provenance"] = json.dumps(provenance)
+        for utt, vec in vectors.items():
+            dataset = h5.create_dataset(utt, data=vec)
+            if labelled and utt in utt2spk:
+                dataset.attrs["spk"] = utt2spk[utt]
+    ark, scp = os.path.join(folder, "embeddings.ark"), os.path.join(folder, "embeddings.scp")
+    with kaldiio.WriteHelper(f"ark,scp:{ark},{scp}") as writer:
+        for utt, vec in vectors.items():
+            writer(utt, vec)
+    with open(os.path.join(folder, "utt2spk"), "w") as handle:
+        handle.writelines(f"{utt} {spk}\n" for utt, spk in utt2spk.items())
+    return os.path.join(folder, "embeddings.h5")
+
+
+def pair_eer(distance, utt2spk, vectors):
+    """EER of the distance's logit over all pairs of the items."""
+    emb = torch.from_numpy(np.stack(list(vectors.values())))
+    labels = np.array([utt2spk[u] for u in vectors])
+    a, b = torch.triu_indices(len(emb), len(emb), 1)
+    with torch.no_grad():
+        logits = distance.eval().pair_logits(emb, a, b).mean(0)
+    return compute_eer(logits.numpy(), labels[a.numpy()] == labels[b.numpy()])
+
+
+def test_held_out_classes_are_told_apart_far_better_than_chance(tmp_path, capsys):
+    utt2spk, vectors = clusters(100, 8, 32)
+    h5 = write_embeddings(tmp_path / "train", utt2spk, vectors)
+    out = str(tmp_path / "distance.pt")
+    argv = ["--embeddings", h5, "--out", out, "--steps", "300", "--valid-classes", "0.2", "--valid-every", "100"]
+    assert train_distance.main([*argv, *FAST, "--hidden-size", "128", "--lr", "0.003"]) == 0
+    printed = capsys.readouterr().out
+    assert "800 embeddings of 32 dimensions from 100 classes, 20 held out" in printed
+    found = backends.load_distance(out)
+    history = found.training["history"]
+    assert [check["step"] for check in history] == [100, 200, 300] and found.training["steps"] == 300
+    assert found.training["valid_eer"] == min(check["valid_eer"] for check in history) < 0.15
+    new_classes = clusters(10, 10, 32, seed=1)  # classes neither trained on nor held out
+    untrained = pair_eer(LearnedDistance(**found.config), *new_classes)
+    trained = pair_eer(found.distance, *new_classes)
+    assert trained < 0.15 and untrained > 0.3, (trained, untrained)  # chance is 0.5
+
+
+@pytest.mark.parametrize("variant", list(PAIR_FEATURES))
+def test_every_variant_saves_and_loads_weights_only(tmp_path, variant):
+    utt2spk, vectors = clusters(6, 8, 16)
+    h5 = write_embeddings(tmp_path, utt2spk, vectors, provenance=OTHER_MODEL)
+    out = str(tmp_path / "distance.pt")
+    argv = ["--embeddings", h5, "--out", out, "--steps", "3", "--pair-features", variant, "--ndiscriminators", "2"]
+    assert train_distance.main([*argv, *FAST]) == 0
+    state = torch.load(out, weights_only=True)
+    assert state["format"] == backends.DISTANCE_FORMAT and state["provenance"] == OTHER_MODEL
+    found = backends.load_distance(out)
+    assert found.config["pair_features"] == variant and found.config["emb_size"] == 16
+    assert found.training["args"]["pair_features"] == variant and found.training["classes"] == 6
+    for name, tensor in found.distance.state_dict().items():
+        assert torch.equal(tensor, state["weights"][name]), name
+    again = tmp_path / "again.pt"
+    backends.save_distance(again, found.distance, found.config, found.provenance, found.training)
+    emb = torch.from_numpy(np.stack(list(vectors.values())))
+    a, b = torch.triu_indices(len(emb), len(emb), 1)
+    with torch.no_grad():
+        want = found.distance.pair_logits(emb, a, b)
+        assert torch.equal(backends.load_distance(again).distance.pair_logits(emb, a, b), want)
+
+
+def test_scp_with_utt2spk_trains_the_same_distance_as_hdf5(tmp_path):
+    utt2spk, vectors = clusters(8, 6, 12)
+    write_embeddings(tmp_path, utt2spk, vectors)
+    common = ["--steps", "20", *FAST]
+    scp = ["--embeddings", str(tmp_path / "embeddings.scp"), "--utt2spk", str(tmp_path / "utt2spk")]
+    assert train_distance.main([*scp, "--out", str(tmp_path / "a.pt"), *common]) == 0
+    assert train_distance.main(["--embeddings", str(tmp_path), "--out", str(tmp_path / "b.pt"), *common]) == 0
+    a, b = (backends.load_distance(tmp_path / name).distance.state_dict() for name in ("a.pt", "b.pt"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+def bad_input(tmp_path, case):
+    """The argv of each bad input (its files written)."""
+    utt2spk, vectors = clusters(4, 6, 8)
+    h5 = write_embeddings(tmp_path / "ok", utt2spk, vectors)
+    out = ["--out", str(tmp_path / "distance.pt")]
+    if case == "one class":
+        one = {utt: "c0" for utt in utt2spk}
+        return ["--embeddings", write_embeddings(tmp_path / "one", one, vectors), *out]
+    if case == "mixed sizes":
+        vectors[next(iter(vectors))] = np.zeros(5, np.float32)
+    elif case == "nan":
+        vectors[next(iter(vectors))][3] = np.nan
+    elif case == "labels missing":
+        utt2spk.pop(next(iter(utt2spk)))
+    bad = write_embeddings(tmp_path / "bad", utt2spk, vectors) if case != "unknown variant" else h5
+    extra = {
+        "unknown variant": ["--pair-features", "nope"],
+        "steps and epochs": ["--steps", "5", "--epochs", "1"],
+        "too many held out": ["--valid-classes", "3"],
+    }.get(case, [])
+    return ["--embeddings", bad, *out, *extra]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("one class", "one class"),
+        ("mixed sizes", "do not all have the same size"),
+        ("nan", "hold NaN or Inf"),
+        ("labels missing", "have no `spk` attribute"),
+        ("unknown variant", "invalid choice: 'nope'"),
+        ("steps and epochs", "not both"),
+        ("too many held out", "at least 2"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case, message):
+    argv = bad_input(tmp_path, case)
+    with pytest.raises(SystemExit) as info:
+        cli(train_distance.main, [*argv, *FAST])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "distance.pt").exists()
+
+
+def test_files_that_are_not_distance_files_are_refused(tmp_path):
+    cp = write_checkpoint(str(tmp_path / "cp.pt"))
+    (tmp_path / "text.pt").write_text("hello\n")
+    with pytest.raises(UserError, match="a checkpoint"):
+        backends.load_distance(cp)
+    with pytest.raises(UserError, match="not a distance file"):
+        backends.load_distance(tmp_path / "text.pt")
+
+
+# ----------------------------------------------------------------------------- eval.py --distance
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """A tiny ECAPA checkpoint (6-dimensional embeddings), test trials, and embed.py's training embeddings."""
+    import embed
+
+    root = tmp_path_factory.mktemp("eval_distance")
+    kaldi, train = str(root / "kaldi"), str(root / "train")
+    write_kaldi_dir(kaldi, n_speakers=4, n_utts=4, ncoef=23)
+    write_kaldi_dir(train, n_speakers=8, n_utts=6, ncoef=23, seed=7, prefix="trn")
+    small = {"ncoef": 23, "channels": 16, "embedding_size": 6, "latent_size": 8, "mfa_channels": 32}
+    small.update(se_bottleneck=8, attention_bottleneck=8)
+    cp = write_checkpoint(str(root / "ecapa.pt"), "ECAPA_TDNN", 4, small)
+    for source, folder in ((train, "train_emb"), (kaldi, "test_emb")):
+        argv = ["--data", source, "--cp-path", cp, "--out-path", str(root / folder), "--min-frames", "100"]
+        assert embed.main([*argv, *CPU]) == 0  # eval.py's tiling, so the test embeddings are the same
+    return kaldi, cp, root
+
+
+def eval_argv(speech, out, *extra):
+    kaldi, cp, _ = speech
+    return ["--cp-path", cp, "--test-data", kaldi, "--trials-path", kaldi + "/trials", "--out-path", out, *CPU, *extra]
+
+
+def test_eval_scores_trials_with_the_trained_distance(speech, tmp_path, capsys):
+    _, _, root = speech
+    model_path = str(tmp_path / "distance.pt")
+    argv = ["--embeddings", str(root / "train_emb"), "--out", model_path, "--steps", "10", "--pair-features", "sym"]
+    assert train_distance.main([*argv, *FAST]) == 0
+    out = str(tmp_path / "scores.out")
+    assert eval_script.main(eval_argv(speech, out, "--distance", model_path)) == 0
+    summary = json.load(open(out + ".json"))
+    assert summary["scorers"]["dist"]["is_llr"] and "eer" in summary["metrics"]["dist"]
+    assert "dist" in [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    columns, _, enroll, test = read_score_file(out)
+    with h5py.File(root / "test_emb" / "embeddings.h5", "r") as h5:
+        vectors = {u: torch.from_numpy(h5[u][()]) for u in h5}
+    distance = backends.load_distance(model_path).distance
+    with torch.no_grad():
+        want = distance(torch.stack([vectors[u] for u in enroll]), torch.stack([vectors[u] for u in test])).mean(0)
+    np.testing.assert_allclose(columns["dist"], want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_eval_refuses_a_distance_of_another_model_or_size(speech, tmp_path, capsys):
+    for name, dim, provenance in (("other.pt", 6, OTHER_MODEL), ("wide.pt", 9, None)):
+        utt2spk, vectors = clusters(4, 6, dim)
+        h5 = write_embeddings(tmp_path / name[:-3], utt2spk, vectors, provenance=provenance)
+        assert train_distance.main(["--embeddings", h5, "--out", str(tmp_path / name), "--steps", "2", *FAST]) == 0
+    out = str(tmp_path / "scores.out")
+    with pytest.raises(UserError, match="made with /elsewhere/other.pt.*--allow-other-model"):
+        eval_script.main(eval_argv(speech, out, "--distance", str(tmp_path / "other.pt")))
+    with pytest.raises(UserError, match="embeddings of size 9; the checkpoint's are 6"):
+        eval_script.main(eval_argv(speech, out, "--distance", str(tmp_path / "wide.pt")))
+    assert not os.path.exists(out)
+    capsys.readouterr()
+    argv = eval_argv(speech, out, "--distance", str(tmp_path / "other.pt"), "--allow-other-model")
+    assert eval_script.main(argv) == 0
+    assert "used anyway (--allow-other-model)" in capsys.readouterr().err
+    assert "dist" in read_score_file(out)[0]
+
+
+# ----------------------------------------------------------------------------- experiments/distance_backend.py
+
+
+def test_experiment_smoke_trains_and_scores_every_backend(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+    import distance_backend
+
+    train = write_embeddings(tmp_path / "train", *clusters(16, 8, 12))
+    test = write_embeddings(tmp_path / "test", *clusters(5, 6, 12, seed=3))
+    out = str(tmp_path / "table.md")
+    argv = ["--train", train, "--test", test, "--variants", "sym", "--steps", "20", "--valid-classes", "4"]
+    assert distance_backend.main([*argv, "--work-dir", str(tmp_path / "work"), "--threads", "1", "--out", out]) == 0
+    results = json.load(open(tmp_path / "table.json"))["runs"]
+    assert set(results) == {"cos", "plda", "dist_sym"} and "cllr" in results["dist_sym"]
+    assert results["cos"]["eer"] < 0.1 and "| dist_sym |" in open(out).read()

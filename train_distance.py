@@ -1,0 +1,265 @@
+"""Train a learned distance (models.verifier.LearnedDistance, any --pair-features variant) on fixed embeddings
+written by embed.py: a back-end beside PLDA (train_plda.py), scored by eval.py --distance.
+
+Input as train_plda.py takes it: embeddings.h5 (speakers from each vector's `spk` attribute, or from --utt2spk), a
+Kaldi embeddings.scp with --utt2spk, or the folder embed.py wrote; with --utt2spk only the utterances it lists are
+used. Training is the learned distance's part of train.py: class-balanced batches (groups of --samples-per-class
+items of one class, data_load.GroupBatchSampler), every pair of a batch, the default pair loss of
+losses.PAIR_LOSSES, Adam or SGD, for --steps batches (or --epochs passes). With --valid-classes some classes are
+held out: the all-pairs EER of (at most --valid-max-items of) their items is measured every --valid-every steps,
+the weights of the best check are kept, and training stops after --patience checks without a better one. The
+output (torch.save, loaded weights only) holds the distance's configuration and weights and the model that made
+the embeddings (their provenance), which eval.py --distance checks against its checkpoint.
+"""
+
+import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
+
+# isort: split
+
+import argparse
+import itertools
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data_load
+from e2e_verification import backends, scoring
+from e2e_verification.embedding_files import read_labelled, resolve
+from e2e_verification.metrics import compute_eer
+from e2e_verification.training import MODEL_OPTIONS, OPTIMISATION_OPTIONS, RUN_OPTIONS, non_negative, positive
+from losses import DEFAULT_PAIR_LOSS, PAIR_LOSSES, batch_pairs
+from models.verifier import LearnedDistance
+from utils import UserError, check_outputs, choose_device, cli, make_parser, seed_everything
+
+EXAMPLE = """example:
+  python embed.py --data data/train/feats.scp --utt2spk data/train/utt2spk --cp-path cp/checkpoint_10ep.pt \\
+      --out-path exp/train_embeddings/ --min-frames 100
+  python train_distance.py --embeddings exp/train_embeddings/ --out exp/distance.pt --pair-features sym \\
+      --valid-classes 0.1
+  python eval.py --test-data test/feats.scp --trials-path test/trials --cp-path cp/checkpoint_10ep.pt \\
+      --distance exp/distance.pt --out-path results/scores.out"""
+
+DEFAULT_STEPS = 2000  # about half a minute of one CPU core at the default sizes (batch 64, hidden 512)
+LOGIT = next(s for s in scoring.SCORERS if s.name == "e2e_logit")  # what held-out classes are scored with
+
+
+def count_or_fraction(text):
+    """An argparse type: a class count (an integer >= 1), a fraction (0 < f < 1), or 0 for none."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+    if value < 0 or (value >= 1 and not value.is_integer()) or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected 0, a fraction in (0, 1) or a whole count, got {text}")
+    return value if value < 1 else int(value)
+
+
+DATA = {
+    "--embeddings": dict(required=True, help="embeddings.h5 or embeddings.scp, or the folder holding them"),
+    "--utt2spk": dict(default=None, help="Kaldi utt2spk: speaker (class) labels; only these utterances are used"),
+    "--out": dict(required=True, help="output distance file (torch.save, loaded weights only), e.g. distance.pt"),
+}
+MODEL = {
+    flag: MODEL_OPTIONS[flag]
+    for flag in ("--pair-features", "--hidden-size", "--n-hidden", "--dropout-prob", "--ndiscriminators")
+}
+MODEL["--distance-norm"] = MODEL_OPTIONS["--distance-norm"]
+TRAINING = {
+    "--steps": (positive(int), None, f"batches trained on (default {DEFAULT_STEPS})"),
+    "--epochs": (positive(int), None, "passes over the training items instead of --steps (default: --steps)"),
+    "--batch-size": (positive(int), 64, "items per batch, in groups of --samples-per-class (default 64, as train.py)"),
+    "--samples-per-class": (positive(int), 5, "items of one class per group in a batch (default 5, as train.py)"),
+    "--optimizer": dict(choices=("adam", "sgd"), default="adam", help="adam (default) or sgd with --momentum"),
+    "--lr": (positive(float), None, "learning rate (default 0.001 adam, 0.01 sgd)"),
+    "--momentum": OPTIMISATION_OPTIONS["--momentum"],
+    "--l2": (non_negative(float), 0.0, "weight decay (default 0)"),
+    "--smoothing": (non_negative(float), 0.2, "noise of the pair loss's soft targets, as train.py's (default 0.2)"),
+    "--valid-classes": (
+        count_or_fraction,
+        0,
+        "hold out this many classes (>= 1), or this fraction of them (0 < f < 1), for early stopping and the "
+        "choice of the epoch by their EER (default 0: none; the last epoch is kept)",
+    ),
+    "--valid-max-items": (positive(int), 500, "held-out items scored all-pairs at each check (default 500)"),
+    "--valid-every": (positive(int), 250, "steps between checks of the held-out EER and the loss (default 250)"),
+    "--patience": (non_negative(int), 4, "checks without a better held-out EER before stopping (default 4; 0: none)"),
+    "--seed": RUN_OPTIONS["--seed"],
+    "--device": RUN_OPTIONS["--device"],
+}
+
+
+def build_parser():
+    return make_parser(__doc__, EXAMPLE, DATA, ("learned distance", MODEL), ("training", TRAINING))
+
+
+def check_args(args):
+    """One line for flag values that cannot train (before any reading)."""
+    if args.epochs and args.steps:
+        raise UserError("give --steps or --epochs, not both")
+    if not 0 <= args.smoothing < 1:
+        raise UserError(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if not 0 <= args.dropout_prob < 1:
+        raise UserError(f"--dropout-prob must be in [0, 1), got {args.dropout_prob}")
+    if args.batch_size < 2 * args.samples_per_class:
+        raise UserError(
+            f"--batch-size {args.batch_size} holds fewer than two groups of --samples-per-class "
+            f"{args.samples_per_class}: a batch would have no pair of different classes"
+        )
+
+
+def split_classes(labels, valid, seed):
+    """(training mask, held-out mask) over items (N,): `valid` classes (a count, or a fraction) drawn with `seed`."""
+    classes = np.unique(labels)
+    n_valid = round(valid * len(classes)) if isinstance(valid, float) else valid
+    if valid and (n_valid < 2 or len(classes) - n_valid < 2):
+        raise UserError(
+            f"--valid-classes {valid}: {n_valid} of {len(classes)} classes held out; both the held-out and the "
+            "training classes must number at least 2"
+        )
+    held = np.random.default_rng(seed).permutation(classes)[:n_valid]
+    valid_mask = np.isin(labels, held)
+    return ~valid_mask, valid_mask
+
+
+def check_classes(labels, group, path):
+    """UserError unless at least 2 classes have `group` or more items (each batch needs two such groups)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if (counts >= group).sum() < 2:
+        raise UserError(
+            f"{path}: fewer than 2 training classes have --samples-per-class {group} or more items "
+            f"(most items of a class: {counts.max()})"
+        )
+
+
+def held_out_items(n_items, max_items, seed):
+    """Indices of at most `max_items` of `n_items` held-out items (a seeded draw, in file order)."""
+    order = np.random.default_rng([seed, 1]).permutation(n_items)
+    return np.sort(order[:max_items])
+
+
+def held_out_eer(distance, emb, labels):
+    """EER of the learned distance's logit over all pairs of emb (N, d) with classes labels (N,)."""
+    scores, same = scoring.score_all_pairs(distance, emb, labels, scorers=(LOGIT,))
+    if not same.any():
+        raise UserError("the held-out items hold no two of one class; raise --valid-max-items or --valid-classes")
+    return float(compute_eer(scores[LOGIT.name], same))
+
+
+def make_optimizer(distance, args):
+    """Adam or SGD (with --momentum) at --lr (default by optimiser) and --l2 weight decay."""
+    if args.optimizer == "adam":
+        return torch.optim.Adam(distance.parameters(), lr=args.lr or 1e-3, weight_decay=args.l2)
+    return torch.optim.SGD(distance.parameters(), lr=args.lr or 1e-2, momentum=args.momentum, weight_decay=args.l2)
+
+
+def train_step(distance, optimizer, emb, labels, smoothing):
+    """One step of the pair loss on all pairs of a batch emb (B, d) with labels (B,); returns the loss."""
+    idx_a, idx_b, same = batch_pairs(labels)
+    loss = PAIR_LOSSES[DEFAULT_PAIR_LOSS](distance.pair_logits(emb, idx_a, idx_b).float(), same, smoothing)
+    if not torch.isfinite(loss):
+        raise UserError(f"the pair loss became {loss.item()}; try a lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def batches(sampler):
+    """(epoch, batch indices) of successive epochs, without end."""
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            yield epoch, batch
+
+
+def train(distance, emb, labels, args, valid=None):
+    """Train `distance` on emb (N, d) with int labels (N,) (tensors on one device) for --steps batches (or
+    --epochs passes), with a check every --valid-every steps and at the end; `valid` = (emb, labels) of held-out
+    classes, whose EER at the checks picks the weights kept (and stops the run after --patience checks without a
+    better one). Returns the run's record (the checks, steps, the best check's EER)."""
+    groups = args.batch_size // args.samples_per_class
+    sampler = data_load.GroupBatchSampler(labels.cpu().numpy(), args.samples_per_class, groups, args.seed)
+    optimizer = make_optimizer(distance, args)
+    total = args.epochs * len(sampler) if args.epochs else args.steps or DEFAULT_STEPS
+    history, losses, best = [], [], {"eer": math.inf, "check": 0, "state": None}
+    distance.train()
+    bar = tqdm(total=total, desc="training the distance", unit="step", disable=None, leave=False)
+    for step, (epoch, batch) in enumerate(itertools.islice(batches(sampler), total), 1):
+        losses.append(train_step(distance, optimizer, emb[batch], labels[batch], args.smoothing))
+        bar.update()
+        if step % args.valid_every and step < total:
+            continue
+        record = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(losses))}
+        losses = []
+        if valid is not None:
+            record["valid_eer"] = held_out_eer(distance, *valid)
+            distance.train()
+            if record["valid_eer"] < best["eer"]:
+                state = {k: v.detach().clone() for k, v in distance.state_dict().items()}
+                best = {"eer": record["valid_eer"], "check": len(history) + 1, "state": state}
+        history.append(record)
+        tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if valid is not None and args.patience and len(history) - best["check"] >= args.patience:
+            break
+    bar.close()
+    if best["state"] is not None:
+        distance.load_state_dict(best["state"])
+    out = {"history": history, "steps": history[-1]["step"], "epochs": history[-1]["epoch"]}
+    if valid is not None:
+        out.update(valid_eer=best["eer"], best_step=history[best["check"] - 1]["step"])
+    return out
+
+
+def distance_config(args, emb_size):
+    """The LearnedDistance keyword arguments of the run (backends.DISTANCE_CONFIG)."""
+    return {
+        "emb_size": int(emb_size),
+        "hidden_size": args.hidden_size,
+        "n_hidden": args.n_hidden,
+        "dropout_prob": args.dropout_prob,
+        "ndiscriminators": args.ndiscriminators,
+        "pair_features": args.pair_features,
+        "normalize": args.distance_norm,
+    }
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    source = resolve(args.embeddings)
+    inputs = {"--embeddings": args.embeddings, "--embeddings file": source, "--utt2spk": args.utt2spk}
+    check_outputs({"--out": args.out}, inputs)
+    device = choose_device(args.device)
+    vectors, speakers, provenance = read_labelled(source, args.utt2spk)
+    names, labels = np.unique(speakers, return_inverse=True)
+    if len(names) < 2:
+        raise UserError(f"{source}: every embedding is of one class ({names[0]}); a distance needs at least 2")
+    train_mask, valid_mask = split_classes(labels, args.valid_classes, args.seed)
+    check_classes(speakers[train_mask], args.samples_per_class, source)
+    print(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions from {len(names)} classes", end="")
+    print(f", {len(np.unique(labels[valid_mask]))} held out" if valid_mask.any() else "")
+    seed_everything(args.seed)
+    x, y = torch.from_numpy(vectors).to(device), torch.from_numpy(labels).to(device)
+    valid = None
+    if valid_mask.any():
+        keep = np.flatnonzero(valid_mask)[held_out_items(valid_mask.sum(), args.valid_max_items, args.seed)]
+        valid = (x[keep], y[keep])
+    config = distance_config(args, vectors.shape[1])
+    distance = LearnedDistance(**config).to(device)
+    start = time.perf_counter()
+    record = train(distance, x[train_mask], y[train_mask], args, valid)
+    record.update(seconds=round(time.perf_counter() - start, 3), classes=len(names), items=len(vectors))
+    record["args"] = dict(vars(args))
+    backends.save_distance(args.out, distance, config, provenance, record)
+    chosen = f", held-out EER {record['valid_eer']:.4f} at step {record['best_step']}" if valid else ""
+    print(
+        f"{args.pair_features} distance, {record['steps']} steps in {record['seconds']:.1f} s{chosen}: wrote {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
