@@ -9,7 +9,9 @@ import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_ver
 # isort: split
 
 import os
+import signal
 import sys
+import threading
 
 import torch.distributed as dist
 
@@ -27,7 +29,15 @@ def build_parser():
     return training.build_parser(description=__doc__, epilog=EXAMPLE)
 
 
+def stop_on_usr1():
+    """SIGUSR1, Slurm's warning before a time limit (sbatch --signal=USR1@60), stops training as SIGTERM does
+    (utils.cli: temporary outputs removed, exit 143); a requeued job resumes with --checkpoint-epoch last."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, signal.getsignal(signal.SIGTERM) or signal.SIG_DFL)
+
+
 def main(argv=None):
+    stop_on_usr1()
     parser = build_parser()
     # resolve_defaults reads which flags were given, those of a recipe (@recipes/x.args) included
     argv = parser.expand_arg_files(sys.argv[1:] if argv is None else argv)

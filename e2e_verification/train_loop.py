@@ -8,6 +8,7 @@ N repeats bit for bit what an uninterrupted run does from there (on the same dev
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, fields
 
@@ -19,6 +20,8 @@ from e2e_verification.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, loa
 from e2e_verification.scoring import VALIDATION_SCORERS, embed_loader, evaluate_scores, score_all_pairs
 from losses import DEFAULT_PAIR_LOSS, PAIR_LOSSES, label_smoothing_ce
 from utils import UserError, seed_everything
+
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)ep\.pt")  # checkpoint_file's name for an epoch
 
 # One `<scorer>_eer` per validated scorer of scoring.SCORERS (e2e, cos, fus).
 HISTORY_KEYS = ("train_loss", "ce_loss", "bin_loss", *(f"{s.name}_eer" for s in VALIDATION_SCORERS), "lr")
@@ -140,6 +143,15 @@ class TrainLoop:
     def checkpoint_file(self, epoch):
         name = self.cfg.cp_name or f"checkpoint_{epoch}ep.pt"
         return os.path.join(self.cfg.checkpoint_path, name)
+
+    def newest_checkpoint(self):
+        """The checkpoint to resume from: the --cp-name file, or the highest checkpoint_<N>ep.pt; None if none."""
+        if self.cfg.cp_name:
+            path = self.checkpoint_file(0)
+            return path if os.path.exists(path) else None
+        names = os.listdir(self.cfg.checkpoint_path) if os.path.isdir(self.cfg.checkpoint_path) else []
+        epochs = [int(m.group(1)) for m in map(CHECKPOINT_NAME.fullmatch, names) if m]
+        return self.checkpoint_file(max(epochs)) if epochs else None
 
     def state(self):
         return {

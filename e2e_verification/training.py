@@ -7,6 +7,7 @@ train.py is its command line; train_hp.py, the search scripts and the benches bu
 import argparse
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -43,6 +44,16 @@ def positive(kind):
         return value
 
     return parse
+
+
+def epoch_or_last(text):
+    """--checkpoint-epoch: an epoch number, or 'last' (the newest checkpoint in --checkpoint-path)."""
+    if text == "last":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an epoch number or last, got {text}") from None
 
 
 def non_negative(kind):
@@ -190,7 +201,12 @@ OPTIMISATION_OPTIONS = {
 
 RUN_OPTIONS = {
     "--checkpoint-path": dict(help="checkpoint folder (default: current folder)"),
-    "--checkpoint-epoch": (int, None, "resume from checkpoint_<N>ep.pt"),
+    "--checkpoint-epoch": (
+        epoch_or_last,
+        None,
+        "resume from checkpoint_<N>ep.pt; last: from the newest checkpoint in --checkpoint-path, or start afresh "
+        "when it holds none (what a requeued cluster job wants)",
+    ),
     "--cp-name": dict(help="fixed checkpoint file name (overwritten each save)"),
     "--save-every": (positive(int), 1, "epochs between checkpoints (default 1)"),
     "--keep-checkpoints": (
@@ -415,7 +431,15 @@ def init_distributed(args):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    if args.verbose > 0:  # every process, so a log shows that each node and each of its processes joined
+        node = os.environ.get("GROUP_RANK", "?")
+        print(
+            f"process rank {rank} of {world_size}: node rank {node}, local rank {local_rank}, host "
+            f"{socket.gethostname()}, backend {backend}, device {device}",
+            flush=True,
+        )
     return rank, world_size, device
 
 
@@ -480,8 +504,26 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
         crop=task.training_transform(args),
     )
     if args.checkpoint_epoch is not None:
-        trainer.load(trainer.checkpoint_file(args.checkpoint_epoch))
+        resume(trainer, args.checkpoint_epoch, rank == 0 and args.verbose > 0)
     return Run(args, task, trainer, model, (train, valid), rank=rank)
+
+
+def resume(trainer, epoch, verbose):
+    """Load checkpoint_<epoch>ep.pt, or for 'last' the newest checkpoint in the folder as rank 0 sees it (every
+    rank loads that one file); 'last' with none there starts afresh."""
+    if epoch != "last":
+        trainer.load(trainer.checkpoint_file(epoch))
+        return
+    path = trainer.newest_checkpoint()
+    if dist.is_initialized() and dist.get_world_size() > 1:  # a node's stale view of a shared folder must not win
+        shared = [path]
+        dist.broadcast_object_list(shared, src=0)
+        path = shared[0]
+    if path is not None:
+        trainer.load(path)
+    if verbose:
+        where = trainer.cfg.checkpoint_path
+        print(f"resuming from {path} (epoch {trainer.epoch})" if path else f"no checkpoint in {where}: starting afresh")
 
 
 def fit(run):

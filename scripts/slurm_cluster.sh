@@ -21,6 +21,9 @@
 #   - MinJobAge=4 keeps `sbatch --wait` polling every 2 s (it slows down when MinJobAge/2 > 2) while
 #     a finished job stays visible long enough for the poll to read its exit code.
 #   - proctrack/linuxproc and task/none: no cgroups needed (containers, VMs).
+#   - AuthInfo=cred_expire=5 and sched_interval=1: a requeued job (scontrol requeue, as run_train_slurm.sh does
+#     on Slurm's time-limit warning) may start again after 5 s, not 120, and the scheduler looks at pending
+#     jobs every second, not every minute, so the requeue test finishes in seconds.
 # Exit status: 0 ok, 1 failure, 3 the scheduler cannot be installed here (not root and no
 # password-less sudo, no apt-get, or apt-get fails); tests skip on 3.
 set -euo pipefail
@@ -66,23 +69,16 @@ start_munge() {
 	log "munged started (pid $pid)"
 }
 
-write_config() {
-	if [[ -e $CONF ]] && ! grep -qF "$MARKER" "$CONF"; then
-		log "$CONF exists and was not written by this script; not touching it"
-		exit 1
-	fi
-	mkdir -p "$DIR/state" "$DIR/spool" "$DIR/dev"
-	local i
-	for ((i = 0; i < GPUS; i++)); do
-		[[ -c $DIR/dev/gpu$i ]] || mknod "$DIR/dev/gpu$i" c 1 3
-	done
-	cat >"$CONF" <<EOF
+# The slurm.conf this script writes.
+render_config() {
+	cat <<EOF
 $MARKER
 ClusterName=e2e
 SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -94,6 +90,7 @@ TaskPlugin=task/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 GresTypes=gpu
@@ -106,6 +103,19 @@ SlurmdParameters=config_overrides
 NodeName=$NODE CPUs=$((6 * GPUS)) RealMemory=32000 Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+}
+
+write_config() {
+	if [[ -e $CONF ]] && ! grep -qF "$MARKER" "$CONF"; then
+		log "$CONF exists and was not written by this script; not touching it"
+		exit 1
+	fi
+	mkdir -p "$DIR/state" "$DIR/spool" "$DIR/dev"
+	local i
+	for ((i = 0; i < GPUS; i++)); do
+		[[ -c $DIR/dev/gpu$i ]] || mknod "$DIR/dev/gpu$i" c 1 3
+	done
+	render_config >"$CONF"
 	printf '%s\nNodeName=%s Name=gpu File=%s/dev/gpu[0-%d] Flags=no_gpu_env\n' \
 		"$MARKER" "$NODE" "$DIR" "$((GPUS - 1))" >"$GRES_CONF"
 }
@@ -141,6 +151,10 @@ start() {
 	d=$(alive_pid "$DIR/slurmd.pid" slurmd) || d=
 	if [[ -z $ctld && -z $d ]]; then
 		write_config
+	elif grep -qsF "$MARKER" "$CONF" && [[ $(render_config) != "$(cat "$CONF")" ]]; then
+		# running daemons of an older version of this script: give them today's settings
+		write_config
+		[[ -z $ctld ]] || scontrol reconfigure
 	fi
 	if [[ -z $ctld ]]; then
 		slurmctld
