@@ -25,6 +25,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from models.verifier import PAIR_FEATURES  # noqa: E402
+
 # make_parser(doc, example, *tables): a bench's parser, as every script's.
 from utils import UserError, atomic_write, check_outputs, make_parser  # noqa: E402, F401
 
@@ -328,11 +330,10 @@ def kaldi_to_hdf5(folder, out_name="train.hdf"):
 # ----------------------------------------------------------------------------- the accuracy benches' runs
 # The learned-distance variants the accuracy benches compare: train.py flags of each.
 VARIANTS = {
-    "concat": [],
-    "sym": ["--pair-features", "sym"],
+    "concat": [],  # the research code's distance: train.py's default, no flag
+    **{name: ["--pair-features", name] for name in PAIR_FEATURES if name != "concat"},
     "concat-norm": ["--distance-norm"],
     "sym-detach": ["--pair-features", "sym", "--detach-distance"],
-    "cos": ["--pair-features", "cos"],
 }
 
 
@@ -389,8 +390,11 @@ def accuracy_parser(doc, example, runs, *recipes, files):
 
 
 def python(script, *argv, threads=2):
-    """Run one of the toolkit's scripts in a subprocess (argument list, no shell); fail loudly."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    """Run one of the toolkit's scripts in a subprocess (argument list, no shell); fail loudly. `threads`: its
+    OMP_NUM_THREADS (None: the toolkit's own choice, as a user's command gets)."""
+    env = {k: v for k, v in os.environ.items() if threads is not None or k not in ("OMP_NUM_THREADS", "E2E_THREADS")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1:] or ["nothing on stderr"]
