@@ -111,3 +111,21 @@ def test_no_two_classes_share_a_name():
                 where[node.name].append(path)
     assert len(where) > 20
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+
+
+def test_the_readme_layout_map_names_every_command_and_library_module():
+    """The README's layout map has a line for each root script and each module of the package."""
+    import glob
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as handle:
+        text = handle.read()
+    layout = text[text.index("\n## Layout\n") :]
+    layout = layout[: layout.index("\n## ", 1)]
+    names = {m.group(1) for m in re.finditer(r"^\s*(\S+\.(?:py|sh))\s", layout, re.M)}
+    scripts = glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*.sh"))
+    wanted = {os.path.basename(p) for p in scripts}
+    package = glob.glob(os.path.join(root, "e2e_verification", "*.py"))
+    wanted |= {os.path.basename(p) for p in package if not p.endswith("__init__.py")}
+    assert wanted - names == set(), f"not in the README's layout map: {sorted(wanted - names)}"
