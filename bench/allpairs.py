@@ -11,7 +11,7 @@ import os
 
 import benchlib
 import torch
-from benchlib import at_least
+from benchlib import at_least, seconds, speed_ratio  # noqa: E402
 
 from e2e_verification.metrics import compute_metrics
 from e2e_verification.scoring import pair_chunk, score_all_pairs
@@ -55,30 +55,13 @@ OPTIONS = {
     "--amp": ("bf16 autocast for both forms",),
     "--tf32": ("allow TF32 matmuls on CUDA for both forms",),
     "--no-baseline": ("time the split form only",),
-    "--out": (
-        benchlib.table_path,
-        os.path.join(benchlib.ROOT, "docs", "performance.md"),
-        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/allpairs.json "
-        "(allpairs_sym.json with --pair-features sym), results/perf/ beside the page",
-    ),
+    **benchlib.out_perf("allpairs", " (allpairs_sym.json with --pair-features sym), results/perf/ beside the page"),
 }
 
 
 def json_name(pair_features):
     """The JSON of the table, relative to the page's folder: one per pair-features form."""
     return os.path.join("results", "perf", "allpairs.json" if pair_features == "concat" else "allpairs_sym.json")
-
-
-def seconds(value):
-    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
-    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
-
-
-def ratio(baseline_s, ours_s):
-    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
-    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
-    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
-    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
 
 
 def render(record):
@@ -95,7 +78,7 @@ def render(record):
             continue
         baseline = f"each pair concatenated through the whole MLP: {seconds(r['concat_s'])}"
         same = f"same scores to {r['max_diff']:.1e}"
-        lines.append(f"| {what} | {ours} | {baseline} | {ratio(r['concat_s'], r['split_s'])} ({same}) |")
+        lines.append(f"| {what} | {ours} | {baseline} | {speed_ratio(r['concat_s'], r['split_s'])} ({same}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -209,6 +209,33 @@ def published_tables(page_text):
     return found
 
 
+# The timing benches' page: docs/performance.md, each bench's JSON in docs/results/perf/ (relative to the page).
+PERF_PAGE = os.path.join(ROOT, "docs", "performance.md")
+
+
+def perf_json(name):
+    """The JSON of bench `name`'s table, relative to the page's folder: results/perf/<name>.json."""
+    return os.path.join("results", "perf", f"{name}.json")
+
+
+def out_perf(name, note=""):
+    """--out of a timing bench: the page its table goes in, by default docs/performance.md."""
+    text = f"page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/{name}.json"
+    return {"--out": (table_path, PERF_PAGE, text + (note or " (results/perf/ beside the page)"))}
+
+
+def seconds(value):
+    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
+    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
+
+
+def speed_ratio(baseline_s, ours_s):
+    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
+    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
+    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
+
+
 # --ncoef of the benches that make random speech features.
 NCOEF_OPTION = {"--ncoef": (at_least(1), 30, "coefficients per frame (default 30)")}
 # --repeats: how often each measurement is timed.

@@ -13,7 +13,7 @@ import tempfile
 import benchlib
 import numpy as np
 import torch
-from benchlib import at_least
+from benchlib import at_least, seconds, speed_ratio  # noqa: E402
 
 import models
 from e2e_verification import onnx_graphs
@@ -29,15 +29,9 @@ LOW_OPSET, HIGH_OPSET, _ = onnx_graphs.OPSETS["torchscript"]
 OPTIONS = {
     "--models": dict(nargs="+", default=["TDNN", "resnet"], help="registered encoders to time (default TDNN resnet)"),
     "--opset": (at_least(LOW_OPSET, HIGH_OPSET), 17, f"ONNX opset, {LOW_OPSET} to {HIGH_OPSET} (default 17)"),
-    "--out": (
-        benchlib.table_path,
-        os.path.join(benchlib.ROOT, "docs", "performance.md"),
-        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
-        "export_speed.json (results/perf/ beside the page)",
-    ),
+    **benchlib.out_perf("export_speed"),
 }
-# The JSON of the table, relative to the page's folder.
-JSON_NAME = os.path.join("results", "perf", "export_speed.json")
+JSON_NAME = benchlib.perf_json("export_speed")
 
 # Each task's input flags, a --help section apiece; INPUTS below reads them.
 SPEECH_INPUT = {
@@ -73,18 +67,6 @@ INPUTS = {
 }
 
 
-def seconds(value):
-    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
-    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
-
-
-def ratio(baseline_s, ours_s):
-    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
-    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
-    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
-    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
-
-
 def render(record):
     """Markdown: the rows of the performance table (what and command, ours, baseline, ratio), one per encoder."""
     lines = ["| what (command) | ours | baseline | ratio |", "|---|---|---|---|"]
@@ -94,7 +76,7 @@ def render(record):
         ours = f"onnxruntime {r['onnxruntime']}: {seconds(r['ort_s'])}"
         same = f"outputs equal to {r['max_diff']:.1e}, relative {r['relative_diff']:.1e}"
         lines.append(
-            f"| {what} | {ours} | PyTorch: {seconds(r['torch_s'])} | {ratio(r['torch_s'], r['ort_s'])} ({same}) |"
+            f"| {what} | {ours} | PyTorch: {seconds(r['torch_s'])} | {speed_ratio(r['torch_s'], r['ort_s'])} ({same}) |"
         )
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,7 @@ import os
 import benchlib
 import numpy as np
 import torch
-from benchlib import at_least
+from benchlib import at_least, seconds, speed_ratio  # noqa: E402
 from sklearn.metrics import roc_curve
 
 from e2e_verification.metrics import compute_metrics
@@ -34,27 +34,9 @@ OPTIONS = {
     "--n": (at_least(10), 10_000_000, "scores, at least 10 (default 10,000,000)"),
     "--decimals": (at_least(0), None, "round the scores to this many decimals (ties)"),
     "--no-sklearn": ("skip the roc_curve baseline (slow for large N)",),
-    "--out": (
-        benchlib.table_path,
-        os.path.join(benchlib.ROOT, "docs", "performance.md"),
-        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
-        "metric_speed.json (results/perf/ beside the page)",
-    ),
+    **benchlib.out_perf("metric_speed"),
 }
-# The JSON of the table, relative to the page's folder.
-JSON_NAME = os.path.join("results", "perf", "metric_speed.json")
-
-
-def seconds(value):
-    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
-    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
-
-
-def ratio(baseline_s, ours_s):
-    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
-    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
-    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
-    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
+JSON_NAME = benchlib.perf_json("metric_speed")
 
 
 def render(record):
@@ -64,11 +46,11 @@ def render(record):
         what = f"EER + minDCF + AUC of {r['n']:,} float32 scores ({r['distinct']:,} distinct) — `{record['command']}`"
         ours = f"compute_metrics: {seconds(r['ours_s'])}"
         baseline = f"a bare {r['sort']} of the scores: {seconds(r['sort_s'])}"
-        lines.append(f"| {what} | {ours} | {baseline} | {ratio(r['sort_s'], r['ours_s'])} |")
+        lines.append(f"| {what} | {ours} | {baseline} | {speed_ratio(r['sort_s'], r['ours_s'])} |")
         if r["roc_s"] is not None:
             baseline = f"`sklearn.metrics.roc_curve` + EER: {seconds(r['roc_s'])}"
             same = f"EER the same to {r['eer_diff']:.1e}"
-            lines.append(f"| {what} | {ours} | {baseline} | {ratio(r['roc_s'], r['ours_s'])} ({same}) |")
+            lines.append(f"| {what} | {ours} | {baseline} | {speed_ratio(r['roc_s'], r['ours_s'])} ({same}) |")
     return "\n".join(lines) + "\n"
 
 

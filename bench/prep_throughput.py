@@ -12,7 +12,10 @@ import tempfile
 import benchlib
 import kaldiio
 import torch
-from benchlib import at_least
+from benchlib import (
+    at_least,
+    seconds,  # noqa: E402
+)
 
 from utils import cli
 
@@ -39,20 +42,9 @@ OPTIONS = {
     "--utts": (at_least(1), 20, "utterances per speaker (default 20)"),
     "--frames": (at_least(2), 400, "longest utterance in frames, at least 2 (default 400)"),
     "--work-dir": (str, None, "folder for the features and the HDF5 (default: a temporary one)"),
-    "--out": (
-        benchlib.table_path,
-        os.path.join(benchlib.ROOT, "docs", "performance.md"),
-        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
-        "prep_throughput.json (results/perf/ beside the page)",
-    ),
+    **benchlib.out_perf("prep_throughput"),
 }
-# The JSON of the table, relative to the page's folder.
-JSON_NAME = os.path.join("results", "perf", "prep_throughput.json")
-
-
-def seconds(value):
-    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
-    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
+JSON_NAME = benchlib.perf_json("prep_throughput")
 
 
 # The conversion's floors (the baselines), each with its key in the run.
@@ -90,8 +82,8 @@ def run(args, folder):
     prep_s, _ = benchlib.best_time(lambda: benchlib.kaldi_to_hdf5(folder), cpu, args.repeats)
     read_s, _ = benchlib.best_time(lambda: read_bytes(ark), cpu, args.repeats)
     parse_s, _ = benchlib.best_time(lambda: parse_matrices(scp), cpu, args.repeats)
-    for name, seconds in (("data_prep.py", prep_s), ("read ark bytes", read_s), ("kaldiio parse", parse_s)):
-        print(f"{name}: {seconds:.4f} s ({megabytes / seconds:.1f} MB/s, {n_utts / seconds:.0f} utt/s)")
+    for name, took in (("data_prep.py", prep_s), ("read ark bytes", read_s), ("kaldiio parse", parse_s)):
+        print(f"{name}: {took:.4f} s ({megabytes / took:.1f} MB/s, {n_utts / took:.0f} utt/s)")
     print(f"data_prep takes {prep_s / read_s:.1f}x the time of reading the ark bytes")
     print(f"data_prep takes {prep_s / parse_s:.1f}x the time of kaldiio parsing alone")
     return dict(utterances=n_utts, ncoef=args.ncoef, megabytes=megabytes, prep_s=prep_s, read_s=read_s, parse_s=parse_s)

@@ -13,7 +13,7 @@ import os
 import benchlib
 import numpy as np
 import torch
-from benchlib import at_least
+from benchlib import at_least, seconds, speed_ratio  # noqa: E402
 
 from e2e_verification.score_norm import cosine_block, snorm_trials
 from utils import cli
@@ -46,27 +46,9 @@ OPTIONS = {
     "--emb-size": (at_least(1), 256, "embedding size d (default 256)"),
     "--top-n": (at_least(0), 300, "AS-norm top N, 2 to --cohort; 0 means S-norm over the whole cohort (300)"),
     "--direct-trials": (at_least(1), 200, "trials the direct form is timed on, at most --trials (200)"),
-    "--out": (
-        benchlib.table_path,
-        os.path.join(benchlib.ROOT, "docs", "performance.md"),
-        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
-        "score_norm_speed.json (results/perf/ beside the page)",
-    ),
+    **benchlib.out_perf("score_norm_speed"),
 }
-# The JSON of the table, relative to the page's folder.
-JSON_NAME = os.path.join("results", "perf", "score_norm_speed.json")
-
-
-def seconds(value):
-    """'6.96 s', '4.00 s', '0.0123 s', '3,639 s': three significant digits, thousands grouped."""
-    return f"{value:,.0f} s" if value >= 100 else f"{value:#.3g} s"
-
-
-def ratio(baseline_s, ours_s):
-    """'**2.10× faster**', '**2,231× faster**' (the baseline's time over ours), or '**1.50× slower**'."""
-    x = max(baseline_s, ours_s) / min(baseline_s, ours_s)
-    size = f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
-    return f"**{size}× {'faster' if baseline_s >= ours_s else 'slower'}**"
+JSON_NAME = benchlib.perf_json("score_norm_speed")
 
 
 def render(record):
@@ -84,7 +66,7 @@ def render(record):
             f"{seconds(r['direct_s'])}"
         )
         same = f"same scores to {r['max_diff']:.1e}"
-        lines.append(f"| {what} | {ours} | {baseline} | {ratio(r['direct_s'], r['fast_s'])} ({same}) |")
+        lines.append(f"| {what} | {ours} | {baseline} | {speed_ratio(r['direct_s'], r['fast_s'])} ({same}) |")
     return "\n".join(lines) + "\n"
 
 

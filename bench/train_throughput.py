@@ -122,15 +122,9 @@ OPTIONS = {
     "--image-path": (str, None, "real images for ResNet (CIFAR-10, IDX, folders)"),
     "--speakers": (at_least(2), None, "speakers of 20 utterances (default: 25 batches)"),
     "--work-dir": (str, None, "folder for the Kaldi features and HDF5 (default: temporary)"),
-    "--out": (
-        benchlib.table_path,
-        os.path.join(benchlib.ROOT, "docs", "performance.md"),
-        "page of the table (also printed; default docs/performance.md); its JSON in docs/results/perf/"
-        "train_throughput.json (results/perf/ beside the page)",
-    ),
+    **benchlib.out_perf("train_throughput"),
 }
-# The JSON of the table, relative to the page's folder.
-JSON_NAME = os.path.join("results", "perf", "train_throughput.json")
+JSON_NAME = benchlib.perf_json("train_throughput")
 # What each task's real loader reads, for the table.
 LOADERS = {"speech": "HDF5 loader (random crops)", "image": "image loader (random crop and flip)"}
 
