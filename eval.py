@@ -114,6 +114,7 @@ def main(argv=None):
         args.score_format = None
     run_backends = backends.Backends.from_args(args)  # reads and checks every back-end file before any embedding
     model = load_model(args.cp_path, args.model, device)
+    run_backends.adopt_checkpoint_calibration(model)  # cal_* columns from the checkpoint unless --calibration
     run_backends.check_model(model)
     task_for_model(model.config["model"]).evaluate(model, args, device, out_path, run_backends)
     return 0

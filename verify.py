@@ -8,7 +8,9 @@ enrollment embeddings. Long recordings are embedded in chunks of --chunk-seconds
 
 Prints, per test item, the e2e probability and logit, the cosine and the fused score, and a decision:
 at --threshold on the --scorer's score, or, with --calibration, at the Bayes threshold of --p-target on
-the scorer's calibrated log-likelihood ratio. Also a Python API: Verifier.load(cp).score(enroll, test).
+the scorer's calibrated log-likelihood ratio. With neither, a checkpoint that carries a calibration (train.py
+fits one on its validation pairs) decides at that Bayes threshold; an older checkpoint at the e2e threshold.
+Also a Python API: Verifier.load(cp).score(enroll, test).
 """
 
 import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
@@ -189,7 +191,12 @@ def build_parser():
     p.add_argument(
         "--threshold", type=float, default=None, help="accept at score >= this (default 0.5 e2e/fus, 0 e2e_logit)"
     )
-    p.add_argument("--calibration", default=None, help="calibration JSON from calibrate.py: decide on LLRs")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="calibration JSON from calibrate.py: decide on LLRs (default: the checkpoint's own calibration, when "
+        "train.py fitted one on its validation pairs and neither --threshold nor a raw --scorer is given)",
+    )
     p.add_argument(
         "--p-target",
         type=float,
@@ -211,11 +218,18 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     calibration = load_calibration(args.calibration, COLUMNS) if args.calibration else None
-    column, threshold, rule = decision_rule(args, calibration)
+    raw_rule = args.threshold is not None or (args.scorer is not None and not args.scorer.startswith("cal_"))
+    if calibration is not None or raw_rule:  # the flags decide: refuse bad ones before loading the model
+        column, threshold, rule = decision_rule(args, calibration)
     verifier = Verifier.load(args.cp_path, device_from_args(args), args.chunk_seconds, args.min_frames)
     if calibration is not None:
         what = f"calibration {args.calibration}"
         check_provenance(calibration.get("provenance"), verifier.model, what, allow=args.allow_other_model)
+    elif not raw_rule:  # by default, the calibration the checkpoint carries (fitted on its validation pairs)
+        calibration = getattr(verifier.model, "calibration", None)
+        column, threshold, rule = decision_rule(args, calibration)
+        if calibration is not None:
+            rule += " (the checkpoint's calibration, fitted on its validation pairs)"
     enroll = verifier.embed_files(args.enroll)
     test = verifier.embed_files(args.test)
     scores = {k: v.cpu().numpy().astype(np.float64) for k, v in verifier.score_embeddings(enroll, test).items()}

@@ -265,8 +265,8 @@ class Calibration(Backend):
     input_flags = ("--calibration",)
     reads_scores = True
 
-    def __init__(self, params):
-        self.params = params
+    def __init__(self, params, from_checkpoint=False):
+        self.params, self.from_checkpoint = params, from_checkpoint
 
     @classmethod
     def from_args(cls, args, columns):
@@ -276,7 +276,8 @@ class Calibration(Backend):
         return [PREFIX + name for name in (*self.params["calibrations"], *self.params["fusions"])]
 
     def check_model(self, model, allow_other_model):
-        check_provenance(self.params.get("provenance"), model, "the --calibration file", allow_other_model)
+        if not self.from_checkpoint:  # the checkpoint's own calibration was made with its very weights
+            check_provenance(self.params.get("provenance"), model, "the --calibration file", allow_other_model)
 
     def scorers(self, model, emb, embed_cohort=None, amp=False):
         return calibrated_scorers(self.params)
@@ -446,6 +447,13 @@ class Backends:
         """Names of the scorers: scoring.SCORERS's, then each back-end's (a calibration built after these may read
         any of them)."""
         return [s.name for s in scoring.SCORERS] + [name for b in self.backends for name in b.names()]
+
+    def adopt_checkpoint_calibration(self, model):
+        """With no --calibration: the calibration `model`'s checkpoint carries (fitted on its training run's
+        validation pairs by train.py), applied last, as a --calibration file would be; nothing when it has none."""
+        params = getattr(model, "calibration", None)
+        if params is not None and not any(isinstance(b, Calibration) for b in self.backends):
+            self.backends.append(Calibration(params, from_checkpoint=True))
 
     def check_model(self, model):
         """Before any embedding: each back-end checks its files against `model`, the last applied first (a

@@ -97,6 +97,7 @@ def load_model_and_state(cp_path, model_name=None, device="cpu"):
     model = models.build_model(config)
     load_weights(model, state, cp_path)
     model.provenance = provenance_of(model, cp_path)
+    model.calibration = state.get("calibration")  # fitted on the run's validation pairs, or None
     return model.to(device).eval(), state
 
 

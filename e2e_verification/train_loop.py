@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from e2e_verification.calibration import fit_calibration
 from e2e_verification.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_weights, save_checkpoint
-from e2e_verification.scoring import VALIDATION_SCORERS, embed_loader, evaluate_scores, score_all_pairs
+from e2e_verification.scoring import SCORERS, VALIDATION_SCORERS, embed_loader, evaluate_scores, score_all_pairs
 from losses import DEFAULT_PAIR_LOSS, PAIR_LOSSES, label_smoothing_ce
 from utils import UserError, seed_everything
 
@@ -84,19 +85,39 @@ def agree_across_ranks(values, device, average):
     return shared.tolist()
 
 
+# The calibration a checkpoint carries, fitted on its validation pairs: each of these LLR-like scores alone and
+# their fusion, at this prior (eval.py and verify.py use it when no --calibration is given).
+CALIBRATED = ("e2e_logit", "cos")
+CALIBRATION_P_TARGET = 0.5
+
+
 @torch.no_grad()
 def validate(model, loader, device, amp=False, progress=False):
-    """Embed the validation items, score all pairs among them, return {scorer: EER}.
+    """Embed the validation items, score all pairs among them: -> ({scorer: EER}, calibration or None).
 
     Validation uses fixed inputs (no random crops), so the model-selection EER is deterministic; the
     items were chosen (and capped by --valid-max-items) when the data was built (data_load.validation_subset).
+    The calibration (see `validation_calibration`) is fitted on the same pairs.
     """
     raw = model.module if hasattr(model, "module") else model
     emb, labels = embed_loader(raw, loader, device, amp=amp, progress=progress, desc="validation")
-    scores, target = score_all_pairs(raw.distance, emb, labels, amp=amp, scorers=VALIDATION_SCORERS)
+    scorers = (*VALIDATION_SCORERS, *(s for s in SCORERS if s.name in CALIBRATED and not s.validate))
+    scores, target = score_all_pairs(raw.distance, emb, labels, amp=amp, scorers=scorers)
     if target.all() or not target.any():
         raise UserError("the validation set needs at least two classes and one class with two items")
-    return {name: m["eer"] for name, m in evaluate_scores(scores, target, p_targets=()).items()}
+    validated = {s.name: scores[s.name] for s in VALIDATION_SCORERS}
+    eers = {name: m["eer"] for name, m in evaluate_scores(validated, target, p_targets=()).items()}
+    return eers, validation_calibration(scores, target)
+
+
+def validation_calibration(scores, target):
+    """calibration.fit_calibration's parameters for CALIBRATED alone and fused, fitted on the validation pairs
+    (scores: {name: (pairs,) tensor}, target: (pairs,) bool), with how many trials they came from."""
+    columns = {name: scores[name].double().cpu().numpy() for name in CALIBRATED}
+    labels = target.cpu().numpy()
+    params = fit_calibration(columns, labels, CALIBRATION_P_TARGET, fusions=[list(CALIBRATED)], scorers=CALIBRATED)
+    params["fitted_on"] = {"what": "validation pairs", "trials": int(len(labels)), "targets": int(labels.sum())}
+    return params
 
 
 class TrainLoop:
@@ -135,6 +156,7 @@ class TrainLoop:
         self.total_iters = 0
         self.history = {k: [] for k in HISTORY_KEYS}
         self.best = {"e2e": math.inf, "cos": math.inf}
+        self.calibration = None  # the last validation's calibration (validation_calibration), saved with the weights
         self.last_checkpoint = None
         self.best_checkpoint = None
 
@@ -168,6 +190,8 @@ class TrainLoop:
             # the file holding the best validation e2e EER so far (a name in checkpoint_path), kept by pruning
             "best_checkpoint": os.path.basename(self.best_checkpoint) if self.best_checkpoint else None,
             "args": self.cfg.record,
+            # fitted on this epoch's validation pairs (None without validation): eval.py's and verify.py's default
+            "calibration": self.calibration,
         }
 
     def save(self):
@@ -211,6 +235,7 @@ class TrainLoop:
         self.total_iters = state["total_iters"]
         self.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
         self.best = dict(state["best"])
+        self.calibration = state.get("calibration")
         self.last_checkpoint = path
         best = state.get("best_checkpoint")
         if best is None and "best_checkpoint" not in state:  # written before the best file was recorded
@@ -310,7 +335,7 @@ class TrainLoop:
             eers = {s.name: math.nan for s in VALIDATION_SCORERS}
             if self.valid_loader is not None:
                 if self.rank == 0:  # with several processes rank 0 validates and shares the EERs
-                    eers = validate(self.model, self.valid_loader, self.device, cfg.amp, cfg.progress)
+                    eers, self.calibration = validate(self.model, self.valid_loader, self.device, cfg.amp, cfg.progress)
                 eers = dict(zip(eers, agree_across_ranks(eers.values(), self.device, average=False)))
                 for name in ("e2e", "cos"):
                     if eers[name] < self.best[name]:

@@ -54,7 +54,8 @@ def test_seed_image_command_lines_run_verbatim(image_data, tmp_path, capsys):
     n_target = sum(line.endswith(" target") for line in lines)
     assert n_target == 4 * 12 * 11 // 2
     metrics = json.load(open(out + ".json"))["metrics"]
-    assert set(metrics) == {"e2e", "cos", "fus", "e2e_logit"}
+    # the seed's scorers, the logit, and the calibration the checkpoint carries (fitted on its validation pairs)
+    assert set(metrics) == {"e2e", "cos", "fus", "e2e_logit", "cal_e2e_logit", "cal_cos", "cal_e2e_logit+cos"}
     assert set(metrics["e2e"]) == {"eer", "mindcf_0.01", "mindcf_0.05", "auc"}
     printed = capsys.readouterr().out
     assert "mindcf_0.01" in printed and "fus" in printed

@@ -69,14 +69,21 @@ def test_verify_two_real_recordings_of_one_speaker_and_of_two(ast, capsys):
     printed = capsys.readouterr().out
     print(printed)
     lines = [line for line in printed.splitlines() if line.startswith(("ACCEPT", "reject"))]
-    assert len(lines) == 2 and "decision: accept when e2e >= 0.5" in printed
+    # the checkpoint was trained with validation, so it carries a calibration, which decides by default
+    rule = "decision: accept when cal_e2e_logit+cos >= 4.595, the Bayes threshold at p_target 0.01 (the checkpoint's"
+    assert len(lines) == 2 and rule in printed
     for line, trial in zip(lines, ((a, b), (c, e))):
         words = line.split()
         values = dict(zip(words[2::2], map(float, words[3::2])))
         want = ast["trials"][trial]
         for name in ("e2e", "e2e_logit", "cos", "fus"):
             assert values[name] == pytest.approx(want[name], abs=2e-4), (name, trial)
-        assert (words[0] == "ACCEPT") == (values["e2e"] >= 0.5)
+        assert (words[0] == "ACCEPT") == (values["cal_e2e_logit+cos"] >= 4.595)
+    argv = ["--cp-path", ast["cp"], "--enroll", ast["wavs"][a], "--test", ast["wavs"][b], "--threshold", "0.5"]
+    capsys.readouterr()
+    assert verify.main(argv) == 0  # a threshold: the raw e2e score decides, as before the checkpoint calibration
+    printed = capsys.readouterr().out
+    assert "decision: accept when e2e >= 0.5" in printed and "cal_" not in printed
 
 
 @needs_asterisk
