@@ -147,7 +147,7 @@ OPTIONS = {
     "--steps": (at_least(1), None, "train_distance.py --steps (default its own)"),
     "--valid-classes": (train_distance.count_or_fraction, 0.1, "train_distance.py --valid-classes (default 0.1)"),
     "--lda-dim": (at_least(0), 0, "PLDA's LDA size (default 0: no LDA)"),
-    "--seed": (int, 1, "seed of the distances' training (default 1)"),
+    "--seed": (at_least(0), 1, "seed of the distances' training (default 1)"),
     "--threads": (at_least(1), 2, "torch CPU threads (default 2)"),
     "--work-dir": dict(default="runs/distance_backend", help="folder of the trained back-ends (made when missing)"),
 }

@@ -183,8 +183,12 @@ RECIPE_OPTIONS = {
     "--model": (str, "resnet", "image encoder of the plain loop; the toolkit's is the recipe's (default resnet)"),
     "--batch-size": (at_least(2), int(recipe_value(RECIPE, "--batch-size", 64)), "plain loop batch (the recipe's)"),
     "--lr": (benchlib.positive_float, float(recipe_value(RECIPE, "--lr", 0.05)), "plain loop LR (the recipe's)"),
-    "--momentum": (float, float(recipe_value(RECIPE, "--momentum", 0.9)), "plain loop momentum (the recipe's)"),
-    "--l2": (float, float(recipe_value(RECIPE, "--l2", 1e-4)), "plain loop weight decay (the recipe's)"),
+    "--momentum": (
+        benchlib.number(float, 0, 1),
+        float(recipe_value(RECIPE, "--momentum", 0.9)),
+        "plain loop momentum (the recipe's)",
+    ),
+    "--l2": (benchlib.number(float, 0), float(recipe_value(RECIPE, "--l2", 1e-4)), "plain loop weight decay"),
 }
 DATA_OPTIONS = {
     **{k: v for k, v in plain.DATA_OPTIONS.items()},

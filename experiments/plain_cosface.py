@@ -172,8 +172,8 @@ RECIPE_OPTIONS = {
     "--epochs": (at_least(1), 3, "epochs (default 3)"),
     "--batch-size": (at_least(2), 64, "images per shuffled batch (default 64)"),
     "--lr": (positive_float, 0.05, "constant SGD learning rate (default 0.05, recipes/image_small.args)"),
-    "--momentum": (float, 0.9, "SGD momentum (default 0.9)"),
-    "--l2": (float, 1e-4, "weight decay (default 1e-4, recipes/image_small.args)"),
+    "--momentum": (benchlib.number(float, 0, 1), 0.9, "SGD momentum (default 0.9)"),
+    "--l2": (benchlib.number(float, 0), 1e-4, "weight decay (default 1e-4, recipes/image_small.args)"),
     "--augment": dict(choices=("none", "crop"), default="none", help="random shift of the training images (none)"),
 }
 DATA_OPTIONS = {
