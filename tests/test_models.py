@@ -125,3 +125,28 @@ def test_statistics_poolings_match_hand_computation():
     constant = torch.ones(1, 4, 9, requires_grad=True)
     pool(constant).sum().backward()
     assert torch.isfinite(constant.grad).all()
+
+
+def test_the_parameter_counts_docs_speech_shows_are_the_models():
+    """docs/speech.md's table of the literature encoders (and its MFCC sentence) counts the encoders as built here,
+    without the `mu` projection to --latent-size."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "speech.md")) as handle:
+        text = handle.read()
+
+    def millions(name, **kwargs):
+        encoder = models.create_encoder(name, **kwargs)
+        return round(sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("mu.")) / 1e6, 2)
+
+    assert re.search(r"\| `ECAPA_TDNN` \| ECAPA-TDNN, C = 512.*?\| ([\d.]+) M \|", text).group(1) == str(
+        millions("ECAPA_TDNN", ncoef=80)
+    )
+    assert re.search(r"\| `ECAPA_TDNN` with C = 1024 \|.*?\| ([\d.]+) M \|", text).group(1) == str(
+        millions("ECAPA_TDNN", ncoef=80, channels=1024)
+    )
+    assert re.search(r"\| `ResNet34` +\|.*?\| ([\d.]+) M \|", text).group(1) == str(millions("ResNet34", ncoef=80))
+    mfcc = re.search(r"\(ECAPA-TDNN: ([\d.]+) M, ResNet34: ([\d.]+) M at the MFCC default", text)
+    assert mfcc.groups() == (str(millions("ECAPA_TDNN", ncoef=30)), str(millions("ResNet34", ncoef=30)))
