@@ -13,7 +13,6 @@ back-end flags and the Backends of a run come from that list alone.
 import abc
 import functools
 import os
-import pickle
 from typing import NamedTuple
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from e2e_verification import embedding_files, score_norm, scoring
 from e2e_verification.calibration import PREFIX, apply_calibration, load_calibration
-from e2e_verification.checkpoints import check_provenance
+from e2e_verification.checkpoints import check_provenance, load_weights_only
 from e2e_verification.scoring import Scorer
 from utils import UserError, atomic_path
 
@@ -142,21 +141,7 @@ def save_distance(path, distance, config, provenance=None, training=None):
 def _read_distance_state(path):
     """The dict of a distance file, loaded weights only; UserError for anything that is not one."""
     not_one = f"{path} is not a distance file written by train_distance.py"
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError as err:
-        raise UserError(f"cannot read distance file {path}: {err.strerror or err}") from None
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle stream
-        raise UserError(not_one)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(
-            f"refusing to load {path}: it holds Python objects besides tensors (loaded weights only)"
-        ) from None
-    except Exception:  # noqa: BLE001 (torch raises RuntimeError, EOFError, KeyError, ... on damaged files)
-        raise UserError(f"cannot read {path}: truncated or damaged") from None
+    state = load_weights_only(path, "distance file", "distance file written by train_distance.py")
     if not isinstance(state, dict):
         raise UserError(not_one)
     if state.get("format") != DISTANCE_FORMAT:

@@ -19,6 +19,32 @@ def save_checkpoint(path, state):
         torch.save(state, tmp)
 
 
+def load_weights_only(path, what, kind, map_location="cpu"):
+    """torch.load(path, weights_only=True), the one way the toolkit reads a torch.save file (checkpoints, distance
+    files): a file that does not start as torch.save's do (a zip archive or a pickle stream) is refused as not a
+    `kind` before torch reads it, and one holding Python objects besides tensors is refused without running them.
+    `what` names the file in the messages ("checkpoint")."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle stream
+        found = "an empty file" if not head else "a file of another kind"
+        raise UserError(f"{path} is not a {kind} ({found}; torch.save writes a zip archive)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported (global|operand)[^.]*?([\w.]+) was not", str(err))
+        name = f" ({found.group(2)})" if found else ""
+        raise UserError(
+            f"refusing to load {path}: it holds Python objects{name} besides tensors, and {what}s are "
+            "loaded weights only so that no code in them can run"
+        ) from None
+    except Exception:  # torch raises RuntimeError, EOFError, KeyError, ... on damaged files
+        raise UserError(f"cannot read {what} {path}: truncated, damaged or not a PyTorch file") from None
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint with `weights_only=True`; anything else (a pickle payload) is refused.
 
@@ -29,25 +55,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"checkpoint {path} is a folder; give the checkpoint file (e.g. checkpoint_10ep.pt)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError as err:
-        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle stream
-        what = "an empty file" if not head else "a file of another kind"
-        raise UserError(f"{path} is not a PyTorch checkpoint file ({what}; torch.save writes a zip archive)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported (global|operand)[^.]*?([\w.]+) was not", str(err))
-        what = f" ({found.group(2)})" if found else ""
-        raise UserError(
-            f"refusing to load {path}: it holds Python objects{what} besides tensors, and checkpoints are "
-            "loaded weights only so that no code in them can run"
-        ) from None
-    except Exception:  # torch raises RuntimeError, EOFError, KeyError, ... on damaged files
-        raise UserError(f"cannot read checkpoint {path}: truncated, damaged or not a PyTorch file") from None
+    state = load_weights_only(path, "checkpoint", "PyTorch checkpoint file", map_location)
     if not isinstance(state, dict) or "model_state" not in state or "model_config" not in state:
         raise UserError(f"{path} is not a checkpoint written by this toolkit")
     return state
