@@ -158,6 +158,14 @@ def in_repository(value):
     return value
 
 
+def make_json_folder(out, json_name):
+    """Make the folder of the JSON `json_name` of page `out` (a relative path from the page's folder), so a bench
+    that calls this before its work cannot fail at its last step; -> the JSON's path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(out)), json_name)
+    make_folder(os.path.dirname(path), "--out")
+    return path
+
+
 def publish(script, argv, args, runs, render, out, json_name=None):
     """Render the table of `runs` with `render(record)`, print it, and with `out` write the record (the command,
     the options, the runs) to the JSON beside the page `out` (`json_name` in its folder when a page holds several
@@ -173,9 +181,7 @@ def publish(script, argv, args, runs, render, out, json_name=None):
         return record
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     json_name = json_name or os.path.basename(json_beside(out))
-    json_path = os.path.join(os.path.dirname(os.path.abspath(out)), json_name)
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
-    with atomic_write(json_path) as handle:
+    with atomic_write(make_json_folder(out, json_name)) as handle:
         json.dump(record, handle, indent=1)
         handle.write("\n")
     region = f"{TABLE_START.format(json_name)}\n{text.rstrip()}\n{TABLE_END}\n"

@@ -6,8 +6,6 @@ and one bare argsort of the scores (numpy on the CPU, torch on a GPU), the floor
 sort-based method. The scores are float32, 10% targets, drawn as two Gaussians.
 """
 
-import os
-
 import benchlib
 import numpy as np
 import torch
@@ -91,8 +89,7 @@ def measure(args, device):
 def main(argv=None):
     args, device = benchlib.start(build_parser(), argv)
     if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
-        folder = os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), JSON_NAME))
-        benchlib.make_folder(folder, "--out")
+        benchlib.make_json_folder(args.out, JSON_NAME)
     benchlib.publish(__file__, argv, args, [measure(args, device)], render, args.out, JSON_NAME)
     return 0
 

@@ -92,8 +92,7 @@ def run(args, folder):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
-        folder = os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), JSON_NAME))
-        benchlib.make_folder(folder, "--out")
+        benchlib.make_json_folder(args.out, JSON_NAME)
     if args.work_dir:
         measured = run(args, benchlib.make_folder(args.work_dir, "--work-dir"))
     else:

@@ -8,8 +8,6 @@ first --direct-trials trials and its time scaled to all of them (it costs the sa
 both forms' outputs on those trials are compared.
 """
 
-import os
-
 import benchlib
 import numpy as np
 import torch
@@ -122,8 +120,7 @@ def measure(args, device):
 def main(argv=None):
     args, device = benchlib.start(build_parser(), argv)
     if args.out:  # the JSON's folder, made before the work (the page's own folder is checked while parsing)
-        folder = os.path.dirname(os.path.join(os.path.dirname(os.path.abspath(args.out)), JSON_NAME))
-        benchlib.make_folder(folder, "--out")
+        benchlib.make_json_folder(args.out, JSON_NAME)
     benchlib.publish(__file__, argv, args, [measure(args, device)], render, args.out, JSON_NAME)
     return 0
 
