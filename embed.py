@@ -1,12 +1,17 @@
-"""Embed speech recordings with a trained model, for downstream back-ends such as Kaldi's PLDA.
+"""Embed speech recordings or images with a trained model, for downstream back-ends such as Kaldi's PLDA.
 
-Reads a Kaldi feats.scp (or a folder of *.scp files, or a speaker HDF5 from data_prep.py), or wav files
-(--wav-scp, --wav-dir) whose features are computed through the checkpoint's own front end; embeds every
-utterance whole (tiled to --min-frames when shorter) and writes, atomically, into --out-path:
-embeddings.ark + embeddings.scp (Kaldi float vectors, readable by ivector-compute-plda and friends)
-and embeddings.h5 (one float32 dataset per utterance, with a `spk` attribute when the speaker is known, and
-the checkpoint that made them in the root attribute `provenance`, which eval.py --cohort and train_plda.py
-carry on and check).
+Speech: reads a Kaldi feats.scp (or a folder of *.scp files, or a speaker HDF5 from data_prep.py), or wav files
+(--wav-scp, --wav-dir) whose features are computed through the checkpoint's own front end, and embeds every
+utterance whole (tiled to --min-frames when shorter). Images: --data names an image source as eval.py reads it
+(one sub-folder of images per class, a CIFAR-10 or a Fashion-MNIST IDX folder, or 'digits'), optionally cut to
+--classes and --items-per-class (eval.py's seeded draw); every image is one embedding, the vector eval.py's cos
+scorer compares. An image's id is `<class folder>-<file path under it, without extension>` for an image-folder
+tree ('/' as '-', whitespace as '_'), else `<class index>-<its position among the class's images, zero-padded>`.
+Writes, atomically, into --out-path: embeddings.ark + embeddings.scp (Kaldi float vectors, readable by
+ivector-compute-plda and friends) and embeddings.h5 (one float32 dataset per utterance or image, with a `spk`
+attribute holding the speaker or class when known, an image file's `path` under --data, and the checkpoint that
+made them in the root attribute `provenance`, which eval.py --cohort, train_plda.py and train_distance.py carry
+on and check).
 """
 
 import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_verification/threads.py)
@@ -17,14 +22,17 @@ import contextlib
 import itertools
 import json
 import os
+import re
 
 import h5py
+import numpy as np
+import torch
 from tqdm import tqdm
 
 import data_load
 from e2e_verification import speech_data
 from e2e_verification.checkpoints import load_model, model_provenance
-from e2e_verification.scoring import embed_matrices
+from e2e_verification.scoring import embed_loader, embed_matrices
 from e2e_verification.tasks import task_for_model
 from utils import (
     UserError,
@@ -40,25 +48,76 @@ from utils import (
 EXAMPLE = """examples:
   python embed.py --data data/test/feats.scp --cp-path cp/checkpoint_10ep.pt --out-path exp/embeddings/
   python embed.py --wav-dir data/wavs/ --cp-path cp/checkpoint_10ep.pt --out-path exp/embeddings/
-  ivector-compute-plda ark:data/train/spk2utt scp:exp/embeddings/embeddings.scp plda   # Kaldi back-end"""
+  ivector-compute-plda ark:data/train/spk2utt scp:exp/embeddings/embeddings.scp plda   # Kaldi back-end
+  python embed.py --data data/fonts/train/ --cp-path cp/fonts/checkpoint_20ep.pt --out-path exp/font_emb/ \\
+      --items-per-class 20   # images: one vector per glyph, spk = its font's folder
+  python train_plda.py --embeddings exp/font_emb/ --out exp/font_plda.json"""
 CHUNK = 1000  # utterances embedded between writes
+MIN_FRAMES = 50  # speech: the default of --min-frames
+IMAGE_FLAGS = ("--classes", "--items-per-class", "--split")  # what only an image model takes
+SPEECH_FLAGS = ("--wav-scp", "--wav-dir", "--utt2spk", "--min-frames")  # what only a speech model takes
 
 
 def build_parser():
     p = make_parser(__doc__, EXAMPLE)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", "--path-to-data", dest="data", help="feats.scp, a folder of *.scp, or an HDF5 file")
-    source.add_argument("--wav-scp", default=None, help="a Kaldi wav.scp of 16-bit PCM wav files (features computed)")
-    source.add_argument("--wav-dir", default=None, help="one sub-folder of .wav files per speaker (as data_prep.py)")
-    p.add_argument("--utt2spk", default=None, help="embed only the utterances listed here, labelled with its speakers")
+    source.add_argument(
+        "--data",
+        "--path-to-data",
+        dest="data",
+        help="speech: feats.scp, a folder of *.scp, or an HDF5 file; images: one sub-folder per class, "
+        "a CIFAR-10 or IDX folder, or 'digits'",
+    )
+    source.add_argument(
+        "--wav-scp", default=None, help="speech: a Kaldi wav.scp of 16-bit PCM wav files (features computed)"
+    )
+    source.add_argument(
+        "--wav-dir", default=None, help="speech: one sub-folder of .wav files per speaker (as data_prep.py)"
+    )
+    p.add_argument(
+        "--utt2spk", default=None, help="speech: embed only the utterances listed here, labelled with its speakers"
+    )
+    p.add_argument("--classes", default=None, help="images: embed only the items of these classes, e.g. 5-9 or 0,2,7")
+    p.add_argument(
+        "--items-per-class", type=int, default=None, help="images: at most this many items of each class (seeded)"
+    )
+    p.add_argument(
+        "--split",
+        choices=("train", "valid", "test"),
+        default=None,
+        help="images: the split of a CIFAR-10 or IDX folder or the digits (default test, as eval.py reads)",
+    )
     p.add_argument("--cp-path", required=True, help="checkpoint written by train.py")
     p.add_argument("--model", default=None, help="encoder name; checked against the checkpoint when given")
     p.add_argument("--out-path", default="./", help="output folder, created if missing (default ./)")
     p.add_argument(
-        "--min-frames", type=int, default=50, help="shorter utterances are tiled to this length (default 50)"
+        "--min-frames", type=int, default=None, help=f"speech: shorter utterances are tiled to this length "
+        f"(default {MIN_FRAMES})"
+    )  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch; speech: most equal-length utterances (default 64)"
     )
     add_device_flags(p)
     return p
+
+
+def check_flags(args):
+    """Refuse flag values out of range, before any work."""
+    for flag, value in (("--min-frames", args.min_frames), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.items_per_class is not None and args.items_per_class < 1:
+        raise UserError(f"--items-per-class must be >= 1, got {args.items_per_class}")
+
+
+def refuse_flags(args, flags, needs, model_name):
+    """Refuse the first of `flags` given on the command line: it needs a `needs` model ('an image', 'a speech')."""
+    for flag in flags:
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise UserError(f"{flag} needs {needs} model; this checkpoint holds {model_name}")
+
+
+# ----------------------------------------------------------------------------- speech
 
 
 def available(path):
@@ -112,17 +171,153 @@ def features_of(args, model):
     return ((utt, wav_features(front_end, wavs[utt])) for utt in utts), utts, utt2spk
 
 
-def write_embeddings(model, features, utts, out_dir, device, min_frames=50, amp=False, utt2spk=None):
-    """Embed the (utt, (ncoef, frames)) matrices `features` (of utterances `utts`) and write
-    embeddings.{ark,scp,h5} into `out_dir`. Returns the three paths.
+def looks_like_images(path):
+    """True for 'digits' or a folder without *.scp files that holds sub-folders, IDX files or CIFAR-10."""
+    if path == data_load.DIGITS:
+        return True
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    if any(name.endswith(".scp") for name in names):
+        return False
+    markers = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "data_batch_1")
+    return any(name.startswith(markers) or os.path.isdir(os.path.join(path, name)) for name in names)
 
-    Utterances are read and embedded CHUNK at a time, so any size fits; nothing is left behind on failure.
+
+def speech_source(args, model, device):
+    """(utterance ids, batches of (ids, (n, emb) embeddings), {utt: h5 attributes}) of the speech inputs."""
+    name = model.config["model"]
+    refuse_flags(args, IMAGE_FLAGS, "an image", f"{name} (a speech model)")
+    if args.data is not None and looks_like_images(args.data):
+        raise UserError(
+            f"--data {args.data} holds images: embedding them needs an image model; this checkpoint holds {name} (a "
+            "speech model)"
+        )
+    features, utts, utt2spk = features_of(args, model)
+    attrs = {utt: {"spk": utt2spk[utt]} for utt in utts if utt in utt2spk} if utt2spk else {}
+    min_frames = MIN_FRAMES if args.min_frames is None else args.min_frames
+    return utts, speech_batches(model, features, device, min_frames, args.amp, args.batch_size), attrs
+
+
+def speech_batches(model, features, device, min_frames, amp, batch_size):
+    """Yield (ids, (n, emb)) for CHUNK (utt, (ncoef, frames)) matrices of `features` at a time."""
+    features = iter(features)
+    while True:
+        ids, emb = embed_matrices(model, itertools.islice(features, CHUNK), device, min_frames, amp, batch_size)
+        if not ids:
+            return
+        yield ids, emb
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def refuse_speech_data(path, name):
+    """Refuse --data that is not an image source for the image model `name`: a file, or a folder of *.scp."""
+    speech = os.path.isdir(path) and any(n.endswith(".scp") for n in os.listdir(path))
+    if os.path.isfile(path) and (h5py.is_hdf5(path) or path.endswith((".scp", ".ark"))):
+        speech = True
+    if speech:
+        raise UserError(
+            f"--data {path} holds speech features: embedding them needs a speech model; this checkpoint holds "
+            f"{name} (an image model), which takes a folder of images (one sub-folder per class), CIFAR-10 or IDX"
+        )
+    if os.path.isfile(path):
+        raise UserError(
+            f"--data {path} is a file; the image model {name} reads a folder of images (one sub-folder per "
+            "class), a CIFAR-10 or an IDX folder"
+        )
+
+
+def safe_id(text):
+    """`text` as a Kaldi and HDF5 name: '/' (and the OS separator) as '-', whitespace as '_'."""
+    return re.sub(r"\s", "_", text.replace(os.sep, "-").replace("/", "-"))
+
+
+def folder_ids(base, index):
+    """(ids, {id: attrs}) of the items `index` of an image-folder tree: `<class>-<file under it, no extension>`."""
+    root, classes = base.folder.root, base.folder.classes
+    ids, attrs, seen = [], {}, {}
+    for k in index:
+        path, target = base.folder.samples[k]
+        stem = os.path.splitext(os.path.relpath(path, os.path.join(root, classes[target])))[0]
+        item = f"{safe_id(classes[target])}-{safe_id(stem)}"
+        if item in seen:
+            raise UserError(f"{seen[item]} and {path} would both be embedded as {item}: rename one of them")
+        seen[item] = path
+        ids.append(item)
+        attrs[item] = {"spk": classes[target], "path": os.path.relpath(path, root)}
+    return ids, attrs
+
+
+def numbered_ids(labels, index):
+    """(ids, {id: attrs}) of the items `index` of in-memory images with class `labels` (N,) of the whole split:
+    `<class>-<position among its class's images, zero-padded>`."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels)
+    order = np.argsort(labels, kind="stable")
+    position = np.empty(len(labels), dtype=np.int64)
+    position[order] = np.arange(len(labels)) - (np.cumsum(counts) - counts)[labels[order]]
+    width = len(str(max(int(counts.max()) - 1, 0)))
+    ids = [f"{labels[k]}-{position[k]:0{width}d}" for k in index]
+    return ids, {item: {"spk": str(labels[k])} for item, k in zip(ids, index)}
+
+
+def image_ids(dataset):
+    """(ids, {id: h5 attributes}) of the items of `dataset` (data_load.load_images, maybe select_classes), in order:
+    ids name items of the whole source, so they do not change with --classes or --items-per-class."""
+    base, index = dataset, np.arange(len(dataset))
+    if isinstance(dataset, data_load.ClassSubset):
+        base, index = dataset.dataset, dataset.indices
+    if isinstance(base, data_load.FolderImages):
+        return folder_ids(base, index)
+    return numbered_ids(base.labels, index)
+
+
+def image_source(args, model, device):
+    """(image ids, batches of (ids, (n, emb) embeddings), {id: h5 attributes}) of the images at --data."""
+    name = model.config["model"]
+    refuse_flags(args, SPEECH_FLAGS, "a speech", f"{name} (an image model)")
+    refuse_speech_data(args.data, name)
+    dataset = data_load.load_images(args.data, args.split or "test")
+    if args.split is not None and isinstance(dataset, data_load.FolderImages):
+        raise UserError(f"--split picks a split of CIFAR-10, IDX or the digits; {args.data} is one split already")
+    data_load.set_augmentation(dataset, "none")  # a training split's random crop and flip, off
+    data_load.check_image_shape(dataset, model.config["encoder_args"]["in_channels"], "--data")
+    dataset = data_load.select_classes(dataset, args.classes, args.items_per_class)
+    ids, attrs = image_ids(dataset)
+    return ids, image_batches(model, dataset, ids, device, args.batch_size, args.amp), attrs
+
+
+@torch.no_grad()
+def image_batches(model, dataset, ids, device, batch_size, amp):
+    """Yield (ids, (n, emb)) a batch at a time, embedded as eval.py embeds its test images (scoring.embed_loader)."""
+    from torch.utils.data import DataLoader
+
+    start = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        emb = embed_loader(model, [batch], device, amp)[0]
+        yield ids[start : start + len(emb)], emb
+        start += len(emb)
+
+
+SOURCES = {"speech": speech_source, "image": image_source}  # domain -> what reads and embeds its inputs
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_embeddings(model, batches, ids, out_dir, attrs=None):
+    """Write the embeddings of `batches` ((ids, (n, emb) tensor) pairs, covering `ids` in order) into
+    embeddings.{ark,scp,h5} in `out_dir`, each h5 vector with its `attrs[id]` ({name: value}). Returns the paths.
+
+    Batches are consumed as they are written, so any size fits; nothing is left behind on failure.
     """
-    bad = [utt for utt in utts if "/" in utt]
+    bad = [item for item in ids if "/" in item]
     if bad:
         raise UserError(f"utterance ids cannot hold '/' (HDF5 names): {', '.join(bad[:3])}")
+    attrs = attrs or {}
     paths = [os.path.join(out_dir, f"embeddings.{ext}") for ext in ("ark", "scp", "h5")]
-    features = iter(features)
     with contextlib.ExitStack() as stack:
         ark_tmp, h5_tmp = (stack.enter_context(atomic_path(p)) for p in (paths[0], paths[2]))
         ark = speech_data.ArkWriter(stack.enter_context(open(ark_tmp, "wb")), paths[0])
@@ -130,18 +325,13 @@ def write_embeddings(model, features, utts, out_dir, device, min_frames=50, amp=
         h5.attrs["embedding_size"] = model.encoder.embedding_size
         h5.attrs["model"] = model.config["model"]
         h5.attrs["provenance"] = json.dumps(model_provenance(model), sort_keys=True)
-        bar = stack.enter_context(tqdm(total=len(utts), desc="embedding", unit="utt", disable=None))
-        while True:
-            chunk = itertools.islice(features, CHUNK)
-            ids, emb = embed_matrices(model, chunk, device, min_frames, amp)
-            if not ids:
-                break
-            for utt, vec in zip(ids, emb.cpu().numpy()):
-                ark.write(utt, vec)
-                dataset = h5.create_dataset(utt, data=vec)
-                if utt2spk is not None and utt in utt2spk:
-                    dataset.attrs["spk"] = utt2spk[utt]
-            bar.update(len(ids))
+        bar = stack.enter_context(tqdm(total=len(ids), desc="embedding", unit="item", disable=None))
+        for batch_ids, emb in batches:
+            for item, vec in zip(batch_ids, emb.cpu().numpy()):
+                ark.write(item, vec)
+                dataset = h5.create_dataset(item, data=vec)
+                dataset.attrs.update(attrs.get(item, {}))
+            bar.update(len(batch_ids))
     with atomic_write(paths[1]) as handle:
         handle.writelines(ark.scp_lines)
     return paths
@@ -176,16 +366,14 @@ def output_folder(path):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.min_frames < 1:
-        raise UserError(f"--min-frames must be >= 1, got {args.min_frames}")
+    check_flags(args)
     check_output(args)
     device = device_from_args(args)
     model = load_model(args.cp_path, args.model, device)
-    task_for_model(model.config["model"]).require_recordings("embed.py", model.config["model"])
-    features, utts, utt2spk = features_of(args, model)
+    ids, batches, attrs = SOURCES[task_for_model(model.config["model"]).name](args, model, device)
     with output_folder(args.out_path) as out:
-        paths = write_embeddings(model, features, utts, out, device, args.min_frames, args.amp, utt2spk)
-    print(f"wrote {len(utts)} embeddings of {model.encoder.embedding_size} dimensions: {', '.join(paths)}")
+        paths = write_embeddings(model, batches, ids, out, attrs)
+    print(f"wrote {len(ids)} embeddings of {model.encoder.embedding_size} dimensions: {', '.join(paths)}")
     return 0
 
 
