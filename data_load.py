@@ -7,6 +7,7 @@ training loop serve them all. Speech: the speaker HDF5 of data_prep.py, as rando
 and fixed validation crops (at the end of this module).
 """
 
+import copy
 import gzip
 import os
 import re
@@ -510,6 +511,7 @@ class ClassSubset(Dataset):
         if missing:
             raise UserError(f"{dataset.name}: no items of class {missing[0]} (classes present: 0-{max(present)})")
         new_label = {c: i for i, c in enumerate(classes)}
+        self.classes = list(classes)  # the original label of each new label
         self.indices = np.flatnonzero(np.isin(dataset.labels, classes))
         self.labels = np.array([new_label[int(c)] for c in dataset.labels[self.indices]], dtype=np.int64)
         self.original_labels = np.asarray(dataset.labels)[self.indices]
@@ -546,6 +548,64 @@ def select_classes(dataset, spec, items_per_class=None, seed=0):
         subset.original_labels = subset.original_labels[keep]
         subset.name += f"[{items_per_class} per class]"
     return subset
+
+
+def draw_holdout(labels, n_held, seed, flag=None):
+    """The `n_held` classes of `labels` held out for validation, drawn with `seed` (sorted): train.py's
+    --holdout-classes and train_distance.py's --valid-classes, so one seed holds out the same classes in both.
+    UserError (naming `flag`, default --holdout-classes N) unless two classes are left to train on (validation's
+    two are checked by the flags' parsers)."""
+    classes = np.unique(np.asarray(labels))
+    if n_held > len(classes) - 2:
+        raise UserError(
+            f"{flag or f'--holdout-classes {n_held}'}: the training data has {len(classes)} classes and training "
+            f"needs 2, so at most {max(len(classes) - 2, 0)} can be held out"
+        )
+    return sorted(np.random.default_rng(seed).permutation(classes)[:n_held].tolist())
+
+
+def split_holdout(train, fixed, n_held, seed):
+    """--holdout-classes: (`train` without `n_held` classes drawn with `seed`, relabelled 0..n-n_held-1; those
+    classes' items of `fixed`, relabelled 0..n_held-1) as (training set, validation set).
+
+    `fixed` holds the items of `train` under the same labels, read as validation reads them (no random crop or
+    flip): without_augmentation(train) for images, FixedCrops of the training file for speech. The training set
+    never indexes a held-out item, so the sampler cannot put one in a batch (and a lazy reader never reads it).
+    """
+    held = draw_holdout(train.labels, n_held, seed)
+    kept = [c for c in np.unique(np.asarray(train.labels)).tolist() if c not in held]
+    train_part, valid = ClassSubset(train, kept), ClassSubset(fixed, held)
+    train_part.name = f"{train.name}[without {n_held} held-out classes]"
+    valid.name = f"{fixed.name}[{n_held} held-out classes]"
+    return train_part, valid
+
+
+def without_augmentation(dataset):
+    """A copy of an image dataset (through its class and item subsets) that reads items as validation does, with
+    no random crop or flip; `dataset` keeps its own augmentation."""
+    copied = copy.copy(dataset)
+    if isinstance(copied, ClassSubset | ItemSubset):
+        copied.dataset = without_augmentation(copied.dataset)
+        return copied
+    if isinstance(copied, FolderImages):
+        copied.folder = copy.copy(copied.folder)  # set_augmentation replaces its transform
+    copied.set_augmentation(crop=False, flip=False)
+    return copied
+
+
+def class_names(dataset):
+    """The name of each label of a dataset (label i -> names[i]): an image folder's sub-folder names, a speaker
+    HDF5's speaker ids, under a ClassSubset those of its original labels; else the labels as text."""
+    if isinstance(dataset, ClassSubset):
+        names = class_names(dataset.dataset)
+        return [names[c] for c in dataset.classes]
+    if isinstance(dataset, ItemSubset):
+        return class_names(dataset.dataset)
+    if isinstance(dataset, SpeakerHDF5):
+        return list(dataset.speakers)
+    if isinstance(dataset, FolderImages):
+        return list(dataset.folder.classes)
+    return [str(c) for c in range(int(np.max(dataset.labels)) + 1)]
 
 
 def image_stem(image_shape):
@@ -797,15 +857,22 @@ class FixedCrops(SpeakerHDF5):
 
 
 def speech_training_sets(args):
-    """Speech datasets of a run: (SpeakerCrops, FixedCrops or None, n_classes, encoder_args)."""
+    """Speech datasets of a run: (SpeakerCrops, FixedCrops or None, n_classes, encoder_args); with
+    --holdout-classes, the training file's speakers split by split_holdout (each dataset under a ClassSubset)."""
     if args.n_frames < MIN_TRAIN_FRAMES:
         raise UserError(
             f"--n-frames must be at least {MIN_TRAIN_FRAMES}: batches are cut to as few as n_frames/4 frames "
             "and the TDNN needs 5"
         )
     train = SpeakerCrops(args.train_hdf_file, args.n_frames, args.ncoef)
+    ncoef, n_classes = train.ncoef, len(train.speakers)
+    valid = None
+    if getattr(args, "holdout_classes", None):
+        fixed = FixedCrops(args.train_hdf_file, args.n_frames, args.ncoef)
+        train, valid = split_holdout(train, fixed, args.holdout_classes, args.seed)
+        n_classes -= args.holdout_classes
     k = args.samples_per_class
-    counts = np.bincount(train.labels, minlength=len(train.speakers))
+    counts = np.bincount(train.labels, minlength=n_classes)
     usable = int((counts >= k).sum())
     if usable < 2:
         raise UserError(
@@ -814,7 +881,11 @@ def speech_training_sets(args):
         )
     if usable < len(counts) and args.verbose > 0:
         print(f"{len(counts) - usable} speakers have fewer than {k} utterances and never appear in a batch")
-    valid = None
     if args.valid_hdf_file:
         valid = FixedCrops(args.valid_hdf_file, args.n_frames, args.ncoef, args.valid_max_items)
-    return train, valid, len(train.speakers), {"ncoef": args.ncoef, "latent_size": args.latent_size}
+        if valid.ncoef != ncoef:
+            raise UserError(
+                f"{args.valid_hdf_file} holds {valid.ncoef} coefficients per frame but {args.train_hdf_file} holds "
+                f"{ncoef}"
+            )
+    return train, valid, n_classes, {"ncoef": ncoef, "latent_size": args.latent_size}

@@ -51,6 +51,9 @@ def main(argv=None):
         if world_size > 1:
             dist.destroy_process_group()
     model = run.model.module if world_size > 1 else run.model
+    best = run.trainer.best_summary() if rank == 0 else None
+    if best is not None:
+        print(best, flush=True)
     test = run.task.final_test(run.args) if rank == 0 else None
     if test is not None:
         from e2e_verification.scoring import run_image_eval

@@ -111,15 +111,12 @@ def check_args(args):
 
 
 def split_classes(labels, valid, seed):
-    """(training mask, held-out mask) over items (N,): `valid` classes (a count, or a fraction) drawn with `seed`."""
-    classes = np.unique(labels)
-    n_valid = round(valid * len(classes)) if isinstance(valid, float) else valid
-    if valid and (n_valid < 2 or len(classes) - n_valid < 2):
-        raise UserError(
-            f"--valid-classes {valid}: {n_valid} of {len(classes)} classes held out; both the held-out and the "
-            "training classes must number at least 2"
-        )
-    held = np.random.default_rng(seed).permutation(classes)[:n_valid]
+    """(training mask, held-out mask) over items (N,): `valid` classes (a count, or a fraction) drawn with `seed`
+    (data_load.draw_holdout, the draw of train.py --holdout-classes)."""
+    n_valid = round(valid * len(np.unique(labels))) if isinstance(valid, float) else valid
+    if valid and n_valid < 2:
+        raise UserError(f"--valid-classes {valid}: {n_valid} classes held out; validation needs at least 2")
+    held = data_load.draw_holdout(labels, n_valid, seed, flag=f"--valid-classes {valid}") if valid else []
     valid_mask = np.isin(labels, held)
     return ~valid_mask, valid_mask
 

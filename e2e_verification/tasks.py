@@ -129,17 +129,21 @@ class ImageTask(Task):
         args.digits = args.data_path is None
 
     def has_validation(self, args):
-        return bool(args.digits or args.valid_data_path)
+        return bool(args.digits or args.valid_data_path or getattr(args, "holdout_classes", None))
 
     def datasets(self, args):
-        """(train, valid or None, n_classes, encoder_args) for a run."""
+        """(train, valid or None, n_classes, encoder_args) for a run; with --holdout-classes the validation set is
+        the held-out classes of the training images (after --classes), read without augmentation."""
         skip_bad = getattr(args, "skip_bad_images", False)
         train = data_load.load_images(args.data_path, "train", skip_bad)
         data_load.set_augmentation(train, getattr(args, "augment", "auto"))
         train = data_load.select_classes(train, args.classes, args.items_per_class)
         valid = None
         valid_classes = args.valid_classes or args.classes
-        if args.digits:
+        if getattr(args, "holdout_classes", None):
+            fixed = data_load.without_augmentation(train)
+            train, valid = data_load.split_holdout(train, fixed, args.holdout_classes, args.seed)
+        elif args.digits:
             valid = data_load.select_classes(data_load.load_images(None, "valid"), valid_classes)
         elif args.valid_data_path:
             valid = data_load.load_images(args.valid_data_path, "valid", skip_bad)
@@ -172,10 +176,14 @@ class ImageTask(Task):
         return torch.channels_last if device.type == "cuda" else None
 
     def final_test(self, args):
-        """The dataset the demo scores after training (the held-out digits), or None."""
+        """The dataset the demo scores after training (the held-out digits), or None. With --holdout-classes and
+        no --test-classes: the test items of the held-out classes (the open-set test the validation stood for)."""
         if not args.digits:
             return None
-        return data_load.select_classes(data_load.load_images(None, "test"), args.test_classes)
+        classes = args.test_classes
+        if classes is None and getattr(args, "holdout_class_names", None):
+            classes = ",".join(args.holdout_class_names)  # the digits' names are their labels
+        return data_load.select_classes(data_load.load_images(None, "test"), classes)
 
     def evaluate(self, model, args, device, out_path, backends=None):
         """eval.py for images: all pairs of the test images (--data-path, default the held-out digits);
@@ -260,21 +268,16 @@ class SpeechTask(Task):
             raise UserError("--final-norm applies to the image resnet")
 
     def has_validation(self, args):
-        return bool(args.valid_hdf_file)
+        return bool(args.valid_hdf_file or getattr(args, "holdout_classes", None))
 
     def datasets(self, args):
-        """(train, valid or None, n_classes, encoder_args). Fine-tuning reads the data's own coefficient count,
-        which pretrained.start_from checks against the model's (so a mismatch names the checkpoint, not --ncoef)."""
+        """(train, valid or None, n_classes, encoder_args); with --holdout-classes the validation set is the held-out
+        speakers of the training file. Fine-tuning reads the data's own coefficient count, which
+        pretrained.start_from checks against the model's (so a mismatch names the checkpoint, not --ncoef)."""
         if getattr(args, "pretrained_path", None):
             args = copy.copy(args)
             args.ncoef = None
         train, valid, n_classes, encoder_args = data_load.speech_training_sets(args)
-        if valid is not None and valid.ncoef != train.ncoef:
-            raise UserError(
-                f"{args.valid_hdf_file} holds {valid.ncoef} coefficients per frame but {args.train_hdf_file} holds "
-                f"{train.ncoef}"
-            )
-        encoder_args = {**encoder_args, "ncoef": train.ncoef}
         if args.channels is not None:
             encoder_args = {**encoder_args, "channels": args.channels}
         return train, valid, n_classes, encoder_args

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,18 @@ CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)ep\.pt")  # checkpoint_file's nam
 
 # One `<scorer>_eer` per validated scorer of scoring.SCORERS (e2e, cos, fus).
 HISTORY_KEYS = ("train_loss", "ce_loss", "bin_loss", *(f"{s.name}_eer" for s in VALIDATION_SCORERS), "lr")
+SELECTION_SCORERS = tuple(s.name for s in VALIDATION_SCORERS)  # --select-by: the validated scorers
+DEFAULT_SELECTION = "e2e"  # the research code's: the best checkpoint has the lowest validation e2e EER
+
+
+def best_epoch(history, scorer):
+    """The 1-based epoch of the lowest `<scorer>_eer` in `history` (the latest on ties); None if none is finite."""
+    eers = history.get(f"{scorer}_eer", [])
+    finite = [(eer, epoch) for epoch, eer in enumerate(eers, 1) if math.isfinite(eer)]
+    if not finite:
+        return None
+    lowest = min(eer for eer, _ in finite)
+    return max(epoch for eer, epoch in finite if eer == lowest)
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,9 @@ class TrainConfig:
     max_gnorm: float = 0.0
     margin_warmup_epochs: int = 0
     cp_name: str | None = None
+    # --select-by: the validated scorer whose EER picks the best checkpoint; None = the research code's rule (the
+    # best by e2e, and a save whenever e2e or cos improves, which matters under --cp-name and --save-every)
+    select_by: str | None = None
     save_every: int = 1
     keep_checkpoints: int = 0
     no_cp: bool = False
@@ -56,6 +71,11 @@ class TrainConfig:
         """The fields of this config taken from a namespace (extra attributes are ignored)."""
         values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
         return cls(**{**values, **overrides})
+
+    @property
+    def selection(self):
+        """The scorer whose validation EER picks the best checkpoint (--select-by, default e2e)."""
+        return self.select_by or DEFAULT_SELECTION
 
 
 def noam_factor(warmup):
@@ -120,6 +140,25 @@ def validation_calibration(scores, target):
     return params
 
 
+def _listed(names, shown=8):
+    """A list of class names for a message, its first `shown` only when longer."""
+    if not names:
+        return "no classes"
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(map(str, names[:shown])) + more
+
+
+def check_same_holdout(path, trained, record):
+    """Refuse to resume checkpoint `path` (whose run arguments are `trained`) in a run that holds out other classes
+    for validation (--holdout-classes, drawn with --seed) than it did: they would have been trained on."""
+    old, new = trained.get("holdout_class_names"), record.get("holdout_class_names")
+    if (old or None) != (new or None):
+        raise UserError(
+            f"{path} was trained holding out {_listed(old)} for validation, but this run holds out {_listed(new)}; "
+            "resume with the checkpoint's --holdout-classes and --seed"
+        )
+
+
 class TrainLoop:
     """Fits a VerifierModel; see `fit`. `scheduler_kind` is 'noam' (stepped per batch) or 'plateau' (per epoch).
 
@@ -155,7 +194,7 @@ class TrainLoop:
         self.epoch = 0
         self.total_iters = 0
         self.history = {k: [] for k in HISTORY_KEYS}
-        self.best = {"e2e": math.inf, "cos": math.inf}
+        self.best = {name: math.inf for name in SELECTION_SCORERS}  # the lowest validation EER of each scorer
         self.calibration = None  # the last validation's calibration (validation_calibration), saved with the weights
         self.last_checkpoint = None
         self.best_checkpoint = None
@@ -187,8 +226,10 @@ class TrainLoop:
             "total_iters": self.total_iters,
             "history": self.history,
             "best": self.best,
-            # the file holding the best validation e2e EER so far (a name in checkpoint_path), kept by pruning
+            # the file holding the best validation EER of `select_by` (None: e2e) so far (a name in checkpoint_path),
+            # kept by pruning
             "best_checkpoint": os.path.basename(self.best_checkpoint) if self.best_checkpoint else None,
+            "select_by": self.cfg.select_by,
             "args": self.cfg.record,
             # fitted on this epoch's validation pairs (None without validation): eval.py's and verify.py's default
             "calibration": self.calibration,
@@ -198,15 +239,17 @@ class TrainLoop:
         if self.rank != 0 or self.cfg.no_cp:
             return
         path = self.checkpoint_file(self.epoch)
-        if self.history["e2e_eer"] and self.history["e2e_eer"][-1] <= self.best["e2e"]:
+        if best_epoch(self.history, self.cfg.selection) == self.epoch:
             self.best_checkpoint = path  # recorded in this very checkpoint, so a resumed run still knows it
+        elif path == self.best_checkpoint:  # a --cp-name file overwritten by a later, not-best epoch
+            self.best_checkpoint = None
         save_checkpoint(path, self.state())
         self.last_checkpoint = path
         if self.cfg.keep_checkpoints and not self.cfg.cp_name:
             self.prune_checkpoints()
 
     def prune_checkpoints(self):
-        """Delete epoch checkpoints older than the newest `keep_checkpoints`, sparing the best e2e one
+        """Delete epoch checkpoints older than the newest `keep_checkpoints`, sparing the best one (--select-by)
         (remembered across resumes: it is recorded in every checkpoint and restored by `load`)."""
         kept = {self.best_checkpoint}
         epochs = sorted(e for e in range(1, self.epoch + 1) if os.path.exists(self.checkpoint_file(e)))
@@ -234,15 +277,39 @@ class TrainLoop:
         self.epoch = state["epoch"]
         self.total_iters = state["total_iters"]
         self.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
-        self.best = dict(state["best"])
+        self.best = {**self.lowest_eers(), **state["best"]}  # checkpoints from before fus was tracked lack it
         self.calibration = state.get("calibration")
         self.last_checkpoint = path
+        self.keep_selection(path, state)
+        check_same_holdout(path, state.get("args") or {}, self.cfg.record)
         best = state.get("best_checkpoint")
         if best is None and "best_checkpoint" not in state:  # written before the best file was recorded
             e2e = self.history["e2e_eer"]
             epochs = [i + 1 for i, eer in enumerate(e2e) if eer == self.best["e2e"]]
             best = os.path.basename(self.checkpoint_file(epochs[-1])) if epochs else None
         self.best_checkpoint = os.path.join(self.cfg.checkpoint_path, best) if best else None
+
+    def lowest_eers(self):
+        """{scorer: its lowest finite validation EER in the history, or inf}."""
+        found = {name: [e for e in self.history[f"{name}_eer"] if math.isfinite(e)] for name in SELECTION_SCORERS}
+        return {name: min(eers, default=math.inf) for name, eers in found.items()}
+
+    def keep_selection(self, path, state):
+        """A resumed run keeps the checkpoint's --select-by: adopted when not given, refused when another.
+
+        Refused rather than recomputed from the history: the best file of another scorer may have been pruned
+        (--keep-checkpoints), never written (--save-every) or overwritten (--cp-name).
+        """
+        stored = state.get("select_by")
+        if self.cfg.select_by is None:
+            self.cfg = replace(self.cfg, select_by=stored)
+            self.cfg.record["select_by"] = stored
+        elif self.cfg.select_by != (stored or DEFAULT_SELECTION):
+            was = f"--select-by {stored}" if stored else f"the default --select-by {DEFAULT_SELECTION}"
+            raise UserError(
+                f"{path} chose its best checkpoint with {was}, not --select-by {self.cfg.select_by}; resume with "
+                f"{was.removeprefix('the default ')}, or train into a new --checkpoint-path"
+            )
 
     # ------------------------------------------------------------------ steps
 
@@ -337,10 +404,7 @@ class TrainLoop:
                 if self.rank == 0:  # with several processes rank 0 validates and shares the EERs
                     eers, self.calibration = validate(self.model, self.valid_loader, self.device, cfg.amp, cfg.progress)
                 eers = dict(zip(eers, agree_across_ranks(eers.values(), self.device, average=False)))
-                for name in ("e2e", "cos"):
-                    if eers[name] < self.best[name]:
-                        self.best[name] = eers[name]
-                        improved = True
+                improved = self.update_best(eers)
                 if self.scheduler_kind == "plateau":
                     self.scheduler.step(min(eers["e2e"], eers["cos"]))
             elif self.scheduler_kind == "plateau":
@@ -352,11 +416,45 @@ class TrainLoop:
             for key in HISTORY_KEYS:
                 self.history[key].append(float(values[key]))
             self.log_epoch(loss, eers, lr, time.time() - start)
-            # A fixed --cp-name (one file per hp-search trial) keeps the best validated model, as the seed did.
+            # A fixed --cp-name (one file per hp-search trial) keeps the best validated model (update_best).
             periodic = self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs
             if improved or (periodic and not (cfg.cp_name and self.valid_loader is not None)):
                 self.save()
         return self.best["e2e"], self.best["cos"]
+
+    def update_best(self, eers):
+        """Record this epoch's validation `eers` ({scorer: EER}) in `best`; -> whether to save this epoch for it.
+
+        Without --select-by, as the research code: when the e2e or the cos EER is a new low (so a --cp-name file
+        may end up holding a cos improvement). With it: when the chosen scorer's EER is the lowest so far (ties
+        too, so the file holds the latest of equal ones, as `best_epoch` picks).
+        """
+        before = dict(self.best)
+        for name in self.best:
+            self.best[name] = min(self.best[name], eers[name]) if math.isfinite(eers[name]) else self.best[name]
+        if self.cfg.select_by is None:
+            return any(eers[name] < before[name] for name in ("e2e", "cos"))
+        eer = eers[self.cfg.select_by]
+        return math.isfinite(eer) and eer <= self.best[self.cfg.select_by]
+
+    def best_summary(self):
+        """The line train.py prints at the end: the best checkpoint by the --select-by validation EER; None without
+        validation."""
+        if self.valid_loader is None:
+            return None
+        scorer = self.cfg.selection
+        epoch = best_epoch(self.history, scorer)
+        if epoch is None:
+            return f"best checkpoint by validation {scorer} EER: none (no finite validation EER)"
+        if self.best_checkpoint is not None:
+            where = self.best_checkpoint
+        elif self.cfg.no_cp:
+            where = "not written (--no-cp)"
+        elif self.cfg.cp_name:
+            where = "not kept (the --cp-name file holds a later epoch whose cos EER improved; --select-by keeps it)"
+        else:
+            where = f"not kept (epoch {epoch} was not saved)"
+        return f"best checkpoint by validation {scorer} EER {self.history[f'{scorer}_eer'][epoch - 1]:.4f}: {where}"
 
     def log_epoch(self, loss, eers, lr, seconds):
         if self.rank != 0:

@@ -20,7 +20,7 @@ import data_load
 import models
 from e2e_verification import image_input, pretrained
 from e2e_verification.tasks import DIGITS_RECIPE, task_for_args, task_for_model
-from e2e_verification.train_loop import TrainConfig, TrainLoop, noam_factor
+from e2e_verification.train_loop import SELECTION_SCORERS, TrainConfig, TrainLoop, noam_factor
 from losses import HEADS
 from models.verifier import PAIR_FEATURES
 from utils import (
@@ -54,6 +54,18 @@ def epoch_or_last(text):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an epoch number or last, got {text}") from None
+
+
+def at_least(minimum, why):
+    """An int flag's parser that refuses values below `minimum`, saying `why`."""
+
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum} ({why}), got {text}")
+        return value
+
+    return parse
 
 
 def non_negative(kind):
@@ -91,8 +103,17 @@ DATA_OPTIONS = {
     "--valid-classes": dict(
         help="images: validate (select models) on these classes, e.g. held-out ones (default: --classes)"
     ),
+    "--holdout-classes": (
+        at_least(2, "validation needs two classes"),
+        None,
+        "validate on N classes held out of the training data, never trained on: image classes of --data-path (after "
+        "--classes) or speakers of --train-hdf-file, drawn with --seed; the classifier covers the others, and "
+        "args.json records the held-out names (default off; not with --valid-data-path, --valid-hdf-file or "
+        "--valid-classes)",
+    ),
     "--test-classes": dict(
-        help="digits demo: classes of the final test (default: --valid-classes, else --classes, else all)"
+        help="digits demo: classes of the final test (default: the held-out ones with --holdout-classes, else "
+        "--valid-classes, else --classes, else all)"
     ),
     "--items-per-class": (
         positive(int),
@@ -214,6 +235,14 @@ RUN_OPTIONS = {
         0,
         "keep only the newest N epoch checkpoints besides the best (0 = keep all)",
     ),
+    "--select-by": dict(
+        choices=SELECTION_SCORERS,
+        default=None,
+        help="the validation EER that picks the best checkpoint (recorded in every checkpoint, spared by "
+        "--keep-checkpoints, kept in a --cp-name file, printed at the end): e2e (learned distance), cos (cosine) or "
+        "fus (their fusion). Default e2e, saving also when the cos EER improves, as the research code did; a "
+        "resumed run keeps its checkpoint's choice",
+    ),
     "--no-cp": ("write no checkpoints",),
     "--logdir": dict(help="TensorBoard folder"),
     "--seed": (int, 1, "random seed (default 1)"),
@@ -262,6 +291,7 @@ def resolve_defaults(args, argv):
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models.encoder_names())}")
     task = task_for_args(args)
     args.domain = task.name
+    check_holdout_flags(args)
     if args.model is not None:
         model_task = task_for_model(args.model)
         if model_task is not task:
@@ -289,9 +319,26 @@ def resolve_defaults(args, argv):
     check_batch_holds_two_classes(task, args)
     if args.pair_features != "concat" and args.rproj_size > 0:
         raise UserError("--rproj-size projects the concatenated pair: it needs --pair-features concat")
-    if args.test_classes is None:
+    if args.test_classes is None and not args.holdout_classes:  # with it the demo tests the held-out classes
         args.test_classes = args.valid_classes or args.classes
     return args
+
+
+def check_holdout_flags(args):
+    """Refuse --holdout-classes beside a flag that names other validation data."""
+    if args.holdout_classes is None:
+        return
+    given = [flag for flag in ("--valid-data-path", "--valid-hdf-file", "--valid-classes") if value_of(args, flag)]
+    if given:
+        raise UserError(
+            f"--holdout-classes validates on classes held out of the training data; it does not go with "
+            f"{' or '.join(given)}"
+        )
+
+
+def value_of(args, flag):
+    """The parsed value of `flag` ('--valid-data-path' -> args.valid_data_path)."""
+    return getattr(args, flag[2:].replace("-", "_"))
 
 
 # The checkpoint folder is filled (checkpoint_<N>ep.pt, args.json, test_scores.txt), pruned (--keep-checkpoints)
@@ -311,9 +358,8 @@ def check_output_folders(args):
     folder = args.checkpoint_path
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder")
-    value = lambda name: getattr(args, name[2:].replace("-", "_"))  # noqa: E731
-    held = {name: value(name) for name in HELD_INPUTS}
-    data = {name: value(name) for name in DATA_INPUTS}
+    held = {name: value_of(args, name) for name in HELD_INPUTS}
+    data = {name: value_of(args, name) for name in DATA_INPUTS}
     for out_flag, out in ((flag, folder), ("--logdir", args.logdir)):
         if out:
             check_inputs_outside(out_flag, out, held, data)
@@ -477,6 +523,8 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
     train, valid, n_classes, encoder_args = datasets or task.datasets(args)
     if valid is not None:
         valid = data_load.validation_subset(valid, args.valid_max_items)
+    if args.holdout_classes and valid is not None and datasets is None:
+        record_holdout(args, record, valid, rank == 0 and args.verbose > 0)
     config = model_config(args, n_classes, encoder_args)
     config["frontend"] = task.frontend(args)
     config["image_input"] = image_input.record(train)  # how verify.py must scale and normalise image files
@@ -506,6 +554,14 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
     if args.checkpoint_epoch is not None:
         resume(trainer, args.checkpoint_epoch, rank == 0 and args.verbose > 0)
     return Run(args, task, trainer, model, (train, valid), rank=rank)
+
+
+def record_holdout(args, record, valid, verbose):
+    """--holdout-classes: the held-out classes' names (the validation set's classes) into the resolved arguments
+    and the run record (args.json, every checkpoint's args), printed once with `verbose`."""
+    args.holdout_class_names = record["holdout_class_names"] = data_load.class_names(valid)
+    if verbose:
+        print(f"held out for validation ({len(valid)} items): {', '.join(args.holdout_class_names)}", flush=True)
 
 
 def resume(trainer, epoch, verbose):

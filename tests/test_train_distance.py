@@ -152,7 +152,7 @@ def bad_input(tmp_path, case):
         ("labels missing", "have no `spk` attribute"),
         ("unknown variant", "invalid choice: 'nope'"),
         ("steps and epochs", "not both"),
-        ("too many held out", "at least 2"),
+        ("too many held out", "training needs 2"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case, message):
