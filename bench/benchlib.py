@@ -407,6 +407,42 @@ def make_folder(path, flag):
     return path
 
 
+# The validation EERs a kept run's epoch can be chosen by (train.py --select-by).
+SELECT_BY = ("e2e", "cos", "fus")
+
+
+def chosen_checkpoint(cp, select_by):
+    """(path, epoch, validation history) of the epoch of the run kept in folder `cp` whose validation EER of
+    `select_by` is lowest (train_loop.best_epoch: the latest on ties; the last epoch when nothing was validated)."""
+    from e2e_verification.checkpoints import load_checkpoint
+    from e2e_verification.train_loop import CHECKPOINT_NAME, best_epoch
+
+    epochs = sorted(int(m.group(1)) for m in map(CHECKPOINT_NAME.fullmatch, os.listdir(cp)) if m)
+    if not epochs:
+        raise UserError(f"{cp} holds no epoch checkpoint (checkpoint_<N>ep.pt)")
+    history = load_checkpoint(os.path.join(cp, f"checkpoint_{epochs[-1]}ep.pt"))["history"]
+    epoch = best_epoch(history, select_by) or epochs[-1]
+    path = os.path.join(cp, f"checkpoint_{epoch}ep.pt")
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{cp}: epoch {epoch}, chosen by validation {select_by} EER, was not kept (--keep-checkpoints 0)"
+        )
+    return path, epoch, history
+
+
+def recipe_name(text):
+    """An argparse type: the name of a recipes/<name>.args file."""
+    if not os.path.isfile(os.path.join(ROOT, "recipes", f"{text}.args")):
+        raise argparse.ArgumentTypeError(f"no recipe recipes/{text}.args")
+    return text
+
+
+def check_json_name(name):
+    """UserError unless --json-name (when given) is a file name ending in .json."""
+    if name is not None and (os.path.basename(name) != name or not name.endswith(".json")):
+        raise UserError(f"--json-name must be a file name ending in .json, got {name}")
+
+
 def make_font_set(path):
     """Build the font set of the benches that train on fonts (tools/font_set.py, 40 test families) at `path`,
     unless it is there; its parent folders are made."""

@@ -6,7 +6,8 @@ of the training classes to choose the step kept) and a PLDA (train_plda.py, --ld
 embeddings, then scores the test trials (--trials, a Kaldi trials file) or, without one, every pair of the
 labelled test items (labels from --test's `spk` attributes or --test-utt2spk) with the cosine, PLDA and each
 distance (`dist_<variant>`, its logit). It writes, per scorer, EER, minDCF(0.01), AUC and, for the LLR scorers
-(plda, dist_*), Cllr and minCllr, with each back-end's training time. The trained files go in --work-dir.
+(plda, dist_*), Cllr and minCllr, with each back-end's training time (a PLDA that cannot be trained on the
+embeddings, e.g. fewer items than dimensions, is reported with the reason). The trained files go in --work-dir.
 Everything runs in this process, on the CPU, with --threads torch threads.
 """
 
@@ -95,9 +96,15 @@ def train_backends(args):
     trained = {}
     plda_path = os.path.join(args.work_dir, "plda.json")
     start = time.perf_counter()
-    train_plda.main([*train, "--out", plda_path, *(["--lda-dim", str(args.lda_dim)] if args.lda_dim else [])])
-    plda = PLDA.load(plda_path)
-    trained["plda"] = (lambda e, a, b: chunked(lambda x, y: plda.score(e[x], e[y]), a, b), time.perf_counter() - start)
+    try:  # PLDA cannot train on some embeddings (fewer items than dimensions): the study says why and goes on
+        train_plda.main([*train, "--out", plda_path, *(["--lda-dim", str(args.lda_dim)] if args.lda_dim else [])])
+    except UserError as err:
+        print(f"PLDA not trained: {err}", flush=True)
+        trained["plda"] = (str(err), 0.0)
+    else:
+        plda = PLDA.load(plda_path)
+        score = (lambda e, a, b: chunked(lambda x, y: plda.score(e[x], e[y]), a, b), time.perf_counter() - start)
+        trained["plda"] = score
     for variant in args.variants:
         path = os.path.join(args.work_dir, f"distance_{variant}.pt")
         flags = ["--pair-features", variant, "--valid-classes", str(args.valid_classes), "--seed", str(args.seed)]
@@ -117,6 +124,9 @@ def evaluate(args):
     print(f"{len(idx_a)} test pairs ({int(target.sum())} targets) of {len(emb)} items", flush=True)
     results = {"cos": metrics.compute_metrics(cosine_scores(emb, idx_a, idx_b), target)}
     for name, (scorer, seconds) in train_backends(args).items():
+        if isinstance(scorer, str):  # a back-end that could not be trained: why
+            results[name] = {"failed": scorer}
+            continue
         scores = scorer(emb, idx_a, idx_b)
         results[name] = {**metrics.compute_metrics(scores, target), **metrics.llr_metrics(scores, target)}
         results[name]["train_seconds"] = round(seconds, 2)
@@ -128,6 +138,9 @@ def render(record):
     results = record["runs"]
     lines = ["| scorer | " + " | ".join(name for name, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for scorer, found in results.items():
+        if "failed" in found:
+            lines.append(f"| {scorer} | not trained: {found['failed']} |" + " |" * (len(COLUMNS) - 1))
+            continue
         cells = (f"{found[key]:.4f}" if key in found else "" for _, key in COLUMNS)
         lines.append(f"| {scorer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -170,3 +170,35 @@ def test_image_calibration_on_a_kept_fashion_mnist_run(experiment, tmp_path, cap
     assert not (run / "pairs.npz").exists()
     with pytest.raises(UserError, match="--p-targets"):
         experiment("image_calibration").main([*flags, "--p-targets", "0.01,1"])
+
+
+def test_accuracy_scores_the_epoch_its_held_out_classes_chose(experiment, tmp_path):
+    """A real digits-open run (train 0-4, validate 5-6): the epoch kept is the one of the lowest validation fused
+    EER, eval.py scores it on digits 7-9, and the calibrated LLRs' costs and the curves reach the tables."""
+    import train
+
+    accuracy = experiment("accuracy")
+    cp = tmp_path / "cp"
+    argv = ["--classes", "0-4", "--valid-classes", "5-6", "--epochs", "3", "--hidden-size", "32", "--n-hidden", "1"]
+    argv += ["--checkpoint-path", str(cp), "--keep-checkpoints", "0", "--verbose", "0", "--device", "cpu"]
+    assert train.main(argv) == 0
+    args = accuracy.build_parser().parse_args(["--threads", "1", "--select-by", "fus", "--reuse-kept"])
+    assert accuracy.finished(str(cp)) and not accuracy.finished(str(tmp_path))
+    accuracy.train(str(cp), ["--no-such-flag"], "concat", args)  # --reuse-kept: trained already, not run again
+    found = accuracy.evaluate(str(tmp_path), str(cp), ["--classes", "7-9"], args)
+    assert found["cpu_s"] is None  # trained outside accuracy.py: its training CPU was not measured
+    fused = found["valid"]["fus"]
+    assert len(fused) == 3 and fused[found["epoch"] - 1] == min(fused)
+    assert sorted(found["llr"]) == ["cal_cos", "cal_e2e_logit", "cal_e2e_logit+cos"]
+    for costs in found["llr"].values():
+        assert 0 < costs["min_cllr"] <= costs["cllr"] + 1e-9
+        assert 0 <= costs["mindcf_0.5"] <= costs["act_dcf_0.5"] + 1e-9
+    run = {"protocol": "digits-open", "variant": "concat", "run": 1, **found, "cpu_s": 6.0}
+    assert found["llr"][accuracy.CAL_FUS]["eer"] == accuracy.test_metrics(run)["cal fus"]["eer"]
+    other = {**run, "run": 2, "metrics": {s: {**m, "eer": m["eer"] + (0.01 if s == "e2e" else 0)}
+                                          for s, m in found["metrics"].items()}}  # fmt: skip
+    text = accuracy.render({"runs": [run, other]})
+    diff = found["metrics"]["e2e"]["eer"] - found["metrics"]["cos"]["eer"]
+    wins = (diff <= 0) + (diff + 0.01 <= 0)
+    assert f"({wins}/2, worst {diff + 0.01:+.4f})" in text
+    assert "| digits-open | concat | cal_e2e_logit |" in text and "| digits-open | concat | fus | " in text

@@ -74,30 +74,53 @@ def test_the_recipes_are_the_lists_the_benches_held(benchlib, accuracy):
 
 
 def captured_runs(accuracy, monkeypatch):
-    """accuracy.py's subprocess runs replaced by a list of their argument lists."""
+    """accuracy.py's subprocess runs replaced by a list of their argument lists (and no scoring)."""
     runs = []
     monkeypatch.setattr(accuracy, "python", lambda script, *argv, threads: runs.append([script, *argv]))
-    monkeypatch.setattr(accuracy, "metrics_of", lambda path: {})
+    monkeypatch.setattr(accuracy, "evaluate", lambda folder, cp, test, args: runs.append(["eval", *test]))
     return runs
 
 
-def test_fonts_runs_pass_train_py_the_same_flags(accuracy, monkeypatch):
-    runs = captured_runs(accuracy, monkeypatch)
-    args = accuracy.build_parser().parse_args(["--fonts", "F", "--image-epochs", "4", "--items-per-class", "30"])
-    accuracy.run_fonts("run", 2, "sym", args)
-    expected = ["train.py", *OLD_IMAGE, "--epochs", "4", "--seed", "2", "--checkpoint-path", os.path.join("run", "cp")]
-    expected += ["--data-path", "F/train", "--valid-data-path", "F/valid", "--items-per-class", "30"]
-    assert runs[0] == expected + ["--verbose", "0", "--pair-features", "sym"]
+KEPT = ["--keep-checkpoints", "0", "--verbose", "0"]  # accuracy.py keeps every epoch to choose one
 
 
-def test_asterisk_runs_pass_train_py_the_same_flags(accuracy, monkeypatch):
+def test_fonts_runs_pass_train_py_the_recipe_and_score_unseen_families(accuracy, benchlib, monkeypatch, tmp_path):
+    runs, run = captured_runs(accuracy, monkeypatch), str(tmp_path)
+    args = accuracy.build_parser().parse_args(["--fonts", "F", "--image-epochs", "4", "--font-test-items", "7"])
+    accuracy.run_fonts(run, 2, "sym", args)
+    expected = ["train.py", *benchlib.recipe("image_noaug"), "--epochs", "4", "--seed", "2"]
+    expected += [
+        "--data-path",
+        "F/train",
+        "--valid-data-path",
+        "F/valid",
+        "--checkpoint-path",
+        os.path.join(run, "cp"),
+    ]
+    assert runs[0] == expected + KEPT + ["--pair-features", "sym"]
+    assert runs[1] == ["eval", "--data-path", "F/test", "--items-per-class", "7"]
+
+
+def test_open_image_protocols_validate_on_classes_neither_trained_nor_tested(accuracy, monkeypatch, tmp_path):
     runs = captured_runs(accuracy, monkeypatch)
+    args = accuracy.build_parser().parse_args([])
+    accuracy.run_digits(str(tmp_path), 1, "concat", args, open_set=True)
+    accuracy.run_fmnist(str(tmp_path), 1, "cos", args, open_set=True)
+    for train_run, test_run in (runs[:2], runs[2:]):
+        chosen = {flag: train_run[train_run.index(flag) + 1] for flag in ("--classes", "--valid-classes")}
+        tested = test_run[test_run.index("--classes") + 1]
+        assert (chosen["--classes"], chosen["--valid-classes"], tested) == ("0-4", "5-6", "7-9")
+
+
+def test_asterisk_runs_pass_train_py_the_same_flags(accuracy, monkeypatch, tmp_path):
+    runs, run = captured_runs(accuracy, monkeypatch), str(tmp_path)
     monkeypatch.setattr(accuracy, "asterisk_fold", lambda args, fold: "D")
     args = accuracy.build_parser().parse_args(["--speech-epochs", "3", "--speech-flags=--specaug"])
-    accuracy.run_asterisk("run", 5, "concat", args)
-    expected = ["train.py", *OLD_SPEECH, "--epochs", "3", "--seed", "1", "--checkpoint-path", os.path.join("run", "cp")]
+    accuracy.run_asterisk(run, 5, "concat", args)
+    expected = ["train.py", *OLD_SPEECH, "--epochs", "3", "--seed", "1"]
     expected += ["--train-hdf-file", "D/train.hdf", "--valid-hdf-file", "D/valid.hdf", "--specaug"]
-    assert runs[0] == expected + ["--verbose", "0"]
+    assert runs[0] == expected + ["--checkpoint-path", os.path.join(run, "cp")] + KEPT
+    assert runs[1] == ["eval", "--test-data", "D/test_feats/feats.scp", "--trials-path", "D/test/trials"]
 
 
 def test_train_reads_a_recipe_file_and_sees_its_flags_as_typed(tmp_path, benchlib):

@@ -251,3 +251,55 @@ def test_experiment_smoke_trains_and_scores_every_backend(tmp_path, monkeypatch)
     results = json.load(open(tmp_path / "table.json"))["runs"]
     assert set(results) == {"cos", "plda", "dist_sym"} and "cllr" in results["dist_sym"]
     assert results["cos"]["eer"] < 0.1 and "| dist_sym |" in open(out).read()
+
+
+# ----------------------------------------------------------------------------- experiments/backend_study.py
+
+
+def test_backend_study_embeds_a_kept_speech_run_and_scores_its_fold(tmp_path, monkeypatch):
+    """A kept Asterisk-layout run (accuracy.py --keep-dir, a fold's train.hdf, test features and trials): the
+    study embeds with the run's chosen epoch (embed.py) and reports cosine, PLDA and the distance on the trials."""
+    from tests.tiny_data import write_checkpoint, write_kaldi_dir, write_speaker_hdf5
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+    import backend_study
+
+    cp = tmp_path / "keep" / "asterisk_concat_3" / "cp"
+    cp.mkdir(parents=True)
+    tdnn = {"ncoef": 30, "latent_size": 16}
+    for epoch in (1, 2):
+        write_checkpoint(str(cp / f"checkpoint_{epoch}ep.pt"), "TDNN", 6, tdnn, seed=epoch)
+    fold = tmp_path / "data" / "asterisk_fold3"
+    fold.mkdir(parents=True)
+    write_speaker_hdf5(str(fold / "train.hdf"), {f"spk{k}": 8 for k in range(6)}, frames=60)
+    write_kaldi_dir(str(fold / "test_feats"), n_speakers=3, n_utts=3, frames=(60, 80))
+    (fold / "test").mkdir()
+    os.replace(fold / "test_feats" / "trials", fold / "test" / "trials")
+    out = tmp_path / "study.md"
+    argv = ["--keep-dir", str(tmp_path / "keep"), "--protocols", "asterisk", "--asterisk-dir", str(tmp_path / "data")]
+    argv += [
+        "--variants",
+        "cos",
+        "--steps",
+        "20",
+        "--valid-classes",
+        "2",
+        "--lda-dim",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert backend_study.main(argv) == 0
+    record = json.load(open(tmp_path / "study.json"))
+    (run,) = record["runs"]
+    assert run["set"] == "fold 3" and run["checkpoint"].endswith("checkpoint_2ep.pt")  # no validation: the last
+    assert set(run["results"]) == {"cos", "plda", "dist_cos"} and run["results"]["dist_cos"]["train_seconds"] > 0
+    assert "LDA needs more items than classes + dimensions" in run["results"]["plda"]["failed"]  # 48 items, 512-d
+    assert (
+        "| asterisk | dist_cos | 1 |" in out.read_text()
+        and "| asterisk | plda | 1 | not trained on 1 |" in out.read_text()
+    )
+    with h5py.File(cp.parent / "backends" / "train_emb" / "embeddings.h5") as h5:
+        assert len(h5) == 48 and json.loads(h5.attrs["provenance"])["checkpoint"].endswith("checkpoint_2ep.pt")

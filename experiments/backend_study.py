@@ -1,0 +1,164 @@
+"""The learned distance as a back-end on the encoders of the accuracy study, beside cosine and PLDA.
+
+Reads the runs experiments/accuracy.py kept (--keep-dir) for the fonts and the Asterisk folds: for each run of
+--variant it takes the epoch that run was scored at (its held-out validation choice, --select-by), embeds with
+embed.py the training items (all training fonts; the fold's training speakers) and the test items (--font-test-items
+glyphs of each unseen font; the fold's test utterances), then trains PLDA (train_plda.py) and one learned distance
+per --variants (train_distance.py, its held-out-class early stop) on the training embeddings and scores the test
+trials (every pair of the test glyphs; the fold's trials) with the cosine, PLDA and each distance
+(experiments/distance_backend.py). Reported per set: EER, minDCF(0.01), AUC, Cllr / minCllr of the LLR scorers,
+and each back-end's training seconds; then the mean over the sets of a protocol, with the paired difference of
+each back-end to the cosine of the same embeddings.
+"""
+
+import os
+import sys
+
+# benchlib (the shared helpers of bench/ and experiments/) lives in bench/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # distance_backend, beside this script
+
+import benchlib  # noqa: E402
+import distance_backend  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from benchlib import at_least, mean_sd, python  # noqa: E402
+
+from models.verifier import PAIR_FEATURES  # noqa: E402
+from utils import UserError, cli  # noqa: E402
+
+EXAMPLE = """example:
+  python experiments/accuracy.py --protocols fonts --variants concat --seeds 1-3 --fonts runs/fonts16 \\
+      --keep-dir runs/acc_keep
+  python experiments/backend_study.py --keep-dir runs/acc_keep --fonts runs/fonts16 --protocols fonts"""
+PROTOCOLS = ("fonts", "asterisk")
+
+
+def kept_runs(args, protocol):
+    """[(run key, its checkpoint folder)] of the kept runs of `protocol` and --variant, in key order."""
+    prefix = f"{protocol}_{args.variant}_"
+    found = []
+    for name in os.listdir(args.keep_dir):
+        cp = os.path.join(args.keep_dir, name, "cp")
+        if name.startswith(prefix) and name[len(prefix) :].isdigit() and os.path.isdir(cp):
+            found.append((int(name[len(prefix) :]), cp))
+    if not found:
+        raise UserError(f"--keep-dir {args.keep_dir} holds no kept {protocol} run of variant {args.variant}")
+    return sorted(found)
+
+
+def embed(checkpoint, data, out, args, *flags):
+    """embed.py `data` with `checkpoint` into the folder `out` (kept: a second run reuses it); -> the folder."""
+    if not os.path.isfile(os.path.join(out, "embeddings.h5")):
+        python("embed.py", "--data", data, "--cp-path", checkpoint, "--out-path", out, "--device", "cpu", *flags,
+               threads=args.threads)  # fmt: skip
+    return out
+
+
+def sets_of(args, protocol):
+    """[(set name, checkpoint, train data, test data, trials or None, test embed flags)] of a protocol's runs."""
+    sets = []
+    for key, cp in kept_runs(args, protocol):
+        checkpoint = benchlib.chosen_checkpoint(cp, args.select_by)[0]
+        if protocol == "fonts":
+            items = ["--items-per-class", str(args.font_test_items)]
+            sets.append((f"seed {key}", checkpoint, f"{args.fonts}/train", f"{args.fonts}/test", None, items))
+        else:
+            data = os.path.join(args.asterisk_dir, f"asterisk_fold{key}")
+            test, trials = f"{data}/test_feats/feats.scp", f"{data}/test/trials"
+            sets.append((f"fold {key}", checkpoint, f"{data}/train.hdf", test, trials, []))
+    return sets
+
+
+def run_set(args, protocol, name, checkpoint, train, test, trials, test_flags):
+    """Embed one run's training and test items and score its test trials with every back-end: -> results."""
+    work = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "backends")
+    os.makedirs(work, exist_ok=True)
+    train_emb = embed(checkpoint, train, os.path.join(work, "train_emb"), args)
+    test_emb = embed(checkpoint, test, os.path.join(work, "test_emb"), args, *test_flags)
+    flags = ["--train", train_emb, "--test", test_emb, "--work-dir", work, "--variants", ",".join(args.variants)]
+    flags += ["--trials", trials] if trials else []
+    flags += ["--threads", str(args.threads), "--seed", str(args.seed), "--valid-classes", str(args.valid_classes)]
+    flags += ["--steps", str(args.steps)] if args.steps else []
+    flags += ["--lda-dim", str(args.lda_dim)] if args.lda_dim else []
+    print(f"{protocol} {name}: training the back-ends", flush=True)
+    return distance_backend.evaluate(distance_backend.build_parser().parse_args(flags))
+
+
+def render(record):
+    """Markdown: the mean over each protocol's sets (paired differences to cosine), then every set."""
+    scorers = list(dict.fromkeys(s for run in record["runs"] for s in run["results"]))
+    head = "| protocol | scorer | sets | EER | EER − cosine (wins) | minDCF(0.01) | Cllr | minCllr | training s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for protocol in dict.fromkeys(r["protocol"] for r in record["runs"]):
+        runs = [r["results"] for r in record["runs"] if r["protocol"] == protocol]
+        for scorer in scorers:
+            found = [r[scorer] for r in runs if "failed" not in r[scorer]]
+            if len(found) < len(runs):
+                lines.append(
+                    f"| {protocol} | {scorer} | {len(runs)} | not trained on {len(runs) - len(found)} |" + " |" * 5
+                )
+                continue
+            diffs = [f["eer"] - r["cos"]["eer"] for f, r in zip(found, runs)]
+            cells = [
+                mean_sd([f["eer"] for f in found]),
+                f"{mean_sd(diffs)} ({sum(d <= 0 for d in diffs)}/{len(diffs)})",
+            ]
+            cells.append(mean_sd([f["mindcf_0.01"] for f in found]))
+            cells += [mean_sd([f[k] for f in found]) if k in found[0] else "" for k in ("cllr", "min_cllr")]
+            times = [f["train_seconds"] for f in found if "train_seconds" in f]
+            cells.append(f"{np.mean(times):.1f} (max {max(times):.1f})" if times else "")
+            lines.append(f"| {protocol} | {scorer} | {len(runs)} | " + " | ".join(cells) + " |")
+    sets = [
+        f"### {r['protocol']}, {r['set']}\n\n" + distance_backend.render({"runs": r["results"]}) for r in record["runs"]
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(sets)
+
+
+OPTIONS = {
+    "--keep-dir": dict(required=True, help="experiments/accuracy.py --keep-dir of the runs"),
+    "--protocols": (
+        benchlib.name_list(PROTOCOLS, "protocol"),
+        "fonts,asterisk",
+        "from: fonts, asterisk (default both)",
+    ),
+    "--variant": dict(default="concat", help="the kept runs' learned-distance variant (default concat)"),
+    "--select-by": dict(
+        choices=benchlib.SELECT_BY, default="fus", help="accuracy.py --select-by of the runs (default fus)"
+    ),
+    "--variants": (
+        benchlib.name_list(tuple(PAIR_FEATURES), "variant"),
+        ",".join(PAIR_FEATURES),
+        "back-end distance variants, from: " + ", ".join(PAIR_FEATURES) + " (default all)",
+    ),
+    "--fonts": (str, "runs/fonts16", "the font set of the fonts runs (default runs/fonts16)"),
+    "--font-test-items": (at_least(2), 20, "glyphs of each test font scored (default 20, as accuracy.py)"),
+    "--asterisk-dir": (str, "runs/accuracy", "accuracy.py --work-dir holding the folds (default runs/accuracy)"),
+    "--steps": (at_least(1), None, "train_distance.py --steps (default its own)"),
+    "--valid-classes": (str, "0.1", "train_distance.py --valid-classes: held-out classes, a count or fraction (0.1)"),
+    "--lda-dim": (at_least(0), 0, "PLDA's LDA size (default 0: no LDA)"),
+    "--seed": (at_least(0), 1, "seed of the distances' training (default 1)"),
+    "--threads": (at_least(1), 2, "torch CPU threads (default 2)"),
+    "--json-name": (str, None, "the JSON's name beside the page (default backend_study.json); one per table"),
+}
+
+
+def build_parser():
+    return benchlib.make_parser(__doc__, EXAMPLE, OPTIONS, benchlib.out_table("backend_study"))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    benchlib.check_json_name(args.json_name)
+    torch.set_num_threads(args.threads)
+    runs = []
+    for protocol in args.protocols:
+        for name, *inputs in sets_of(args, protocol):
+            results = run_set(args, protocol, name, *inputs)
+            runs.append({"protocol": protocol, "set": name, "checkpoint": inputs[0], "results": results})
+    benchlib.publish(__file__, argv, args, runs, render, args.out, args.json_name)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
