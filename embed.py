@@ -33,7 +33,7 @@ import data_load
 from e2e_verification import speech_data
 from e2e_verification.checkpoints import load_model, model_provenance
 from e2e_verification.scoring import embed_loader, embed_matrices
-from e2e_verification.tasks import task_for_model
+from e2e_verification.tasks import ImageTask, task_for_model
 from utils import (
     UserError,
     add_device_flags,
@@ -42,6 +42,7 @@ from utils import (
     check_outputs,
     cli,
     device_from_args,
+    flag_value,
     make_parser,
 )
 
@@ -113,7 +114,7 @@ def check_flags(args):
 def refuse_flags(args, flags, needs, model_name):
     """Refuse the first of `flags` given on the command line: it needs a `needs` model ('an image', 'a speech')."""
     for flag in flags:
-        if getattr(args, flag[2:].replace("-", "_")) is not None:
+        if flag_value(args, flag) is not None:
             raise UserError(f"{flag} needs {needs} model; this checkpoint holds {model_name}")
 
 
@@ -282,9 +283,7 @@ def image_source(args, model, device):
     dataset = data_load.load_images(args.data, args.split or "test")
     if args.split is not None and isinstance(dataset, data_load.FolderImages):
         raise UserError(f"--split picks a split of CIFAR-10, IDX or the digits; {args.data} is one split already")
-    data_load.set_augmentation(dataset, "none")  # a training split's random crop and flip, off
-    data_load.check_image_shape(dataset, model.config["encoder_args"]["in_channels"], "--data")
-    dataset = data_load.select_classes(dataset, args.classes, args.items_per_class)
+    dataset = ImageTask.scored_images(model, dataset, "--data", args.classes, args.items_per_class)
     ids, attrs = image_ids(dataset)
     return ids, image_batches(model, dataset, ids, device, args.batch_size, args.amp), attrs
 

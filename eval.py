@@ -23,6 +23,7 @@ from utils import (
     check_writable_folder,
     cli,
     device_from_args,
+    flag_value,
     make_parser,
 )
 
@@ -101,7 +102,7 @@ def resolve_out_path(out_path, score_format="text", plot=False, inputs=None):
 def input_paths(args):
     """{flag: path} of every file or folder eval.py reads."""
     flags = ("--cp-path", "--data-path", "--test-data", "--trials-path", "--spk2utt", *backends.input_flags())
-    return {flag: getattr(args, flag[2:].replace("-", "_")) for flag in flags}
+    return {flag: flag_value(args, flag) for flag in flags}
 
 
 def main(argv=None):

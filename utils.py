@@ -197,6 +197,11 @@ def write_json(path, obj):
 # ----------------------------------------------------------------------------- devices and seeds
 
 
+def flag_value(args, flag):
+    """The parsed value of `flag` in `args` ('--valid-data-path' -> args.valid_data_path)."""
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
 def choose_device(name=None):
     """Pick the torch device: `name` if given, else cuda when present."""
     if name is None:

@@ -12,7 +12,7 @@ import inspect
 import models
 from e2e_verification.checkpoints import check_known_model, load_checkpoint, strip_wrapper_prefixes
 from e2e_verification.tasks import task_for_model
-from utils import UserError
+from utils import UserError, flag_value
 
 # flag -> where train.model_config keeps its value (a key, or (encoder_args, key)).
 ARCHITECTURE_FLAGS = {
@@ -94,7 +94,7 @@ def adopt_architecture(args, task, typed):
     cp_path = args.pretrained_path
     old = read(cp_path)["model_config"]
     data_flag = task.data_flag
-    data = "the digits demo" if args.digits else f"{data_flag} {getattr(args, data_flag[2:].replace('-', '_'))}"
+    data = "the digits demo" if args.digits else f"{data_flag} {flag_value(args, data_flag)}"
     check_domain(cp_path, old, task, data)
     for flag, where in ARCHITECTURE_FLAGS.items():
         dest = flag[2:].replace("-", "_")

@@ -93,10 +93,6 @@ class Task(abc.ABC):
         """eval.py --cohort: embeddings (c, emb) on `device` of the cohort items at `path`."""
 
     @abc.abstractmethod
-    def require_recordings(self, script, model_name):
-        """Refuse (UserError) scripts that take speech recordings when this domain has none."""
-
-    @abc.abstractmethod
     def bench_flags(self, batch, n_frames, image_path, make_hdf5):
         """train.py flags for a throughput bench."""
 
@@ -195,12 +191,20 @@ class ImageTask(Task):
         if args.batch_size <= 0:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
         dataset = data_load.load_images(args.data_path, "test")
-        data_load.check_image_shape(dataset, model.config["encoder_args"]["in_channels"], "test")
-        dataset = data_load.select_classes(dataset, args.classes, args.items_per_class)
+        dataset = self.scored_images(model, dataset, "test", args.classes, args.items_per_class)
         cohort = lambda path: self.embed_cohort(model, path, args, device)  # noqa: E731
         flags = {"plot": args.plot, "backends": backends, "score_format": args.score_format, "embed_cohort": cohort}
         flags["provenance"] = model_provenance(model)
         return run_image_eval(model, dataset, device, args.batch_size, out_path, args.amp, **flags)
+
+    @staticmethod
+    def scored_images(model, dataset, what, classes=None, items=None):
+        """An image dataset (data_load.load_images) as a model embeds it to score: no random crop or flip, its
+        channels checked against `model`'s (`what` names it in the message), cut to `classes` and `items` per
+        class (data_load.select_classes). eval.py's test images and cohort, embed.py's images."""
+        data_load.set_augmentation(dataset, "none")  # a training split's crop and flip, off
+        data_load.check_image_shape(dataset, model.config["encoder_args"]["in_channels"], what)
+        return data_load.select_classes(dataset, classes, items)
 
     def embed_cohort(self, model, path, args, device):
         """eval.py --cohort for images: embeddings (c, emb) of the images at `path` (an image folder, IDX, CIFAR)."""
@@ -208,14 +212,9 @@ class ImageTask(Task):
 
         from e2e_verification.scoring import embed_loader
 
-        images = data_load.load_images(path, "test")
-        data_load.check_image_shape(images, model.config["encoder_args"]["in_channels"], "cohort")
+        images = self.scored_images(model, data_load.load_images(path, "test"), "cohort")
         loader = DataLoader(images, batch_size=args.batch_size, shuffle=False)
         return embed_loader(model, loader, device, amp=args.amp, progress=True, desc="embedding cohort")[0]
-
-    def require_recordings(self, script, model_name):
-        """Refuse scripts that take speech recordings (embed.py)."""
-        raise UserError(f"{script} needs a speech model; this checkpoint holds {model_name}")
 
     def bench_flags(self, batch, n_frames, image_path, make_hdf5):
         """train.py flags for a throughput bench: the given images, or none (CIFAR-shaped noise in memory)."""
@@ -350,9 +349,6 @@ class SpeechTask(Task):
         return report(
             table, scorers, out_path, extra, args.plot, True, line, args.score_format, model_provenance(model)
         )
-
-    def require_recordings(self, script, model_name):
-        return None
 
     def embed_cohort(self, model, path, args, device):
         """eval.py --cohort for speech: embeddings (c, emb) of every utterance of the features at `path`

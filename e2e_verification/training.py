@@ -27,6 +27,7 @@ from utils import (
     UserError,
     check_inputs_outside,
     device_from_args,
+    flag_value,
     git_commit,
     make_parser,
     seed_everything,
@@ -328,17 +329,12 @@ def check_holdout_flags(args):
     """Refuse --holdout-classes beside a flag that names other validation data."""
     if args.holdout_classes is None:
         return
-    given = [flag for flag in ("--valid-data-path", "--valid-hdf-file", "--valid-classes") if value_of(args, flag)]
+    given = [flag for flag in ("--valid-data-path", "--valid-hdf-file", "--valid-classes") if flag_value(args, flag)]
     if given:
         raise UserError(
             f"--holdout-classes validates on classes held out of the training data; it does not go with "
             f"{' or '.join(given)}"
         )
-
-
-def value_of(args, flag):
-    """The parsed value of `flag` ('--valid-data-path' -> args.valid_data_path)."""
-    return getattr(args, flag[2:].replace("-", "_"))
 
 
 # The checkpoint folder is filled (checkpoint_<N>ep.pt, args.json, test_scores.txt), pruned (--keep-checkpoints)
@@ -358,8 +354,8 @@ def check_output_folders(args):
     folder = args.checkpoint_path
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder")
-    held = {name: value_of(args, name) for name in HELD_INPUTS}
-    data = {name: value_of(args, name) for name in DATA_INPUTS}
+    held = {name: flag_value(args, name) for name in HELD_INPUTS}
+    data = {name: flag_value(args, name) for name in DATA_INPUTS}
     for out_flag, out in ((flag, folder), ("--logdir", args.logdir)):
         if out:
             check_inputs_outside(out_flag, out, held, data)

@@ -28,7 +28,7 @@ import train_plda  # noqa: E402
 from e2e_verification import backends, embedding_files, metrics, speech_data  # noqa: E402
 from e2e_verification.plda import PLDA  # noqa: E402
 from models.verifier import PAIR_FEATURES  # noqa: E402
-from utils import UserError, check_outputs, cli  # noqa: E402
+from utils import UserError, check_outputs, cli, flag_value  # noqa: E402
 
 EXAMPLE = """example:
   python embed.py --data data/train/feats.scp --utt2spk data/train/utt2spk --cp-path cp/best.pt \\
@@ -173,7 +173,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    inputs = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in ("--train", "--test", "--trials")}
+    inputs = {flag: flag_value(args, flag) for flag in ("--train", "--test", "--trials")}
     outputs = {"--work-dir plda": os.path.join(args.work_dir, "plda.json")}
     outputs.update({f"--work-dir {v}": os.path.join(args.work_dir, f"distance_{v}.pt") for v in args.variants})
     check_outputs(outputs, inputs, create=True)
