@@ -24,8 +24,6 @@ import benchlib  # noqa: E402
 import numpy as np  # noqa: E402
 from benchlib import VARIANTS, at_least, children_cpu_seconds, mean_sd, python  # noqa: E402
 
-from e2e_verification.checkpoints import load_checkpoint  # noqa: E402
-from e2e_verification.train_loop import CHECKPOINT_NAME  # noqa: E402
 from utils import UserError, atomic_path, cli  # noqa: E402
 
 EXAMPLE = """example:
@@ -56,14 +54,13 @@ def run_size(args, fonts, labels, n_all, size, seed, variant, work, n_valid):
     flags += ["--seed", str(seed), "--checkpoint-path", cp]
     flags += ["--width", str(args.width), "--verbose", "0", *VARIANTS[variant]]
     python("train.py", *flags, threads=args.threads)
-    best = load_checkpoint(os.path.join(cp, f"checkpoint_{epochs}ep.pt"))["best_checkpoint"]  # --select-by's
-    checkpoint = os.path.join(cp, best)
+    checkpoint, epoch, _ = benchlib.chosen_checkpoint(cp, args.select_by)  # the file train.py's --select-by kept
     out = os.path.join(work, "scores.out")
     test = ["--data-path", f"{fonts}/test", "--items-per-class", str(args.test_items_per_class)]
     python("eval.py", "--cp-path", checkpoint, "--out-path", out, "--device", "cpu", *test, threads=args.threads)
     with open(out + ".json") as handle:
         metrics = json.load(handle)["metrics"]
-    return metrics, epochs * per_epoch, int(CHECKPOINT_NAME.fullmatch(best).group(1)), epochs
+    return metrics, epochs * per_epoch, epoch, epochs
 
 
 def plot(path, results, sizes_used):
