@@ -5,9 +5,18 @@ Input as train_plda.py takes it: embeddings.h5 (speakers from each vector's `spk
 Kaldi embeddings.scp with --utt2spk, or the folder embed.py wrote; with --utt2spk only the utterances it lists are
 used. Training is the learned distance's part of train.py: class-balanced batches (groups of --samples-per-class
 items of one class, data_load.GroupBatchSampler), every pair of a batch, the default pair loss of
-losses.PAIR_LOSSES, Adam or SGD, for --steps batches (or --epochs passes). With --valid-classes some classes are
-held out: the all-pairs EER of (at most --valid-max-items of) their items is measured every --valid-every steps,
-the weights of the best check are kept, and training stops after --patience checks without a better one. The
+losses.PAIR_LOSSES, Adam or SGD, for --steps batches (or --epochs passes).
+
+Held-out classes choose the weights kept: --valid-classes holds some of the training classes out, or
+--valid-embeddings gives embeddings of other classes made by the same model (a development set, e.g. the
+validation classes train.py --holdout-classes or --valid-data-path held out of the encoder's training, which
+the encoder never saw either). The all-pairs EER of (at most --valid-max-items of) their items is measured
+before training and every --valid-every steps, the weights of the best check are kept, and training stops after
+--patience checks without a better one; the cosine EER of the same pairs is reported beside it. The check
+before training counts: a distance whose training never beats its starting point on the held-out classes is
+kept as it started, which for --pair-features cos is an increasing affine map of the cosine (the cosine's
+ranking exactly), so that variant falls back to the cosine wherever the held-out classes do not support its
+learned correction. The
 output (torch.save, loaded weights only) holds the distance's configuration and weights and the model that made
 the embeddings (their provenance), which eval.py --distance checks against its checkpoint.
 """
@@ -19,6 +28,7 @@ import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_ver
 import argparse
 import itertools
 import math
+import sys
 import time
 
 import numpy as np
@@ -44,6 +54,7 @@ EXAMPLE = """example:
 
 DEFAULT_STEPS = 2000  # about half a minute of one CPU core at the default sizes (batch 64, hidden 512)
 LOGIT = next(s for s in scoring.SCORERS if s.name == "e2e_logit")  # what held-out classes are scored with
+COSINE = next(s for s in scoring.SCORERS if s.name == "cos")  # and the cosine it is compared with
 
 
 def count_or_fraction(text):
@@ -81,8 +92,15 @@ TRAINING = {
         count_or_fraction,
         0,
         "hold out this many classes (>= 1), or this fraction of them (0 < f < 1), for early stopping and the "
-        "choice of the epoch by their EER (default 0: none; the last epoch is kept)",
+        "choice of the step by their EER (default 0: none; the last step is kept)",
     ),
+    "--valid-embeddings": (
+        str,
+        None,
+        "embeddings of held-out classes, made by the same model (embeddings.h5 / .scp or their folder), instead "
+        "of --valid-classes: a development set for early stopping and the choice of the step",
+    ),
+    "--valid-utt2spk": (str, None, "Kaldi utt2spk of --valid-embeddings (needed for an scp)"),
     "--valid-max-items": (positive(int), 500, "held-out items scored all-pairs at each check (default 500)"),
     "--valid-every": (positive(int), 250, "steps between checks of the held-out EER and the loss (default 250)"),
     "--patience": (non_negative(int), 4, "checks without a better held-out EER before stopping (default 4; 0: none)"),
@@ -108,6 +126,10 @@ def check_args(args):
             f"--batch-size {args.batch_size} holds fewer than two groups of --samples-per-class "
             f"{args.samples_per_class}: a batch would have no pair of different classes"
         )
+    if args.valid_embeddings and args.valid_classes:
+        raise UserError("give --valid-classes or --valid-embeddings, not both")
+    if args.valid_utt2spk and not args.valid_embeddings:
+        raise UserError("--valid-utt2spk labels --valid-embeddings; give both")
 
 
 def split_classes(labels, valid, seed):
@@ -137,12 +159,57 @@ def held_out_items(n_items, max_items, seed):
     return np.sort(order[:max_items])
 
 
-def held_out_eer(distance, emb, labels):
-    """EER of the learned distance's logit over all pairs of emb (N, d) with classes labels (N,)."""
-    scores, same = scoring.score_all_pairs(distance, emb, labels, scorers=(LOGIT,))
-    if not same.any():
-        raise UserError("the held-out items hold no two of one class; raise --valid-max-items or --valid-classes")
-    return float(compute_eer(scores[LOGIT.name], same))
+def held_out_eer(distance, emb, labels, scorers=(LOGIT,)):
+    """{scorer: EER} over all pairs of emb (N, d) with classes labels (N,): the learned distance's logit (and
+    the cosine, when asked)."""
+    scores, same = scoring.score_all_pairs(distance, emb, labels, scorers=scorers)
+    if not same.any() or same.all():
+        raise UserError(
+            "the held-out items hold no two of one class, or no two of different classes; raise --valid-max-items "
+            "or give more held-out classes"
+        )
+    return {name: float(compute_eer(values, same)) for name, values in scores.items()}
+
+
+def held_out_set(args, x, y, valid_mask, class_of, provenance, device):
+    """(emb, labels) tensors of at most --valid-max-items held-out items, or None: the --valid-classes items of
+    the training file (valid_mask), or the items of --valid-embeddings (labels after the training classes',
+    refused when a class is also a training class or the file records another model)."""
+    if args.valid_embeddings:
+        source = resolve(args.valid_embeddings, "--valid-embeddings")
+        vectors, speakers, theirs = read_labelled(source, args.valid_utt2spk)
+        check_same_model(provenance, theirs, source)
+        if vectors.shape[1] != x.shape[1]:
+            raise UserError(
+                f"{source}: embeddings of {vectors.shape[1]} dimensions, the training ones have {x.shape[1]}"
+            )
+        shared = sorted(set(speakers) & set(class_of))
+        if shared:
+            raise UserError(
+                f"{source}: {len(shared)} of its classes are training classes too (the first: {shared[0]}); "
+                "held-out classes must be others"
+            )
+        names, labels = np.unique(speakers, return_inverse=True)
+        if len(names) < 2:
+            raise UserError(f"{source}: every embedding is of one class; held-out pairs need at least 2 classes")
+        keep = held_out_items(len(vectors), args.valid_max_items, args.seed)
+        return torch.from_numpy(vectors[keep]).to(device), torch.from_numpy(labels[keep] + len(class_of)).to(device)
+    if not valid_mask.any():
+        return None
+    keep = np.flatnonzero(valid_mask)[held_out_items(valid_mask.sum(), args.valid_max_items, args.seed)]
+    return x[keep], y[keep]
+
+
+def check_same_model(ours, theirs, source):
+    """Refuse held-out embeddings recorded as made by another model than the training ones (one line)."""
+    mine, other = (p.get("weights_sha256") if isinstance(p, dict) else None for p in (ours, theirs))
+    if mine and other and mine != other:
+        raise UserError(
+            f"{source} was made by another model (weights {other}) than --embeddings (weights {mine}); "
+            "held-out embeddings must come from the same encoder"
+        )
+    if not (mine and other):
+        print("warning: the embeddings do not record which model made them; not checked", file=sys.stderr)
 
 
 def make_optimizer(distance, args):
@@ -175,13 +242,30 @@ def batches(sampler):
 def train(distance, emb, labels, args, valid=None):
     """Train `distance` on emb (N, d) with int labels (N,) (tensors on one device) for --steps batches (or
     --epochs passes), with a check every --valid-every steps and at the end; `valid` = (emb, labels) of held-out
-    classes, whose EER at the checks picks the weights kept (and stops the run after --patience checks without a
-    better one). Returns the run's record (the checks, steps, the best check's EER)."""
+    classes, whose EER at the checks (and at a check before training, step 0) picks the weights kept (and stops
+    the run after --patience checks without a better one). Returns the run's record (the checks, steps, the
+    best check's EER and the held-out cosine EER)."""
     groups = args.batch_size // args.samples_per_class
     sampler = data_load.GroupBatchSampler(labels.cpu().numpy(), args.samples_per_class, groups, args.seed)
     optimizer = make_optimizer(distance, args)
     total = args.epochs * len(sampler) if args.epochs else args.steps or DEFAULT_STEPS
     history, losses, best = [], [], {"eer": math.inf, "check": 0, "state": None}
+    out = {}
+
+    def check(record):
+        """Score the held-out pairs at this check and keep the weights when they are the best so far."""
+        if valid is not None:
+            record["valid_eer"] = held_out_eer(distance, *valid)[LOGIT.name]
+            distance.train()
+            if record["valid_eer"] < best["eer"]:
+                state = {k: v.detach().clone() for k, v in distance.state_dict().items()}
+                best.update(eer=record["valid_eer"], check=len(history) + 1, state=state)
+        history.append(record)
+        tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+    if valid is not None:
+        out["valid_cos_eer"] = held_out_eer(distance, *valid, scorers=(COSINE,))[COSINE.name]
+        check({"step": 0, "epoch": 0})
     distance.train()
     bar = tqdm(total=total, desc="training the distance", unit="step", disable=None, leave=False)
     for step, (epoch, batch) in enumerate(itertools.islice(batches(sampler), total), 1):
@@ -189,22 +273,14 @@ def train(distance, emb, labels, args, valid=None):
         bar.update()
         if step % args.valid_every and step < total:
             continue
-        record = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(losses))}
+        check({"step": step, "epoch": epoch + 1, "loss": float(np.mean(losses))})
         losses = []
-        if valid is not None:
-            record["valid_eer"] = held_out_eer(distance, *valid)
-            distance.train()
-            if record["valid_eer"] < best["eer"]:
-                state = {k: v.detach().clone() for k, v in distance.state_dict().items()}
-                best = {"eer": record["valid_eer"], "check": len(history) + 1, "state": state}
-        history.append(record)
-        tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if valid is not None and args.patience and len(history) - best["check"] >= args.patience:
             break
     bar.close()
     if best["state"] is not None:
         distance.load_state_dict(best["state"])
-    out = {"history": history, "steps": history[-1]["step"], "epochs": history[-1]["epoch"]}
+    out.update(history=history, steps=history[-1]["step"], epochs=history[-1]["epoch"])
     if valid is not None:
         out.update(valid_eer=best["eer"], best_step=history[best["check"] - 1]["step"])
     return out
@@ -228,6 +304,7 @@ def main(argv=None):
     check_args(args)
     source = resolve(args.embeddings)
     inputs = {"--embeddings": args.embeddings, "--embeddings file": source, "--utt2spk": args.utt2spk}
+    inputs.update({"--valid-embeddings": args.valid_embeddings, "--valid-utt2spk": args.valid_utt2spk})
     check_outputs({"--out": args.out}, inputs)
     device = choose_device(args.device)
     vectors, speakers, provenance = read_labelled(source, args.utt2spk)
@@ -240,10 +317,7 @@ def main(argv=None):
     print(f", {len(np.unique(labels[valid_mask]))} held out" if valid_mask.any() else "")
     seed_everything(args.seed)
     x, y = torch.from_numpy(vectors).to(device), torch.from_numpy(labels).to(device)
-    valid = None
-    if valid_mask.any():
-        keep = np.flatnonzero(valid_mask)[held_out_items(valid_mask.sum(), args.valid_max_items, args.seed)]
-        valid = (x[keep], y[keep])
+    valid = held_out_set(args, x, y, valid_mask, names, provenance, device)
     config = distance_config(args, vectors.shape[1])
     distance = LearnedDistance(**config).to(device)
     start = time.perf_counter()
@@ -251,7 +325,12 @@ def main(argv=None):
     record.update(seconds=round(time.perf_counter() - start, 3), classes=len(names), items=len(vectors))
     record["args"] = dict(vars(args))
     backends.save_distance(args.out, distance, config, provenance, record)
-    chosen = f", held-out EER {record['valid_eer']:.4f} at step {record['best_step']}" if valid else ""
+    chosen = ""
+    if valid is not None:
+        chosen = f", held-out EER {record['valid_eer']:.4f} at step {record['best_step']}"
+        chosen += f" (cosine {record['valid_cos_eer']:.4f})"
+        if record["best_step"] == 0:
+            chosen += "; training never beat the untrained distance there, which is kept"
     print(
         f"{args.pair_features} distance, {record['steps']} steps in {record['seconds']:.1f} s{chosen}: wrote {args.out}"
     )

@@ -1,14 +1,18 @@
 """The learned distance as a back-end on the encoders of the accuracy study, beside cosine and PLDA.
 
-Reads the runs experiments/accuracy.py kept (--keep-dir) for the fonts and the Asterisk folds: for each run of
---variant it takes the epoch that run was scored at (its held-out validation choice, --select-by), embeds with
-embed.py the training items (all training fonts; the fold's training speakers) and the test items (--font-test-items
-glyphs of each unseen font; the fold's test utterances), then trains PLDA (train_plda.py) and one learned distance
-per --variants (train_distance.py, its held-out-class early stop) on the training embeddings and scores the test
-trials (every pair of the test glyphs; the fold's trials) with the cosine, PLDA and each distance
-(experiments/distance_backend.py). Reported per set: EER, minDCF(0.01), AUC, Cllr / minCllr of the LLR scorers,
-and each back-end's training seconds; then the mean over the sets of a protocol, with the paired difference of
-each back-end to the cosine of the same embeddings.
+Reads the runs experiments/accuracy.py kept (--keep-dir) for the fonts, the Asterisk folds and the open digits and
+Fashion-MNIST protocols: for each run of --variant it takes the epoch that run was scored at (its held-out
+validation choice, --select-by), embeds with embed.py the training items (all training fonts; the fold's training
+speakers; the training classes' images) and the test items (--font-test-items glyphs of each unseen font; the
+fold's test utterances; the test classes' images, as accuracy.py scored them), then trains PLDA (train_plda.py)
+and one learned distance per --variants (train_distance.py) on the training embeddings and scores the test trials
+(every pair of the test items; the fold's trials) with the cosine, PLDA and each distance
+(experiments/distance_backend.py). Each distance keeps the step of the lowest EER on held-out classes
+(--held-out): some of the training classes (train_distance.py --valid-classes), or the run's validation classes,
+which neither the encoder nor the distance trained on (embedded too; --valid-embeddings). Reported per set: EER,
+minDCF(0.01), AUC, Cllr / minCllr of the LLR scorers, each back-end's training seconds and the held-out EERs
+that chose its step; then the mean over the sets of a protocol, with the paired difference of each back-end to
+the cosine of the same embeddings and how many distances kept their untrained start (for `cos`: the cosine).
 """
 
 import os
@@ -24,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchlib import at_least, mean_sd, python  # noqa: E402
 
+from data_load import FASHION_DIR  # noqa: E402
 from models.verifier import PAIR_FEATURES  # noqa: E402
 from utils import UserError, cli  # noqa: E402
 
@@ -31,7 +36,8 @@ EXAMPLE = """example:
   python experiments/accuracy.py --protocols fonts --variants concat --seeds 1-3 --fonts runs/fonts16 \\
       --keep-dir runs/acc_keep
   python experiments/backend_study.py --keep-dir runs/acc_keep --fonts runs/fonts16 --protocols fonts"""
-PROTOCOLS = ("fonts", "asterisk")
+PROTOCOLS = ("fonts", "asterisk", "digits-open", "fmnist-open")
+OPEN_SPLIT = {"train": "0-4", "valid": "5-6", "test": "7-9"}  # accuracy.py's classes of the open image protocols
 
 
 def kept_runs(args, protocol):
@@ -47,38 +53,63 @@ def kept_runs(args, protocol):
     return sorted(found)
 
 
-def embed(checkpoint, data, out, args, *flags):
-    """embed.py `data` with `checkpoint` into the folder `out` (kept: a second run reuses it); -> the folder."""
+def embed(checkpoint, data, flags, out, args):
+    """embed.py `data` (with its `flags`) with `checkpoint` into the folder `out` (kept: a second run reuses it);
+    -> the folder."""
     if not os.path.isfile(os.path.join(out, "embeddings.h5")):
         python("embed.py", "--data", data, "--cp-path", checkpoint, "--out-path", out, "--device", "cpu", *flags,
                threads=args.threads)  # fmt: skip
     return out
 
 
+def protocol_data(args, protocol, key):
+    """{"train", "test", "valid": (data, embed.py flags) or None, "trials": path or None} of one kept run: the
+    items the run trained on, its test items, and its validation classes (held out of the encoder's training;
+    the Asterisk folds validate on their training speakers, so they have none)."""
+    if protocol == "asterisk":
+        data = os.path.join(args.asterisk_dir, f"asterisk_fold{key}")
+        test = (f"{data}/test_feats/feats.scp", [])
+        return {"train": (f"{data}/train.hdf", []), "test": test, "valid": None, "trials": f"{data}/test/trials"}
+    if protocol == "fonts":
+        items = ["--items-per-class", str(args.font_test_items)]
+        sets = {"train": (f"{args.fonts}/train", []), "valid": (f"{args.fonts}/valid", items)}
+        return {**sets, "test": (f"{args.fonts}/test", items), "trials": None}
+    source = "digits" if protocol == "digits-open" else FASHION_DIR
+    train = ["--split", "train", "--classes", OPEN_SPLIT["train"]]
+    test = ["--classes", OPEN_SPLIT["test"]]
+    if protocol == "fmnist-open":
+        train += ["--items-per-class", str(args.items_per_class)]
+        test += ["--items-per-class", str(args.test_items_per_class)]
+    valid = (source, ["--split", "valid", "--classes", OPEN_SPLIT["valid"]])
+    return {"train": (source, train), "valid": valid, "test": (source, test), "trials": None}
+
+
 def sets_of(args, protocol):
-    """[(set name, checkpoint, train data, test data, trials or None, test embed flags)] of a protocol's runs."""
+    """[(set name, checkpoint, protocol_data)] of a protocol's kept runs."""
     sets = []
     for key, cp in kept_runs(args, protocol):
         checkpoint = benchlib.chosen_checkpoint(cp, args.select_by)[0]
-        if protocol == "fonts":
-            items = ["--items-per-class", str(args.font_test_items)]
-            sets.append((f"seed {key}", checkpoint, f"{args.fonts}/train", f"{args.fonts}/test", None, items))
-        else:
-            data = os.path.join(args.asterisk_dir, f"asterisk_fold{key}")
-            test, trials = f"{data}/test_feats/feats.scp", f"{data}/test/trials"
-            sets.append((f"fold {key}", checkpoint, f"{data}/train.hdf", test, trials, []))
+        name = f"{'fold' if protocol == 'asterisk' else 'seed'} {key}"
+        sets.append((name, checkpoint, protocol_data(args, protocol, key)))
     return sets
 
 
-def run_set(args, protocol, name, checkpoint, train, test, trials, test_flags):
-    """Embed one run's training and test items and score its test trials with every back-end: -> results."""
-    work = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "backends")
+def run_set(args, protocol, name, checkpoint, data):
+    """Embed one run's training, test (and held-out) items and score its test trials with every back-end."""
+    if args.held_out == "valid" and data["valid"] is None:
+        raise UserError(f"--held-out valid: the {protocol} runs have no validation classes to hold out")
+    backends = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "backends")
+    work = os.path.join(backends, f"held_out_{args.held_out}")
     os.makedirs(work, exist_ok=True)
-    train_emb = embed(checkpoint, train, os.path.join(work, "train_emb"), args)
-    test_emb = embed(checkpoint, test, os.path.join(work, "test_emb"), args, *test_flags)
+    train_emb = embed(checkpoint, *data["train"], os.path.join(backends, "train_emb"), args)
+    test_emb = embed(checkpoint, *data["test"], os.path.join(backends, "test_emb"), args)
     flags = ["--train", train_emb, "--test", test_emb, "--work-dir", work, "--variants", ",".join(args.variants)]
-    flags += ["--trials", trials] if trials else []
-    flags += ["--threads", str(args.threads), "--seed", str(args.seed), "--valid-classes", str(args.valid_classes)]
+    flags += ["--trials", data["trials"]] if data["trials"] else []
+    flags += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.held_out == "valid":
+        flags += ["--valid", embed(checkpoint, *data["valid"], os.path.join(backends, "valid_emb"), args)]
+    else:
+        flags += ["--valid-classes", str(args.valid_classes)]
     flags += ["--steps", str(args.steps)] if args.steps else []
     flags += ["--lda-dim", str(args.lda_dim)] if args.lda_dim else []
     print(f"{protocol} {name}: training the back-ends", flush=True)
@@ -89,14 +120,14 @@ def render(record):
     """Markdown: the mean over each protocol's sets (paired differences to cosine), then every set."""
     scorers = list(dict.fromkeys(s for run in record["runs"] for s in run["results"]))
     head = "| protocol | scorer | sets | EER | EER − cosine (wins) | minDCF(0.01) | Cllr | minCllr | training s |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head + " untrained kept |", "|---" * 10 + "|"]
     for protocol in dict.fromkeys(r["protocol"] for r in record["runs"]):
         runs = [r["results"] for r in record["runs"] if r["protocol"] == protocol]
         for scorer in scorers:
             found = [r[scorer] for r in runs if "failed" not in r[scorer]]
             if len(found) < len(runs):
                 lines.append(
-                    f"| {protocol} | {scorer} | {len(runs)} | not trained on {len(runs) - len(found)} |" + " |" * 5
+                    f"| {protocol} | {scorer} | {len(runs)} | not trained on {len(runs) - len(found)} |" + " |" * 6
                 )
                 continue
             diffs = [f["eer"] - r["cos"]["eer"] for f, r in zip(found, runs)]
@@ -108,6 +139,8 @@ def render(record):
             cells += [mean_sd([f[k] for f in found]) if k in found[0] else "" for k in ("cllr", "min_cllr")]
             times = [f["train_seconds"] for f in found if "train_seconds" in f]
             cells.append(f"{np.mean(times):.1f} (max {max(times):.1f})" if times else "")
+            steps = [f["best_step"] for f in found if "best_step" in f]
+            cells.append(f"{sum(step == 0 for step in steps)}/{len(steps)}" if steps else "")
             lines.append(f"| {protocol} | {scorer} | {len(runs)} | " + " | ".join(cells) + " |")
     sets = [
         f"### {r['protocol']}, {r['set']}\n\n" + distance_backend.render({"runs": r["results"]}) for r in record["runs"]
@@ -120,7 +153,7 @@ OPTIONS = {
     "--protocols": (
         benchlib.name_list(PROTOCOLS, "protocol"),
         "fonts,asterisk",
-        "from: fonts, asterisk (default both)",
+        "from: " + ", ".join(PROTOCOLS) + " (default fonts,asterisk)",
     ),
     "--variant": dict(default="concat", help="the kept runs' learned-distance variant (default concat)"),
     "--select-by": dict(
@@ -133,8 +166,17 @@ OPTIONS = {
     ),
     "--fonts": (str, "runs/fonts16", "the font set of the fonts runs (default runs/fonts16)"),
     "--font-test-items": (at_least(2), 20, "glyphs of each test font scored (default 20, as accuracy.py)"),
+    "--items-per-class": (at_least(2), 200, "Fashion-MNIST training images per class (default 200, as accuracy.py)"),
+    "--test-items-per-class": (at_least(2), 300, "Fashion-MNIST test images per class (default 300, as accuracy.py)"),
     "--asterisk-dir": (str, "runs/accuracy", "accuracy.py --work-dir holding the folds (default runs/accuracy)"),
     "--steps": (at_least(1), None, "train_distance.py --steps (default its own)"),
+    "--held-out": dict(
+        choices=("train", "valid"),
+        default="train",
+        help="the classes that choose each distance's step: train = --valid-classes of the training classes "
+        "(default); valid = the run's own validation classes, which the encoder never trained on either "
+        "(train_distance.py --valid-embeddings; not for Asterisk, whose folds have none)",
+    ),
     "--valid-classes": (str, "0.1", "train_distance.py --valid-classes: held-out classes, a count or fraction (0.1)"),
     "--lda-dim": (at_least(0), 0, "PLDA's LDA size (default 0: no LDA)"),
     "--seed": (at_least(0), 1, "seed of the distances' training (default 1)"),
@@ -153,9 +195,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     runs = []
     for protocol in args.protocols:
-        for name, *inputs in sets_of(args, protocol):
-            results = run_set(args, protocol, name, *inputs)
-            runs.append({"protocol": protocol, "set": name, "checkpoint": inputs[0], "results": results})
+        for name, checkpoint, data in sets_of(args, protocol):
+            results = run_set(args, protocol, name, checkpoint, data)
+            runs.append({"protocol": protocol, "set": name, "checkpoint": checkpoint, "results": results})
     benchlib.publish(__file__, argv, args, runs, render, args.out, args.json_name)
     return 0
 

@@ -1,8 +1,9 @@
 """The learned distance as a back-end on fixed embeddings (train_distance.py), beside PLDA and the cosine.
 
 Given embed.py's embeddings of training classes (--train, labelled by their `spk` attributes or --train-utt2spk)
-and of test items (--test), it trains one distance per --variants (train_distance.py, holding out --valid-classes
-of the training classes to choose the step kept) and a PLDA (train_plda.py, --lda-dim) on the training
+and of test items (--test), it trains one distance per --variants (train_distance.py, choosing the step kept on
+held-out classes: --valid, embeddings of other classes made by the same model, else --valid-classes of the
+training classes) and a PLDA (train_plda.py, --lda-dim) on the training
 embeddings, then scores the test trials (--trials, a Kaldi trials file) or, without one, every pair of the
 labelled test items (labels from --test's `spk` attributes or --test-utt2spk) with the cosine, PLDA and each
 distance (`dist_<variant>`, its logit). It writes, per scorer, EER, minDCF(0.01), AUC and, for the LLR scorers
@@ -43,7 +44,11 @@ COLUMNS = (
     ("Cllr", "cllr"),
     ("minCllr", "min_cllr"),
     ("training s", "train_seconds"),
+    ("held-out EER", "valid_eer"),
+    ("held-out cos EER", "valid_cos_eer"),
+    ("step kept", "best_step"),
 )
+HELD_OUT = ("valid_eer", "valid_cos_eer", "best_step")  # what a distance's training record says of its choice
 
 
 def trial_pairs(args):
@@ -100,19 +105,22 @@ def train_backends(args):
         train_plda.main([*train, "--out", plda_path, *(["--lda-dim", str(args.lda_dim)] if args.lda_dim else [])])
     except UserError as err:
         print(f"PLDA not trained: {err}", flush=True)
-        trained["plda"] = (str(err), 0.0)
+        trained["plda"] = (str(err), 0.0, {})
     else:
         plda = PLDA.load(plda_path)
-        score = (lambda e, a, b: chunked(lambda x, y: plda.score(e[x], e[y]), a, b), time.perf_counter() - start)
+        score = (lambda e, a, b: chunked(lambda x, y: plda.score(e[x], e[y]), a, b), time.perf_counter() - start, {})
         trained["plda"] = score
     for variant in args.variants:
         path = os.path.join(args.work_dir, f"distance_{variant}.pt")
-        flags = ["--pair-features", variant, "--valid-classes", str(args.valid_classes), "--seed", str(args.seed)]
+        flags = ["--pair-features", variant, "--seed", str(args.seed)]
+        flags += ["--valid-embeddings", args.valid] if args.valid else ["--valid-classes", str(args.valid_classes)]
         flags += ["--steps", str(args.steps)] if args.steps else []
         start = time.perf_counter()
         train_distance.main([*train, "--out", path, "--device", "cpu", *flags])
+        seconds = time.perf_counter() - start
         scorer = (lambda p: lambda e, a, b: distance_scores(p, e, a, b))(path)
-        trained[f"dist_{variant}"] = (scorer, time.perf_counter() - start)
+        record = backends.load_distance(path).training
+        trained[f"dist_{variant}"] = (scorer, seconds, {k: record[k] for k in HELD_OUT if k in record})
     return trained
 
 
@@ -123,14 +131,22 @@ def evaluate(args):
         raise UserError("the test pairs must hold both targets and non-targets")
     print(f"{len(idx_a)} test pairs ({int(target.sum())} targets) of {len(emb)} items", flush=True)
     results = {"cos": metrics.compute_metrics(cosine_scores(emb, idx_a, idx_b), target)}
-    for name, (scorer, seconds) in train_backends(args).items():
+    for name, (scorer, seconds, held_out) in train_backends(args).items():
         if isinstance(scorer, str):  # a back-end that could not be trained: why
             results[name] = {"failed": scorer}
             continue
         scores = scorer(emb, idx_a, idx_b)
         results[name] = {**metrics.compute_metrics(scores, target), **metrics.llr_metrics(scores, target)}
         results[name]["train_seconds"] = round(seconds, 2)
+        results[name].update(held_out)
     return results
+
+
+def cell(found, key):
+    """A table cell: a metric to 4 decimals, a step as it is, empty where the scorer has no such value."""
+    if key not in found:
+        return ""
+    return str(found[key]) if key == "best_step" else f"{found[key]:.4f}"
 
 
 def render(record):
@@ -141,7 +157,7 @@ def render(record):
         if "failed" in found:
             lines.append(f"| {scorer} | not trained: {found['failed']} |" + " |" * (len(COLUMNS) - 1))
             continue
-        cells = (f"{found[key]:.4f}" if key in found else "" for _, key in COLUMNS)
+        cells = (cell(found, key) for _, key in COLUMNS)
         lines.append(f"| {scorer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -158,6 +174,11 @@ OPTIONS = {
         "learned-distance variants, comma-separated, from: " + ", ".join(PAIR_FEATURES) + " (default all)",
     ),
     "--steps": (at_least(1), None, "train_distance.py --steps (default its own)"),
+    "--valid": dict(
+        default=None,
+        help="embed.py's embeddings of held-out classes (neither in --train nor --test) for train_distance.py "
+        "--valid-embeddings, instead of --valid-classes",
+    ),
     "--valid-classes": (train_distance.count_or_fraction, 0.1, "train_distance.py --valid-classes (default 0.1)"),
     "--lda-dim": (at_least(0), 0, "PLDA's LDA size (default 0: no LDA)"),
     "--seed": (at_least(0), 1, "seed of the distances' training (default 1)"),
@@ -173,7 +194,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    inputs = {flag: flag_value(args, flag) for flag in ("--train", "--test", "--trials")}
+    inputs = {flag: flag_value(args, flag) for flag in ("--train", "--test", "--trials", "--valid")}
     outputs = {"--work-dir plda": os.path.join(args.work_dir, "plda.json")}
     outputs.update({f"--work-dir {v}": os.path.join(args.work_dir, f"distance_{v}.pt") for v in args.variants})
     check_outputs(outputs, inputs, create=True)

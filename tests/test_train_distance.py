@@ -77,7 +77,7 @@ def test_held_out_classes_are_told_apart_far_better_than_chance(tmp_path, capsys
     assert "800 embeddings of 32 dimensions from 100 classes, 20 held out" in printed
     found = backends.load_distance(out)
     history = found.training["history"]
-    assert [check["step"] for check in history] == [100, 200, 300] and found.training["steps"] == 300
+    assert [check["step"] for check in history] == [0, 100, 200, 300] and found.training["steps"] == 300
     assert found.training["valid_eer"] == min(check["valid_eer"] for check in history) < 0.15
     new_classes = clusters(10, 10, 32, seed=1)  # classes neither trained on nor held out
     untrained = pair_eer(LearnedDistance(**found.config), *new_classes)
@@ -120,6 +120,63 @@ def test_scp_with_utt2spk_trains_the_same_distance_as_hdf5(tmp_path):
         torch.testing.assert_close(a[name], b[name])
 
 
+def held_out_run(tmp_path, variant, train_labels="true", seed=0):
+    """train_distance.py on 40 clustered classes (their labels shuffled with train_labels="shuffled") with
+    --valid-embeddings of 10 other classes of the same generator and model: -> (record, distance, held-out set)."""
+    utt2spk, vectors = clusters(50, 8, 16, seed=seed)
+    names = sorted(set(utt2spk.values()))
+    train_ids = [u for u in vectors if utt2spk[u] in names[:40]]
+    labels = [utt2spk[u] for u in train_ids]
+    if train_labels == "shuffled":
+        labels = [str(label) for label in np.random.default_rng(5).permutation(labels)]
+    held = {u: utt2spk[u] for u in vectors if utt2spk[u] in names[40:]}
+    model = {**OTHER_MODEL, "weights_sha256": "00000000000000aa"}
+    train = write_embeddings(tmp_path / "train", dict(zip(train_ids, labels)), {u: vectors[u] for u in train_ids},
+                             provenance=model)  # fmt: skip
+    valid = write_embeddings(tmp_path / "valid", held, {u: vectors[u] for u in held}, provenance=model)
+    out = str(tmp_path / f"{variant}.pt")
+    argv = ["--embeddings", train, "--valid-embeddings", valid, "--out", out, "--pair-features", variant]
+    assert train_distance.main([*argv, "--steps", "200", "--valid-every", "50", "--patience", "0", *FAST]) == 0
+    found = backends.load_distance(out)
+    return found.training, found.distance, (held, {u: vectors[u] for u in held})
+
+
+def test_held_out_embeddings_choose_the_step_and_report_the_cosine_beside(tmp_path, capsys):
+    record, distance, held = held_out_run(tmp_path, "concat")
+    printed = capsys.readouterr().out
+    assert [check["step"] for check in record["history"]] == [0, 50, 100, 150, 200]
+    assert record["valid_eer"] == min(check["valid_eer"] for check in record["history"])
+    assert 0 < record["best_step"] and record["valid_eer"] < record["history"][0]["valid_eer"]
+    assert f"held-out EER {record['valid_eer']:.4f} at step {record['best_step']}" in printed
+    assert f"(cosine {record['valid_cos_eer']:.4f})" in printed
+    assert abs(pair_eer(distance, *held) - record["valid_eer"]) < 1e-6  # the kept weights are the best check's
+    # the held-out cosine EER is the cosine of those very pairs
+    utt2spk, vectors = held
+    emb = np.stack(list(vectors.values()))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    a, b = np.triu_indices(len(emb), 1)
+    labels = np.array([utt2spk[u] for u in vectors])
+    want = compute_eer((unit[a] * unit[b]).sum(1), labels[a] == labels[b])
+    assert abs(record["valid_cos_eer"] - want) < 1e-6
+
+
+def test_a_cos_distance_that_training_cannot_improve_falls_back_to_its_cosine(tmp_path, capsys):
+    # shuffled training labels teach a correction that is noise; the held-out classes' cosine is already the
+    # best ranking the untrained head (an affine map of the cosine) gives, so the check before training wins
+    record, distance, (utt2spk, vectors) = held_out_run(tmp_path, "cos", train_labels="shuffled")
+    assert "training never beat the untrained distance there" in capsys.readouterr().out
+    assert record["best_step"] == 0 and record["valid_eer"] == record["history"][0]["valid_eer"]
+    assert any(check["valid_eer"] > record["valid_eer"] for check in record["history"][1:])  # training did move it
+    emb = torch.from_numpy(np.stack(list(vectors.values())))
+    a, b = torch.triu_indices(len(emb), len(emb), 1)
+    with torch.no_grad():
+        logits = distance.eval().pair_logits(emb, a, b).mean(0)
+    cos = torch.nn.functional.cosine_similarity(emb[a], emb[b])
+    head = distance.heads[0]
+    torch.testing.assert_close(logits, head.scale * cos + head.offset, atol=1e-5, rtol=1e-5)
+    assert not head.rest[-1].weight.any()  # the correction's last layer is still the zeros it started as
+
+
 def bad_input(tmp_path, case):
     """The argv of each bad input (its files written)."""
     utt2spk, vectors = clusters(4, 6, 8)
@@ -134,8 +191,20 @@ def bad_input(tmp_path, case):
         vectors[next(iter(vectors))][3] = np.nan
     elif case == "labels missing":
         utt2spk.pop(next(iter(utt2spk)))
+    if case.startswith("held-out"):
+        ours = {**OTHER_MODEL, "weights_sha256": "00000000000000aa"}
+        theirs = ours if case != "held-out of another model" else OTHER_MODEL
+        others = clusters(3, 4, 8 if case != "held-out of another size" else 6, seed=9)[1]
+        held = {u: ("c-shared" if case == "held-out shares a class" else f"v{k % 3}") for k, u in enumerate(others)}
+        first = next(iter(utt2spk))
+        if case == "held-out shares a class":
+            utt2spk[first] = "c-shared"
+        train = write_embeddings(tmp_path / "train", utt2spk, vectors, provenance=ours)
+        valid = write_embeddings(tmp_path / "held", held, others, provenance=theirs)
+        return ["--embeddings", train, *out, "--valid-embeddings", valid]
     bad = write_embeddings(tmp_path / "bad", utt2spk, vectors) if case != "unknown variant" else h5
     extra = {
+        "held out twice": ["--valid-classes", "2", "--valid-embeddings", h5],
         "unknown variant": ["--pair-features", "nope"],
         "steps and epochs": ["--steps", "5", "--epochs", "1"],
         "too many held out": ["--valid-classes", "3"],
@@ -153,6 +222,10 @@ def bad_input(tmp_path, case):
         ("unknown variant", "invalid choice: 'nope'"),
         ("steps and epochs", "not both"),
         ("too many held out", "training needs 2"),
+        ("held out twice", "not both"),
+        ("held-out of another model", "held-out embeddings must come from the same encoder"),
+        ("held-out of another size", "embeddings of 6 dimensions, the training ones have 8"),
+        ("held-out shares a class", "classes are training classes too"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case, message):
@@ -303,3 +376,36 @@ def test_backend_study_embeds_a_kept_speech_run_and_scores_its_fold(tmp_path, mo
     )
     with h5py.File(cp.parent / "backends" / "train_emb" / "embeddings.h5") as h5:
         assert len(h5) == 48 and json.loads(h5.attrs["provenance"])["checkpoint"].endswith("checkpoint_2ep.pt")
+
+
+def test_backend_study_holds_out_a_digits_runs_validation_classes(tmp_path, monkeypatch):
+    """--held-out valid on a kept digits-open run: the validation digits 5-6 are embedded with the run's checkpoint
+    and choose each distance's step (train_distance.py --valid-embeddings); training digits 0-4, test 7-9."""
+    from tests.tiny_data import write_checkpoint
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+    import backend_study
+
+    cp = tmp_path / "keep" / "digits-open_cos_2" / "cp"
+    cp.mkdir(parents=True)
+    write_checkpoint(str(cp / "checkpoint_1ep.pt"), "resnet", 5, {"in_channels": 1, "stem": "cifar", "width": 8})
+    out = tmp_path / "study.md"
+    argv = ["--keep-dir", str(tmp_path / "keep"), "--protocols", "digits-open", "--variant", "cos", "--variants"]
+    argv += ["cos", "--steps", "30", "--held-out", "valid", "--lda-dim", "4", "--threads", "1", "--out", str(out)]
+    assert backend_study.main(argv) == 0
+    (run,) = json.load(open(tmp_path / "study.json"))["runs"]
+    found = run["results"]["dist_cos"]
+    assert run["set"] == "seed 2" and {"valid_eer", "valid_cos_eer", "best_step"} <= set(found)
+    assert found["valid_eer"] <= found["valid_cos_eer"] + 1e-9  # the untrained cos head ranks as the cosine does
+    backends_dir = cp.parent / "backends"
+    for part, digits in (("train_emb", set("01234")), ("valid_emb", set("56")), ("test_emb", set("789"))):
+        with h5py.File(backends_dir / part / "embeddings.h5") as h5:
+            assert {h5[name].attrs["spk"] for name in h5} == digits, part
+    distance = backends.load_distance(backends_dir / "held_out_valid" / "distance_cos.pt")
+    assert distance.training["args"]["valid_embeddings"].endswith("valid_emb")
+    assert "| digits-open | dist_cos | 1 |" in out.read_text()
+    with pytest.raises(UserError, match="the asterisk runs have no validation classes"):
+        backend_study.run_set(
+            backend_study.build_parser().parse_args(argv), "asterisk", "fold 0", str(tmp_path / "none.pt"),
+            {"train": ("x", []), "test": ("y", []), "valid": None, "trials": None},
+        )  # fmt: skip
