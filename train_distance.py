@@ -12,11 +12,14 @@ Held-out classes choose the weights kept: --valid-classes holds some of the trai
 validation classes train.py --holdout-classes or --valid-data-path held out of the encoder's training, which
 the encoder never saw either). The all-pairs EER of (at most --valid-max-items of) their items is measured
 before training and every --valid-every steps, the weights of the best check are kept, and training stops after
---patience checks without a better one; the cosine EER of the same pairs is reported beside it. The check
-before training counts: a distance whose training never beats its starting point on the held-out classes is
-kept as it started, which for --pair-features cos is an increasing affine map of the cosine (the cosine's
-ranking exactly), so that variant falls back to the cosine wherever the held-out classes do not support its
-learned correction. The
+--patience checks without a better one; the cosine EER of the same pairs is reported beside it, with how sure
+the held-out classes are that the kept distance ranks their pairs better than the cosine: the fraction of
+resamples of the classes (with replacement) in which its EER is the lower. The check before training counts,
+and for --pair-features cos the untrained distance is an increasing affine map of the cosine (the cosine's
+ranking exactly): that variant keeps its learned correction only when training beat its start on the held-out
+classes and they are at least --min-confidence sure it beats the cosine, else it is written as the cosine's
+map. Two held-out classes can never be that sure (half their resamples draw one class twice), so with few
+held-out classes a cos distance stays the cosine. The
 output (torch.save, loaded weights only) holds the distance's configuration and weights and the model that made
 the embeddings (their provenance), which eval.py --distance checks against its checkpoint.
 """
@@ -49,12 +52,26 @@ EXAMPLE = """example:
       --out-path exp/train_embeddings/ --min-frames 100
   python train_distance.py --embeddings exp/train_embeddings/ --out exp/distance.pt --pair-features sym \\
       --valid-classes 0.1
+  python train_distance.py --embeddings exp/train_embeddings/ --valid-embeddings exp/dev_embeddings/ \\
+      --out exp/distance_cos.pt --pair-features cos   # dev: other speakers, embedded by the same checkpoint
   python eval.py --test-data test/feats.scp --trials-path test/trials --cp-path cp/checkpoint_10ep.pt \\
       --distance exp/distance.pt --out-path results/scores.out"""
 
 DEFAULT_STEPS = 2000  # about half a minute of one CPU core at the default sizes (batch 64, hidden 512)
 LOGIT = next(s for s in scoring.SCORERS if s.name == "e2e_logit")  # what held-out classes are scored with
 COSINE = next(s for s in scoring.SCORERS if s.name == "cos")  # and the cosine it is compared with
+CONFIDENCE_DRAWS = 1000  # resamples of the held-out classes behind --min-confidence
+
+
+def fraction(text):
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
 
 
 def count_or_fraction(text):
@@ -101,6 +118,13 @@ TRAINING = {
         "of --valid-classes: a development set for early stopping and the choice of the step",
     ),
     "--valid-utt2spk": (str, None, "Kaldi utt2spk of --valid-embeddings (needed for an scp)"),
+    "--min-confidence": (
+        fraction,
+        0.95,
+        "a cos distance keeps its trained correction only when it has a lower EER than the cosine in at least "
+        "this fraction of resamples of the held-out classes (default 0.95; 0 keeps the best check); other "
+        "variants report the fraction",
+    ),
     "--valid-max-items": (positive(int), 500, "held-out items scored all-pairs at each check (default 500)"),
     "--valid-every": (positive(int), 250, "steps between checks of the held-out EER and the loss (default 250)"),
     "--patience": (non_negative(int), 4, "checks without a better held-out EER before stopping (default 4; 0: none)"),
@@ -169,6 +193,41 @@ def held_out_eer(distance, emb, labels, scorers=(LOGIT,)):
             "or give more held-out classes"
         )
     return {name: float(compute_eer(values, same)) for name, values in scores.items()}
+
+
+def weighted_eer(same, weights):
+    """EER of pairs sorted by ascending score (their target flags `same`) when each pair counts `weights` times;
+    NaN when the weights leave no target or no non-target."""
+    targets = np.where(same, weights, 0.0)
+    nontargets = weights - targets
+    n_t, n_n = targets.sum(), nontargets.sum()
+    if n_t <= 0 or n_n <= 0:
+        return math.nan
+    miss = np.cumsum(targets) / n_t  # targets at or below each threshold
+    false_alarm = 1.0 - np.cumsum(nontargets) / n_n
+    k = np.argmin(np.abs(miss - false_alarm))
+    return float(miss[k] + false_alarm[k]) / 2
+
+
+def beats_cosine(distance, emb, labels, draws, seed):
+    """How sure the held-out classes are that the distance ranks their pairs better than the cosine: the fraction
+    of `draws` resamples of the classes (drawn with replacement, a class drawn k times weighing its pairs k times
+    and its pairs with another class k * k' times) in which the logit's EER is below the cosine's. A resample
+    without a target or a non-target counts as no win: two held-out classes can never make it sure."""
+    scores, same = scoring.score_all_pairs(distance, emb, labels, scorers=(LOGIT, COSINE))
+    same = same.cpu().numpy()
+    a, b = torch.triu_indices(len(emb), len(emb), 1)  # score_all_pairs' pair order
+    _, cls = np.unique(labels.cpu().numpy(), return_inverse=True)
+    class_a, class_b = cls[a.numpy()], cls[b.numpy()]
+    orders = [np.argsort(scores[s.name].cpu().numpy(), kind="stable") for s in (LOGIT, COSINE)]
+    rng = np.random.default_rng([seed, 2])
+    n_classes, wins = cls.max() + 1, 0
+    for _ in range(draws):
+        times = np.bincount(rng.integers(0, n_classes, n_classes), minlength=n_classes).astype(np.float64)
+        weights = np.where(same, times[class_a], times[class_a] * times[class_b])
+        mine, cosine = (weighted_eer(same[order], weights[order]) for order in orders)
+        wins += bool(mine < cosine)  # False when either is NaN
+    return wins / draws
 
 
 def held_out_set(args, x, y, valid_mask, class_of, provenance, device):
@@ -263,6 +322,7 @@ def train(distance, emb, labels, args, valid=None):
         history.append(record)
         tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
+    start = {k: v.detach().clone() for k, v in distance.state_dict().items()}
     if valid is not None:
         out["valid_cos_eer"] = held_out_eer(distance, *valid, scorers=(COSINE,))[COSINE.name]
         check({"step": 0, "epoch": 0})
@@ -281,8 +341,13 @@ def train(distance, emb, labels, args, valid=None):
     if best["state"] is not None:
         distance.load_state_dict(best["state"])
     out.update(history=history, steps=history[-1]["step"], epochs=history[-1]["epoch"])
-    if valid is not None:
-        out.update(valid_eer=best["eer"], best_step=history[best["check"] - 1]["step"])
+    if valid is None:
+        return out
+    out.update(valid_eer=best["eer"], best_step=history[best["check"] - 1]["step"])
+    out["valid_confidence"] = beats_cosine(distance, *valid, CONFIDENCE_DRAWS, args.seed)
+    if distance.pair_features == "cos" and out["best_step"] and out["valid_confidence"] < args.min_confidence:
+        distance.load_state_dict(start)  # not sure enough: back to the cosine's affine map
+        out.update(valid_eer=history[0]["valid_eer"], best_step=0, fell_back=True)
     return out
 
 
@@ -328,8 +393,11 @@ def main(argv=None):
     chosen = ""
     if valid is not None:
         chosen = f", held-out EER {record['valid_eer']:.4f} at step {record['best_step']}"
-        chosen += f" (cosine {record['valid_cos_eer']:.4f})"
-        if record["best_step"] == 0:
+        sure = f"{100 * record['valid_confidence']:.0f}% of {CONFIDENCE_DRAWS} resamples of the held-out classes"
+        chosen += f" (cosine {record['valid_cos_eer']:.4f}; the distance below it in {sure})"
+        if record.get("fell_back"):
+            chosen += f"; under --min-confidence {args.min_confidence}, the untrained distance (the cosine) is kept"
+        elif record["best_step"] == 0:
             chosen += "; training never beat the untrained distance there, which is kept"
     print(
         f"{args.pair_features} distance, {record['steps']} steps in {record['seconds']:.1f} s{chosen}: wrote {args.out}"

@@ -116,14 +116,25 @@ def run_set(args, protocol, name, checkpoint, data):
     return distance_backend.evaluate(distance_backend.build_parser().parse_args(flags))
 
 
+CHOICE = "held-out choice"  # the summary row of the scorer each set's held-out classes chose
+
+
+def with_choice(results):
+    """A set's results with the held-out choice added as its own scorer (distance_backend.held_out_choice)."""
+    chosen = distance_backend.held_out_choice(results)
+    return results if chosen is None else {**results, CHOICE: {**results[chosen], "chosen": chosen}}
+
+
 def render(record):
     """Markdown: the mean over each protocol's sets (paired differences to cosine), then every set."""
-    scorers = list(dict.fromkeys(s for run in record["runs"] for s in run["results"]))
+    scorers = list(dict.fromkeys(s for run in record["runs"] for s in with_choice(run["results"])))
     head = "| protocol | scorer | sets | EER | EER − cosine (wins) | minDCF(0.01) | Cllr | minCllr | training s |"
-    lines = [head + " untrained kept |", "|---" * 10 + "|"]
+    lines = [head + " untrained kept (chosen) |", "|---" * 10 + "|"]
     for protocol in dict.fromkeys(r["protocol"] for r in record["runs"]):
-        runs = [r["results"] for r in record["runs"] if r["protocol"] == protocol]
+        runs = [with_choice(r["results"]) for r in record["runs"] if r["protocol"] == protocol]
         for scorer in scorers:
+            if scorer == CHOICE and not all(CHOICE in r for r in runs):
+                continue
             found = [r[scorer] for r in runs if "failed" not in r[scorer]]
             if len(found) < len(runs):
                 lines.append(
@@ -136,15 +147,22 @@ def render(record):
                 f"{mean_sd(diffs)} ({sum(d <= 0 for d in diffs)}/{len(diffs)})",
             ]
             cells.append(mean_sd([f["mindcf_0.01"] for f in found]))
-            cells += [mean_sd([f[k] for f in found]) if k in found[0] else "" for k in ("cllr", "min_cllr")]
+            cells += [
+                mean_sd([f[k] for f in found]) if all(k in f for f in found) else "" for k in ("cllr", "min_cllr")
+            ]
             times = [f["train_seconds"] for f in found if "train_seconds" in f]
-            cells.append(f"{np.mean(times):.1f} (max {max(times):.1f})" if times else "")
+            cells.append(f"{np.mean(times):.1f} (max {max(times):.1f})" if times and scorer != CHOICE else "")
             steps = [f["best_step"] for f in found if "best_step" in f]
             cells.append(f"{sum(step == 0 for step in steps)}/{len(steps)}" if steps else "")
+            if scorer == CHOICE:
+                picks = [f["chosen"] for f in found]
+                cells[-1] = ", ".join(f"{name} {picks.count(name)}" for name in dict.fromkeys(picks))
             lines.append(f"| {protocol} | {scorer} | {len(runs)} | " + " | ".join(cells) + " |")
-    sets = [
-        f"### {r['protocol']}, {r['set']}\n\n" + distance_backend.render({"runs": r["results"]}) for r in record["runs"]
-    ]
+    sets = []
+    for r in record["runs"]:
+        chosen = distance_backend.held_out_choice(r["results"])
+        note = f"\nHeld-out choice: {chosen}.\n" if chosen else ""
+        sets.append(f"### {r['protocol']}, {r['set']}\n\n" + distance_backend.render({"runs": r["results"]}) + note)
     return "\n".join(lines) + "\n\n" + "\n".join(sets)
 
 

@@ -47,8 +47,11 @@ COLUMNS = (
     ("held-out EER", "valid_eer"),
     ("held-out cos EER", "valid_cos_eer"),
     ("step kept", "best_step"),
+    ("sure", "valid_confidence"),
 )
-HELD_OUT = ("valid_eer", "valid_cos_eer", "best_step")  # what a distance's training record says of its choice
+# what a distance's training record says of its choice (train_distance.py)
+HELD_OUT = ("valid_eer", "valid_cos_eer", "best_step", "valid_confidence", "fell_back")
+MIN_CONFIDENCE = train_distance.TRAINING["--min-confidence"][1]
 
 
 def trial_pairs(args):
@@ -142,10 +145,25 @@ def evaluate(args):
     return results
 
 
+def held_out_choice(results, min_confidence=MIN_CONFIDENCE):
+    """The scorer the held-out classes choose among a set's results, or None when no distance recorded them:
+    of the distances the held-out classes are at least `min_confidence` sure beat the cosine (train_distance.py's
+    resamples), the one of the lowest held-out EER; the cosine when there is none (ties go to the first
+    distance). Uses no test result."""
+    held = [(found["valid_eer"], name, found) for name, found in results.items() if "valid_eer" in found]
+    if not held:
+        return None
+    sure = [(eer, name) for eer, name, found in held if found.get("valid_confidence", 0.0) >= min_confidence]
+    sure = [(eer, name) for eer, name in sure if eer < results[name]["valid_cos_eer"]]
+    return min(sure, key=lambda item: item[0])[1] if sure else "cos"
+
+
 def cell(found, key):
     """A table cell: a metric to 4 decimals, a step as it is, empty where the scorer has no such value."""
     if key not in found:
         return ""
+    if key == "valid_confidence":
+        return f"{100 * found[key]:.0f}%"
     return str(found[key]) if key == "best_step" else f"{found[key]:.4f}"
 
 

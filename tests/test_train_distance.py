@@ -120,23 +120,40 @@ def test_scp_with_utt2spk_trains_the_same_distance_as_hdf5(tmp_path):
         torch.testing.assert_close(a[name], b[name])
 
 
-def held_out_run(tmp_path, variant, train_labels="true", seed=0):
-    """train_distance.py on 40 clustered classes (their labels shuffled with train_labels="shuffled") with
-    --valid-embeddings of 10 other classes of the same generator and model: -> (record, distance, held-out set)."""
-    utt2spk, vectors = clusters(50, 8, 16, seed=seed)
+def nuisance_clusters(classes, per_class, seed=0):
+    """Classes that differ in 4 of 16 dimensions, with a larger nuisance in the other 12: the cosine ranks their
+    pairs poorly and a learned distance can learn to look at the 4 that matter. -> ({utt: class}, {utt: vector})."""
+    rng = np.random.default_rng(seed)
+    utt2spk, vectors = {}, {}
+    for c in range(classes):
+        centre = np.concatenate([3 * rng.normal(size=4), np.zeros(12)])
+        for u in range(per_class):
+            utt = f"n{seed}c{c:03d}-{u:02d}"
+            utt2spk[utt] = f"n{seed}c{c:03d}"
+            noise = np.concatenate([0.5 * rng.normal(size=4), 2.5 * rng.normal(size=12)])
+            vectors[utt] = (centre + noise).astype(np.float32)
+    return utt2spk, vectors
+
+
+def held_out_run(tmp_path, variant, train_labels="true", seed=0, data=None, n_train=40, extra=()):
+    """train_distance.py on the first n_train of 50 classes (`data`, default clustered; their labels shuffled
+    with train_labels="shuffled") with --valid-embeddings of the other classes, of the same model: -> (record,
+    distance, held-out set)."""
+    utt2spk, vectors = data or clusters(50, 8, 16, seed=seed)
     names = sorted(set(utt2spk.values()))
-    train_ids = [u for u in vectors if utt2spk[u] in names[:40]]
+    train_ids = [u for u in vectors if utt2spk[u] in names[:n_train]]
     labels = [utt2spk[u] for u in train_ids]
     if train_labels == "shuffled":
         labels = [str(label) for label in np.random.default_rng(5).permutation(labels)]
-    held = {u: utt2spk[u] for u in vectors if utt2spk[u] in names[40:]}
+    held = {u: utt2spk[u] for u in vectors if utt2spk[u] in names[n_train:]}
     model = {**OTHER_MODEL, "weights_sha256": "00000000000000aa"}
     train = write_embeddings(tmp_path / "train", dict(zip(train_ids, labels)), {u: vectors[u] for u in train_ids},
                              provenance=model)  # fmt: skip
     valid = write_embeddings(tmp_path / "valid", held, {u: vectors[u] for u in held}, provenance=model)
     out = str(tmp_path / f"{variant}.pt")
     argv = ["--embeddings", train, "--valid-embeddings", valid, "--out", out, "--pair-features", variant]
-    assert train_distance.main([*argv, "--steps", "200", "--valid-every", "50", "--patience", "0", *FAST]) == 0
+    steps = ["--steps", "200", "--valid-every", "50", "--patience", "0"]
+    assert train_distance.main([*argv, *steps, *FAST, *extra]) == 0
     found = backends.load_distance(out)
     return found.training, found.distance, (held, {u: vectors[u] for u in held})
 
@@ -148,7 +165,8 @@ def test_held_out_embeddings_choose_the_step_and_report_the_cosine_beside(tmp_pa
     assert record["valid_eer"] == min(check["valid_eer"] for check in record["history"])
     assert 0 < record["best_step"] and record["valid_eer"] < record["history"][0]["valid_eer"]
     assert f"held-out EER {record['valid_eer']:.4f} at step {record['best_step']}" in printed
-    assert f"(cosine {record['valid_cos_eer']:.4f})" in printed
+    assert f"(cosine {record['valid_cos_eer']:.4f}; the distance below it in " in printed
+    assert 0 <= record["valid_confidence"] <= 1 and f"{100 * record['valid_confidence']:.0f}% of 1000" in printed
     assert abs(pair_eer(distance, *held) - record["valid_eer"]) < 1e-6  # the kept weights are the best check's
     # the held-out cosine EER is the cosine of those very pairs
     utt2spk, vectors = held
@@ -175,6 +193,39 @@ def test_a_cos_distance_that_training_cannot_improve_falls_back_to_its_cosine(tm
     head = distance.heads[0]
     torch.testing.assert_close(logits, head.scale * cos + head.offset, atol=1e-5, rtol=1e-5)
     assert not head.rest[-1].weight.any()  # the correction's last layer is still the zeros it started as
+
+
+def test_a_cos_distance_keeps_its_correction_only_when_the_held_out_classes_are_sure(tmp_path, capsys):
+    data = nuisance_clusters(60, 8)
+    fast = ["--lr", "0.003", "--hidden-size", "64"]
+    # 20 held-out classes: the learned correction beats the cosine on them, surely
+    record, distance, (utt2spk, vectors) = held_out_run(tmp_path / "many", "cos", data=data, extra=fast)
+    assert record["best_step"] > 0 and "fell_back" not in record, record
+    assert record["valid_confidence"] >= 0.95 and record["valid_eer"] < record["valid_cos_eer"] - 0.02
+    assert distance.heads[0].rest[-1].weight.any()
+    # 2 held-out classes, the same training: never sure enough, so the distance stays the cosine's affine map
+    record, distance, (utt2spk, vectors) = held_out_run(tmp_path / "two", "cos", data=data, n_train=58, extra=fast)
+    assert record["valid_confidence"] <= 0.5 and record["fell_back"] and record["best_step"] == 0, record
+    assert "under --min-confidence 0.95, the untrained distance (the cosine) is kept" in capsys.readouterr().out
+    assert not distance.heads[0].rest[-1].weight.any()
+    # --min-confidence 0 keeps the best check
+    record, distance, _ = held_out_run(
+        tmp_path / "zero", "cos", data=data, n_train=58, extra=[*fast, "--min-confidence", "0"]
+    )
+    assert "fell_back" not in record and (record["best_step"] == 0 or distance.heads[0].rest[-1].weight.any())
+
+
+def test_weighted_eer_counts_a_pair_as_often_as_its_weight():
+    rng = np.random.default_rng(3)
+    scores, same = rng.normal(size=400), rng.random(400) < 0.3
+    scores[same] += 1.0
+    order = np.argsort(scores)
+    weights = rng.integers(1, 4, size=400)
+    repeated = np.repeat(np.arange(400), weights)
+    want = compute_eer(scores[repeated], same[repeated])
+    got = train_distance.weighted_eer(same[order], weights[order].astype(float))
+    assert abs(got - want) < 0.01, (got, want)
+    assert np.isnan(train_distance.weighted_eer(same[order], np.where(same, 0.0, 1.0)[order]))
 
 
 def bad_input(tmp_path, case):
@@ -403,9 +454,33 @@ def test_backend_study_holds_out_a_digits_runs_validation_classes(tmp_path, monk
             assert {h5[name].attrs["spk"] for name in h5} == digits, part
     distance = backends.load_distance(backends_dir / "held_out_valid" / "distance_cos.pt")
     assert distance.training["args"]["valid_embeddings"].endswith("valid_emb")
-    assert "| digits-open | dist_cos | 1 |" in out.read_text()
+    page = out.read_text()
+    assert "| digits-open | dist_cos | 1 |" in page and "| digits-open | held-out choice | 1 |" in page
+    assert f"Held-out choice: {backend_study.distance_backend.held_out_choice(run['results'])}." in page
     with pytest.raises(UserError, match="the asterisk runs have no validation classes"):
         backend_study.run_set(
             backend_study.build_parser().parse_args(argv), "asterisk", "fold 0", str(tmp_path / "none.pt"),
             {"train": ("x", []), "test": ("y", []), "valid": None, "trials": None},
         )  # fmt: skip
+
+
+def test_the_held_out_choice_takes_the_best_held_out_distance_or_the_cosine(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+    import distance_backend
+
+    def results(sym, cos_head, cosine, sure=(0.99, 0.99)):
+        held = {"valid_cos_eer": cosine}
+        return {
+            "cos": {"eer": 0.3},
+            "plda": {"eer": 0.01},  # a test EER is never looked at
+            "dist_sym": {"eer": 0.9, "valid_eer": sym, "valid_confidence": sure[0], **held},
+            "dist_cos": {"eer": 0.1, "valid_eer": cos_head, "valid_confidence": sure[1], **held},
+        }
+
+    assert distance_backend.held_out_choice(results(0.20, 0.25, 0.30)) == "dist_sym"
+    assert distance_backend.held_out_choice(results(0.26, 0.25, 0.30)) == "dist_cos"
+    assert distance_backend.held_out_choice(results(0.31, 0.30, 0.30)) == "cos"  # none below the cosine: cosine
+    assert distance_backend.held_out_choice(results(0.20, 0.25, 0.30, (0.9, 0.96))) == "dist_cos"  # sym not sure
+    assert distance_backend.held_out_choice(results(0.20, 0.25, 0.30, (0.5, 0.5))) == "cos"
+    assert distance_backend.held_out_choice(results(0.20, 0.25, 0.30, (0.5, 0.5)), min_confidence=0.5) == "dist_sym"
+    assert distance_backend.held_out_choice({"cos": {"eer": 0.3}, "dist_sym": {"eer": 0.2}}) is None
