@@ -14,9 +14,9 @@ the encoder never saw either). The all-pairs EER of (at most --valid-max-items o
 before training and every --valid-every steps, the weights of the best check are kept, and training stops after
 --patience checks without a better one; the cosine EER of the same pairs is reported beside it, with how sure
 the held-out classes are that the kept distance ranks their pairs better than the cosine: the fraction of
-resamples of the classes (with replacement) in which its EER is the lower. The check before training counts,
-and for --pair-features cos the untrained distance is an increasing affine map of the cosine (the cosine's
-ranking exactly): that variant keeps its learned correction only when training beat its start on the held-out
+resamples of the classes (with replacement) in which its EER is the lower. For --pair-features cos the
+check before training counts too, since the untrained distance is an increasing affine map of the cosine (the
+cosine's ranking exactly): that variant keeps its learned correction only when training beat its start on the held-out
 classes and they are at least --min-confidence sure it beats the cosine, else it is written as the cosine's
 map. Two held-out classes can never be that sure (half their resamples draw one class twice), so with few
 held-out classes a cos distance stays the cosine. The
@@ -53,7 +53,7 @@ EXAMPLE = """example:
   python train_distance.py --embeddings exp/train_embeddings/ --out exp/distance.pt --pair-features sym \\
       --valid-classes 0.1
   python train_distance.py --embeddings exp/train_embeddings/ --valid-embeddings exp/dev_embeddings/ \\
-      --out exp/distance_cos.pt --pair-features cos   # dev: other speakers, embedded by the same checkpoint
+      --out exp/distance.pt --pair-features auto   # dev: other speakers, embedded by the same checkpoint
   python eval.py --test-data test/feats.scp --trials-path test/trials --cp-path cp/checkpoint_10ep.pt \\
       --distance exp/distance.pt --out-path results/scores.out"""
 
@@ -61,6 +61,9 @@ DEFAULT_STEPS = 2000  # about half a minute of one CPU core at the default sizes
 LOGIT = next(s for s in scoring.SCORERS if s.name == "e2e_logit")  # what held-out classes are scored with
 COSINE = next(s for s in scoring.SCORERS if s.name == "cos")  # and the cosine it is compared with
 CONFIDENCE_DRAWS = 1000  # resamples of the held-out classes behind --min-confidence
+AUTO = "auto"  # --pair-features auto: train these, keep the one the held-out classes choose
+AUTO_VARIANTS = ("sym", "cos")
+CHOICE_KEYS = ("valid_eer", "valid_cos_eer", "valid_confidence", "best_step", "seconds")
 
 
 def fraction(text):
@@ -90,10 +93,17 @@ DATA = {
     "--utt2spk": dict(default=None, help="Kaldi utt2spk: speaker (class) labels; only these utterances are used"),
     "--out": dict(required=True, help="output distance file (torch.save, loaded weights only), e.g. distance.pt"),
 }
-MODEL = {
-    flag: MODEL_OPTIONS[flag]
-    for flag in ("--pair-features", "--hidden-size", "--n-hidden", "--dropout-prob", "--ndiscriminators")
-}
+MODEL = {}
+MODEL["--pair-features"] = dict(
+    MODEL_OPTIONS["--pair-features"],
+    choices=(*MODEL_OPTIONS["--pair-features"]["choices"], "auto"),
+    help=MODEL_OPTIONS["--pair-features"]["help"] + "; auto = train sym and cos and keep the one the held-out "
+    "classes choose (the lowest held-out EER of those at least --min-confidence sure to beat the cosine; else "
+    "the cos distance, then the cosine's affine map)",
+)
+MODEL.update(
+    {flag: MODEL_OPTIONS[flag] for flag in ("--hidden-size", "--n-hidden", "--dropout-prob", "--ndiscriminators")}
+)
 MODEL["--distance-norm"] = MODEL_OPTIONS["--distance-norm"]
 TRAINING = {
     "--steps": (positive(int), None, f"batches trained on (default {DEFAULT_STEPS})"),
@@ -301,9 +311,9 @@ def batches(sampler):
 def train(distance, emb, labels, args, valid=None):
     """Train `distance` on emb (N, d) with int labels (N,) (tensors on one device) for --steps batches (or
     --epochs passes), with a check every --valid-every steps and at the end; `valid` = (emb, labels) of held-out
-    classes, whose EER at the checks (and at a check before training, step 0) picks the weights kept (and stops
-    the run after --patience checks without a better one). Returns the run's record (the checks, steps, the
-    best check's EER and the held-out cosine EER)."""
+    classes, whose EER at the checks (for cos also at the check before training, step 0) picks the weights kept
+    (and stops the run after --patience checks without a better one). Returns the run's record (the checks,
+    steps, the best check's EER, the held-out cosine EER and how sure the classes are the distance beats it)."""
     groups = args.batch_size // args.samples_per_class
     sampler = data_load.GroupBatchSampler(labels.cpu().numpy(), args.samples_per_class, groups, args.seed)
     optimizer = make_optimizer(distance, args)
@@ -311,12 +321,13 @@ def train(distance, emb, labels, args, valid=None):
     history, losses, best = [], [], {"eer": math.inf, "check": 0, "state": None}
     out = {}
 
-    def check(record):
-        """Score the held-out pairs at this check and keep the weights when they are the best so far."""
+    def check(record, eligible=True):
+        """Score the held-out pairs at this check and keep the weights when they are the best so far (and
+        `eligible`)."""
         if valid is not None:
             record["valid_eer"] = held_out_eer(distance, *valid)[LOGIT.name]
             distance.train()
-            if record["valid_eer"] < best["eer"]:
+            if eligible and record["valid_eer"] < best["eer"]:
                 state = {k: v.detach().clone() for k, v in distance.state_dict().items()}
                 best.update(eer=record["valid_eer"], check=len(history) + 1, state=state)
         history.append(record)
@@ -325,7 +336,8 @@ def train(distance, emb, labels, args, valid=None):
     start = {k: v.detach().clone() for k, v in distance.state_dict().items()}
     if valid is not None:
         out["valid_cos_eer"] = held_out_eer(distance, *valid, scorers=(COSINE,))[COSINE.name]
-        check({"step": 0, "epoch": 0})
+        # the untrained cos distance is the cosine's affine map, a start worth keeping; the others' is random
+        check({"step": 0, "epoch": 0}, eligible=distance.pair_features == "cos")
     distance.train()
     bar = tqdm(total=total, desc="training the distance", unit="step", disable=None, leave=False)
     for step, (epoch, batch) in enumerate(itertools.islice(batches(sampler), total), 1):
@@ -351,7 +363,7 @@ def train(distance, emb, labels, args, valid=None):
     return out
 
 
-def distance_config(args, emb_size):
+def distance_config(args, emb_size, pair_features):
     """The LearnedDistance keyword arguments of the run (backends.DISTANCE_CONFIG)."""
     return {
         "emb_size": int(emb_size),
@@ -359,9 +371,36 @@ def distance_config(args, emb_size):
         "n_hidden": args.n_hidden,
         "dropout_prob": args.dropout_prob,
         "ndiscriminators": args.ndiscriminators,
-        "pair_features": args.pair_features,
+        "pair_features": pair_features,
         "normalize": args.distance_norm,
     }
+
+
+def held_out_choice(records, min_confidence):
+    """Of {variant: training record} (each with its held-out EER, the cosine's and how sure the classes are), the
+    variant the held-out classes choose: among those at least `min_confidence` sure to beat the cosine and below
+    it, the one of the lowest held-out EER (ties: the first); None when there is none (the cosine stays best)."""
+    sure = [
+        (record["valid_eer"], variant)
+        for variant, record in records.items()
+        if record.get("valid_confidence", 0.0) >= min_confidence and record["valid_eer"] < record["valid_cos_eer"]
+    ]
+    return min(sure, key=lambda item: item[0])[1] if sure else None
+
+
+def describe(variant, record, args):
+    """The line printed for one trained distance."""
+    text = f"{variant} distance, {record['steps']} steps in {record['seconds']:.1f} s"
+    if "valid_eer" not in record:
+        return text
+    text += f", held-out EER {record['valid_eer']:.4f} at step {record['best_step']}"
+    sure = f"{100 * record['valid_confidence']:.0f}% of {CONFIDENCE_DRAWS} resamples of the held-out classes"
+    text += f" (cosine {record['valid_cos_eer']:.4f}; the distance below it in {sure})"
+    if record.get("fell_back"):
+        text += f"; under --min-confidence {args.min_confidence}, the untrained distance (the cosine) is kept"
+    elif record["best_step"] == 0:
+        text += "; training never beat the untrained distance there, which is kept"
+    return text
 
 
 def main(argv=None):
@@ -380,28 +419,32 @@ def main(argv=None):
     check_classes(speakers[train_mask], args.samples_per_class, source)
     print(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions from {len(names)} classes", end="")
     print(f", {len(np.unique(labels[valid_mask]))} held out" if valid_mask.any() else "")
-    seed_everything(args.seed)
     x, y = torch.from_numpy(vectors).to(device), torch.from_numpy(labels).to(device)
     valid = held_out_set(args, x, y, valid_mask, names, provenance, device)
-    config = distance_config(args, vectors.shape[1])
-    distance = LearnedDistance(**config).to(device)
-    start = time.perf_counter()
-    record = train(distance, x[train_mask], y[train_mask], args, valid)
-    record.update(seconds=round(time.perf_counter() - start, 3), classes=len(names), items=len(vectors))
+    if args.pair_features == AUTO and valid is None:
+        raise UserError(
+            f"--pair-features {AUTO} chooses on held-out classes: give --valid-embeddings or --valid-classes"
+        )
+    trained = {}
+    for variant in AUTO_VARIANTS if args.pair_features == AUTO else (args.pair_features,):
+        seed_everything(args.seed)  # each variant starts from the same draws
+        config = distance_config(args, vectors.shape[1], variant)
+        distance = LearnedDistance(**config).to(device)
+        start = time.perf_counter()
+        record = train(distance, x[train_mask], y[train_mask], args, valid)
+        record.update(seconds=round(time.perf_counter() - start, 3), classes=len(names), items=len(vectors))
+        trained[variant] = (distance, config, record)
+        print(describe(variant, record, args))
+    chosen = args.pair_features
+    if args.pair_features == AUTO:
+        # no variant surely better than the cosine: the cos distance, which is then the cosine's affine map
+        chosen = held_out_choice({v: r for v, (_, _, r) in trained.items()}, args.min_confidence) or "cos"
+    distance, config, record = trained[chosen]
     record["args"] = dict(vars(args))
+    if args.pair_features == AUTO:
+        record["candidates"] = {v: {k: r[k] for k in CHOICE_KEYS} for v, (_, _, r) in trained.items()}
     backends.save_distance(args.out, distance, config, provenance, record)
-    chosen = ""
-    if valid is not None:
-        chosen = f", held-out EER {record['valid_eer']:.4f} at step {record['best_step']}"
-        sure = f"{100 * record['valid_confidence']:.0f}% of {CONFIDENCE_DRAWS} resamples of the held-out classes"
-        chosen += f" (cosine {record['valid_cos_eer']:.4f}; the distance below it in {sure})"
-        if record.get("fell_back"):
-            chosen += f"; under --min-confidence {args.min_confidence}, the untrained distance (the cosine) is kept"
-        elif record["best_step"] == 0:
-            chosen += "; training never beat the untrained distance there, which is kept"
-    print(
-        f"{args.pair_features} distance, {record['steps']} steps in {record['seconds']:.1f} s{chosen}: wrote {args.out}"
-    )
+    print(f"{'the held-out choice: ' if args.pair_features == AUTO else ''}{chosen} distance: wrote {args.out}")
     return 0
 
 

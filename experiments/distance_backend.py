@@ -146,16 +146,14 @@ def evaluate(args):
 
 
 def held_out_choice(results, min_confidence=MIN_CONFIDENCE):
-    """The scorer the held-out classes choose among a set's results, or None when no distance recorded them:
-    of the distances the held-out classes are at least `min_confidence` sure beat the cosine (train_distance.py's
-    resamples), the one of the lowest held-out EER; the cosine when there is none (ties go to the first
-    distance). Uses no test result."""
-    held = [(found["valid_eer"], name, found) for name, found in results.items() if "valid_eer" in found]
+    """The scorer the held-out classes choose among a set's results, as train_distance.py --pair-features auto
+    chooses (train_distance.held_out_choice over the `dist_<variant>` results of its variants; `cos` when none
+    is surely better than the cosine), or None when none recorded held-out EERs. Uses no test result."""
+    held = {f"dist_{v}": results[f"dist_{v}"] for v in train_distance.AUTO_VARIANTS if f"dist_{v}" in results}
+    held = {name: found for name, found in held.items() if "valid_eer" in found}
     if not held:
         return None
-    sure = [(eer, name) for eer, name, found in held if found.get("valid_confidence", 0.0) >= min_confidence]
-    sure = [(eer, name) for eer, name in sure if eer < results[name]["valid_cos_eer"]]
-    return min(sure, key=lambda item: item[0])[1] if sure else "cos"
+    return train_distance.held_out_choice(held, min_confidence) or "cos"
 
 
 def cell(found, key):

@@ -162,7 +162,7 @@ def test_held_out_embeddings_choose_the_step_and_report_the_cosine_beside(tmp_pa
     record, distance, held = held_out_run(tmp_path, "concat")
     printed = capsys.readouterr().out
     assert [check["step"] for check in record["history"]] == [0, 50, 100, 150, 200]
-    assert record["valid_eer"] == min(check["valid_eer"] for check in record["history"])
+    assert record["valid_eer"] == min(check["valid_eer"] for check in record["history"][1:])  # trained checks
     assert 0 < record["best_step"] and record["valid_eer"] < record["history"][0]["valid_eer"]
     assert f"held-out EER {record['valid_eer']:.4f} at step {record['best_step']}" in printed
     assert f"(cosine {record['valid_cos_eer']:.4f}; the distance below it in " in printed
@@ -215,6 +215,22 @@ def test_a_cos_distance_keeps_its_correction_only_when_the_held_out_classes_are_
     assert "fell_back" not in record and (record["best_step"] == 0 or distance.heads[0].rest[-1].weight.any())
 
 
+def test_auto_keeps_the_variant_the_held_out_classes_choose_else_the_cosine(tmp_path, capsys):
+    data = nuisance_clusters(60, 8)
+    fast = ["--lr", "0.003", "--hidden-size", "64"]
+    record, distance, _ = held_out_run(tmp_path / "many", "auto", data=data, extra=fast)
+    candidates = record["candidates"]
+    assert set(candidates) == {"sym", "cos"}
+    want = min(candidates, key=lambda v: candidates[v]["valid_eer"])  # both are sure on 20 held-out classes
+    assert all(c["valid_confidence"] >= 0.95 for c in candidates.values()), candidates
+    assert distance.pair_features == want and record["valid_eer"] == candidates[want]["valid_eer"]
+    assert f"the held-out choice: {want} distance: wrote" in capsys.readouterr().out
+    # 2 held-out classes: neither can be sure, so the cos distance, fallen back to the cosine's map
+    record, distance, _ = held_out_run(tmp_path / "two", "auto", data=data, n_train=58, extra=fast)
+    assert distance.pair_features == "cos" and record["fell_back"] and not distance.heads[0].rest[-1].weight.any()
+    assert "the held-out choice: cos distance: wrote" in capsys.readouterr().out
+
+
 def test_weighted_eer_counts_a_pair_as_often_as_its_weight():
     rng = np.random.default_rng(3)
     scores, same = rng.normal(size=400), rng.random(400) < 0.3
@@ -256,6 +272,7 @@ def bad_input(tmp_path, case):
     bad = write_embeddings(tmp_path / "bad", utt2spk, vectors) if case != "unknown variant" else h5
     extra = {
         "held out twice": ["--valid-classes", "2", "--valid-embeddings", h5],
+        "auto without held-out classes": ["--pair-features", "auto"],
         "unknown variant": ["--pair-features", "nope"],
         "steps and epochs": ["--steps", "5", "--epochs", "1"],
         "too many held out": ["--valid-classes", "3"],
@@ -274,6 +291,7 @@ def bad_input(tmp_path, case):
         ("steps and epochs", "not both"),
         ("too many held out", "training needs 2"),
         ("held out twice", "not both"),
+        ("auto without held-out classes", "chooses on held-out classes"),
         ("held-out of another model", "held-out embeddings must come from the same encoder"),
         ("held-out of another size", "embeddings of 6 dimensions, the training ones have 8"),
         ("held-out shares a class", "classes are training classes too"),
@@ -484,3 +502,5 @@ def test_the_held_out_choice_takes_the_best_held_out_distance_or_the_cosine(monk
     assert distance_backend.held_out_choice(results(0.20, 0.25, 0.30, (0.5, 0.5))) == "cos"
     assert distance_backend.held_out_choice(results(0.20, 0.25, 0.30, (0.5, 0.5)), min_confidence=0.5) == "dist_sym"
     assert distance_backend.held_out_choice({"cos": {"eer": 0.3}, "dist_sym": {"eer": 0.2}}) is None
+    concat = {"eer": 0.01, "valid_eer": 0.01, "valid_cos_eer": 0.3, "valid_confidence": 1.0}
+    assert distance_backend.held_out_choice({**results(0.20, 0.25, 0.30), "dist_concat": concat}) == "dist_sym"
