@@ -119,10 +119,20 @@ def run_set(args, protocol, name, checkpoint, data):
 CHOICE = "held-out choice"  # the summary row of the scorer each set's held-out classes chose
 
 
+CHOICE_FUS = "held-out choice, fused"  # its fixed fusion with the cosine (the cosine when the choice is the cosine)
+
+
 def with_choice(results):
-    """A set's results with the held-out choice added as its own scorer (distance_backend.held_out_choice)."""
+    """A set's results with the held-out choice (distance_backend.held_out_choice) and its fusion with the cosine
+    added as scorers of their own."""
     chosen = distance_backend.held_out_choice(results)
-    return results if chosen is None else {**results, CHOICE: {**results[chosen], "chosen": chosen}}
+    if chosen is None:
+        return results
+    fused = "cos" if chosen == "cos" else f"fus_{chosen[5:]}"
+    added = {CHOICE: {**results[chosen], "chosen": chosen}}
+    if fused in results:
+        added[CHOICE_FUS] = {**results[fused], "chosen": fused}
+    return {**results, **added}
 
 
 def render(record):
@@ -133,7 +143,7 @@ def render(record):
     for protocol in dict.fromkeys(r["protocol"] for r in record["runs"]):
         runs = [with_choice(r["results"]) for r in record["runs"] if r["protocol"] == protocol]
         for scorer in scorers:
-            if scorer == CHOICE and not all(CHOICE in r for r in runs):
+            if scorer in (CHOICE, CHOICE_FUS) and not all(scorer in r for r in runs):
                 continue
             found = [r[scorer] for r in runs if "failed" not in r[scorer]]
             if len(found) < len(runs):
@@ -151,10 +161,10 @@ def render(record):
                 mean_sd([f[k] for f in found]) if all(k in f for f in found) else "" for k in ("cllr", "min_cllr")
             ]
             times = [f["train_seconds"] for f in found if "train_seconds" in f]
-            cells.append(f"{np.mean(times):.1f} (max {max(times):.1f})" if times and scorer != CHOICE else "")
+            cells.append(f"{np.mean(times):.1f} (max {max(times):.1f})" if times and "chosen" not in found[0] else "")
             steps = [f["best_step"] for f in found if "best_step" in f]
             cells.append(f"{sum(step == 0 for step in steps)}/{len(steps)}" if steps else "")
-            if scorer == CHOICE:
+            if scorer in (CHOICE, CHOICE_FUS):
                 picks = [f["chosen"] for f in found]
                 cells[-1] = ", ".join(f"{name} {picks.count(name)}" for name in dict.fromkeys(picks))
             lines.append(f"| {protocol} | {scorer} | {len(runs)} | " + " | ".join(cells) + " |")

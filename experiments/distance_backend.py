@@ -6,7 +6,8 @@ held-out classes: --valid, embeddings of other classes made by the same model, e
 training classes) and a PLDA (train_plda.py, --lda-dim) on the training
 embeddings, then scores the test trials (--trials, a Kaldi trials file) or, without one, every pair of the
 labelled test items (labels from --test's `spk` attributes or --test-utt2spk) with the cosine, PLDA and each
-distance (`dist_<variant>`, its logit). It writes, per scorer, EER, minDCF(0.01), AUC and, for the LLR scorers
+distance (`dist_<variant>`, its logit; `fus_<variant>`, the research code's fixed fusion of its probability
+with the cosine). It writes, per scorer, EER, minDCF(0.01), AUC and, for the LLR scorers
 (plda, dist_*), Cllr and minCllr, with each back-end's training time (a PLDA that cannot be trained on the
 embeddings, e.g. fewer items than dimensions, is reported with the reason). The trained files go in --work-dir.
 Everything runs in this process, on the CPU, with --threads torch threads.
@@ -28,6 +29,7 @@ import train_distance  # noqa: E402
 import train_plda  # noqa: E402
 from e2e_verification import backends, embedding_files, metrics, speech_data  # noqa: E402
 from e2e_verification.plda import PLDA  # noqa: E402
+from e2e_verification.scoring import fuse  # noqa: E402
 from models.verifier import PAIR_FEATURES  # noqa: E402
 from utils import UserError, check_outputs, cli, flag_value  # noqa: E402
 
@@ -133,7 +135,9 @@ def evaluate(args):
     if target.all() or not target.any():
         raise UserError("the test pairs must hold both targets and non-targets")
     print(f"{len(idx_a)} test pairs ({int(target.sum())} targets) of {len(emb)} items", flush=True)
-    results = {"cos": metrics.compute_metrics(cosine_scores(emb, idx_a, idx_b), target)}
+    cosine = cosine_scores(emb, idx_a, idx_b)
+    results = {"cos": metrics.compute_metrics(cosine, target)}
+    fused = {}
     for name, (scorer, seconds, held_out) in train_backends(args).items():
         if isinstance(scorer, str):  # a back-end that could not be trained: why
             results[name] = {"failed": scorer}
@@ -142,7 +146,10 @@ def evaluate(args):
         results[name] = {**metrics.compute_metrics(scores, target), **metrics.llr_metrics(scores, target)}
         results[name]["train_seconds"] = round(seconds, 2)
         results[name].update(held_out)
-    return results
+        if name.startswith("dist_"):  # the research code's fixed fusion of the distance's probability and cosine
+            probability = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
+            fused[f"fus_{name[5:]}"] = metrics.compute_metrics(fuse(probability, cosine), target)
+    return {**results, **fused}
 
 
 def held_out_choice(results, min_confidence=MIN_CONFIDENCE):

@@ -391,7 +391,8 @@ def test_experiment_smoke_trains_and_scores_every_backend(tmp_path, monkeypatch)
     argv = ["--train", train, "--test", test, "--variants", "sym", "--steps", "20", "--valid-classes", "4"]
     assert distance_backend.main([*argv, "--work-dir", str(tmp_path / "work"), "--threads", "1", "--out", out]) == 0
     results = json.load(open(tmp_path / "table.json"))["runs"]
-    assert set(results) == {"cos", "plda", "dist_sym"} and "cllr" in results["dist_sym"]
+    assert set(results) == {"cos", "plda", "dist_sym", "fus_sym"} and "cllr" in results["dist_sym"]
+    assert 0 <= results["fus_sym"]["eer"] <= 0.5
     assert results["cos"]["eer"] < 0.1 and "| dist_sym |" in open(out).read()
 
 
@@ -437,7 +438,10 @@ def test_backend_study_embeds_a_kept_speech_run_and_scores_its_fold(tmp_path, mo
     record = json.load(open(tmp_path / "study.json"))
     (run,) = record["runs"]
     assert run["set"] == "fold 3" and run["checkpoint"].endswith("checkpoint_2ep.pt")  # no validation: the last
-    assert set(run["results"]) == {"cos", "plda", "dist_cos"} and run["results"]["dist_cos"]["train_seconds"] > 0
+    assert (
+        set(run["results"]) == {"cos", "plda", "dist_cos", "fus_cos"}
+        and run["results"]["dist_cos"]["train_seconds"] > 0
+    )
     assert "LDA needs more items than classes + dimensions" in run["results"]["plda"]["failed"]  # 48 items, 512-d
     assert (
         "| asterisk | dist_cos | 1 |" in out.read_text()
@@ -474,6 +478,7 @@ def test_backend_study_holds_out_a_digits_runs_validation_classes(tmp_path, monk
     assert distance.training["args"]["valid_embeddings"].endswith("valid_emb")
     page = out.read_text()
     assert "| digits-open | dist_cos | 1 |" in page and "| digits-open | held-out choice | 1 |" in page
+    assert "| digits-open | held-out choice, fused | 1 |" in page
     assert f"Held-out choice: {backend_study.distance_backend.held_out_choice(run['results'])}." in page
     with pytest.raises(UserError, match="the asterisk runs have no validation classes"):
         backend_study.run_set(
