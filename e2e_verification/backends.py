@@ -201,6 +201,13 @@ def distance_scorer(distance, emb, amp=False, name="dist"):
     return Scorer(name, functools.partial(_distance_scores, distance, projected, amp), help, is_llr=True)
 
 
+def distance_fusion_scorer(name="dist_fus", column="dist"):
+    """Scorer `name`: the research code's fixed fusion (scoring.fuse) of the back-end distance `column`'s
+    probability with the cosine, as `fus` fuses the jointly trained distance's."""
+    help = "0.5 * (sigmoid(dist) + 0.5 * (cos + 1)): the fixed fusion of the back-end distance with the cosine"
+    return Scorer(name, lambda block: scoring.fuse(torch.sigmoid(block[column].float()), block.cos), help)
+
+
 # ----------------------------------------------------------------------------- the back-end registry
 
 
@@ -363,7 +370,7 @@ class Distance(Backend):
             {
                 "default": None,
                 "help": "learned distance from train_distance.py (trained on this model's embeddings): adds the "
-                "`dist` scorer, its logit",
+                "`dist` scorer, its logit, and `dist_fus`, its fixed fusion with the cosine",
             },
         ),
     )
@@ -382,7 +389,7 @@ class Distance(Backend):
         return cls(found.distance, found.config, found.provenance)
 
     def names(self):
-        return ["dist"]
+        return ["dist", "dist_fus"]
 
     def check_model(self, model, allow_other_model):
         check_provenance(self.provenance, model, "the --distance file", allow_other_model)
@@ -393,7 +400,7 @@ class Distance(Backend):
             )
 
     def scorers(self, model, emb, embed_cohort=None, amp=False):
-        return [distance_scorer(self.distance, emb, amp)]
+        return [distance_scorer(self.distance, emb, amp), distance_fusion_scorer()]
 
 
 # eval.py's back-ends, in --help order; they are built and applied in this order, except that those that read

@@ -358,6 +358,13 @@ def test_eval_scores_trials_with_the_trained_distance(speech, tmp_path, capsys):
     with torch.no_grad():
         want = distance(torch.stack([vectors[u] for u in enroll]), torch.stack([vectors[u] for u in test])).mean(0)
     np.testing.assert_allclose(columns["dist"], want.numpy(), rtol=1e-4, atol=1e-4)
+    # dist_fus: the research code's fusion of that distance's probability with the cosine of the same pair
+    cos = torch.nn.functional.cosine_similarity(
+        torch.stack([vectors[u] for u in enroll]), torch.stack([vectors[u] for u in test])
+    )
+    fused = 0.5 * (torch.sigmoid(want) + 0.5 * (cos + 1))
+    np.testing.assert_allclose(columns["dist_fus"], fused.numpy(), rtol=1e-4, atol=1e-4)
+    assert not summary["scorers"]["dist_fus"]["is_llr"] and "eer" in summary["metrics"]["dist_fus"]
 
 
 def test_eval_refuses_a_distance_of_another_model_or_size(speech, tmp_path, capsys):
