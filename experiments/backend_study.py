@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # distance_backend, beside this script
 
+import accuracy  # noqa: E402
 import benchlib  # noqa: E402
 import distance_backend  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,7 +38,6 @@ EXAMPLE = """example:
       --keep-dir runs/acc_keep
   python experiments/backend_study.py --keep-dir runs/acc_keep --fonts runs/fonts16 --protocols fonts"""
 PROTOCOLS = ("fonts", "asterisk", "digits-open", "fmnist-open")
-OPEN_SPLIT = {"train": "0-4", "valid": "5-6", "test": "7-9"}  # accuracy.py's classes of the open image protocols
 
 
 def kept_runs(args, protocol):
@@ -75,12 +75,12 @@ def protocol_data(args, protocol, key):
         sets = {"train": (f"{args.fonts}/train", []), "valid": (f"{args.fonts}/valid", items)}
         return {**sets, "test": (f"{args.fonts}/test", items), "trials": None}
     source = "digits" if protocol == "digits-open" else FASHION_DIR
-    train = ["--split", "train", "--classes", OPEN_SPLIT["train"]]
-    test = ["--classes", OPEN_SPLIT["test"]]
+    train = ["--split", "train", "--classes", accuracy.OPEN_SPLIT["train"]]
+    test = ["--classes", accuracy.OPEN_SPLIT["test"]]
     if protocol == "fmnist-open":
         train += ["--items-per-class", str(args.items_per_class)]
         test += ["--items-per-class", str(args.test_items_per_class)]
-    valid = (source, ["--split", "valid", "--classes", OPEN_SPLIT["valid"]])
+    valid = (source, ["--split", "valid", "--classes", accuracy.OPEN_SPLIT["valid"]])
     return {"train": (source, train), "valid": valid, "test": (source, test), "trials": None}
 
 
@@ -193,9 +193,11 @@ OPTIONS = {
         "back-end distance variants, from: " + ", ".join(PAIR_FEATURES) + " (default all)",
     ),
     "--fonts": (str, "runs/fonts16", "the font set of the fonts runs (default runs/fonts16)"),
-    "--font-test-items": (at_least(2), 20, "glyphs of each test font scored (default 20, as accuracy.py)"),
-    "--items-per-class": (at_least(2), 200, "Fashion-MNIST training images per class (default 200, as accuracy.py)"),
-    "--test-items-per-class": (at_least(2), 300, "Fashion-MNIST test images per class (default 300, as accuracy.py)"),
+    # the accuracy study's own options: its runs are embedded as it trained and scored them
+    **{
+        flag: accuracy.IMAGE_OPTIONS[flag]
+        for flag in ("--font-test-items", "--items-per-class", "--test-items-per-class")
+    },
     "--asterisk-dir": (str, "runs/accuracy", "accuracy.py --work-dir holding the folds (default runs/accuracy)"),
     "--steps": (at_least(1), None, "train_distance.py --steps (default its own)"),
     "--held-out": dict(
