@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import data_load
 from e2e_verification import backends, scoring
-from e2e_verification.embedding_files import read_labelled, resolve
+from e2e_verification.embedding_files import input_files, read_labelled, resolve
 from e2e_verification.metrics import compute_eer
 from e2e_verification.training import MODEL_OPTIONS, OPTIMISATION_OPTIONS, RUN_OPTIONS, non_negative, positive
 from losses import DEFAULT_PAIR_LOSS, PAIR_LOSSES, batch_pairs
@@ -406,9 +406,10 @@ def describe(variant, record, args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    source = resolve(args.embeddings)
-    inputs = {"--embeddings": args.embeddings, "--embeddings file": source, "--utt2spk": args.utt2spk}
-    inputs.update({"--valid-embeddings": args.valid_embeddings, "--valid-utt2spk": args.valid_utt2spk})
+    source, inputs = input_files(args.embeddings)
+    if args.valid_embeddings:
+        inputs.update(input_files(args.valid_embeddings, "--valid-embeddings")[1])
+    inputs.update({"--utt2spk": args.utt2spk, "--valid-utt2spk": args.valid_utt2spk})
     check_outputs({"--out": args.out}, inputs)
     device = choose_device(args.device)
     vectors, speakers, provenance = read_labelled(source, args.utt2spk)

@@ -38,8 +38,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.iterations < 1:
         raise UserError(f"--iterations must be >= 1, got {args.iterations}")
-    source = embedding_files.resolve(args.embeddings)
-    inputs = {"--embeddings": args.embeddings, "--embeddings file": source, "--utt2spk": args.utt2spk}
+    source, inputs = embedding_files.input_files(args.embeddings)
+    inputs["--utt2spk"] = args.utt2spk
     check_outputs({"--out": args.out}, inputs)
     embeddings, speakers, provenance = embedding_files.read_labelled(source, args.utt2spk)
     n_speakers = len(np.unique(speakers))

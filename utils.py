@@ -330,14 +330,41 @@ def check_writable_folder(folder, flag="output", create=False):
         os.remove(probe)
 
 
+def scp_targets(path):
+    """The files a Kaldi scp names (`utt rxfilename` lines: an ark with its `:offset` dropped, a wav; not a
+    piped command), each once, relative paths as the scp's readers take them (from the current folder)."""
+    targets = {}
+    with open(path, errors="replace") as handle:
+        for line in handle:
+            parts = line.split(None, 1)
+            if len(parts) == 2 and not parts[1].rstrip().endswith("|"):
+                targets.setdefault(re.sub(r":\d+$", "", parts[1].strip()), None)
+    return list(targets)
+
+
+def _with_scp_targets(inputs):
+    """`inputs` ((flag, path) pairs) and, after each Kaldi scp (*.scp) among them or in a folder among them, the
+    files it names: an output must not replace the ark or the recordings behind an input table either."""
+    found = []
+    for flag, path in inputs:
+        found.append((flag, path))
+        tables = [path] if path.endswith(".scp") else []
+        if os.path.isdir(path):  # a folder of tables (feats.scp, embeddings.scp, ...) is read whole
+            tables = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".scp"))
+        for table in filter(os.path.isfile, tables):
+            found += [(f"{flag} ({os.path.basename(table)} names it)", target) for target in scp_targets(table)]
+    return found
+
+
 def check_outputs(outputs, inputs=(), create=False):
     """Refuse, before any work, output files that would destroy an input or cannot be written.
 
     `outputs` and `inputs` are {flag: path} or (flag, path) pairs (None paths are skipped). Each output must
-    not be any input (real paths, symbolic and hard links resolved), must not be a folder, and its folder
-    must exist (with `create`, or be creatable: the command makes it) and take new files.
+    not be any input, nor a file a Kaldi scp input names (real paths, symbolic and hard links resolved), must
+    not be a folder, and its folder must exist (with `create`, or be creatable: the command makes it) and take
+    new files.
     """
-    inputs = _named(inputs)
+    inputs = _with_scp_targets(_named(inputs))
     for flag, out in _named(outputs):
         for in_flag, source in inputs:
             if os.path.lexists(source) and same_path(out, source):

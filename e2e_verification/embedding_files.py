@@ -39,6 +39,13 @@ def resolve(path, flag="--embeddings"):
     return path
 
 
+def input_files(path, flag="--embeddings"):
+    """(the file `resolve` reads, {name: path} of the path given and that file) for utils.check_outputs, which
+    adds the arks a Kaldi scp names: no output may replace any of them."""
+    source = resolve(path, flag)
+    return source, {flag: path, f"{flag} file": source}
+
+
 def _provenance(text, where):
     if text is None:
         return None

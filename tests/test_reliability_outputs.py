@@ -88,6 +88,37 @@ def test_item1_eval_out_path_never_replaces_an_input(d, tmp_path, which):
     assert snapshot(str(tmp_path)) == before
 
 
+@pytest.mark.parametrize("given", ["feats.scp", "its folder"])
+def test_eval_out_path_never_replaces_the_ark_a_feats_scp_names(d, tmp_path, given):
+    """The table an input names is an input too: --out-path equal to the ark behind --test-data's feats.scp (given
+    as the file or as its folder, absolute or relative ark paths) is refused, the ark byte for byte intact."""
+    kaldi = tmp_path / "kaldi"
+    shutil.copytree(d["kaldi"], kaldi)
+    ark = kaldi / "feats.ark"
+    lines = (kaldi / "feats.scp").read_text().splitlines()
+    # the copy's own ark, named relative to the folder the command runs in (Kaldi readers start from there)
+    (kaldi / "feats.scp").write_text(
+        "".join(f"{ln.split()[0]} kaldi/feats.ark:{ln.rsplit(':', 1)[1]}\n" for ln in lines)
+    )
+    data = kaldi / "feats.scp" if given == "feats.scp" else kaldi
+    argv = ["--cp-path", d["cp"], "--test-data", data, "--trials-path", d["trials"], "--out-path", ark, *CPU]
+    before = snapshot(str(tmp_path))
+    refused(run("eval.py", *argv, cwd=tmp_path), "would overwrite kaldi/feats.ark", "feats.scp names it")
+    assert snapshot(str(tmp_path)) == before
+
+
+def test_train_distance_out_never_replaces_its_held_out_embeddings(d, tmp_path):
+    """--valid-embeddings given as embed.py's folder: its embeddings.h5 is an input, so --out cannot be it."""
+    emb, held = tmp_path / "emb", tmp_path / "held"
+    shutil.copytree(d["emb"], emb)
+    shutil.copytree(d["emb_other"], held)
+    out = held / "embeddings.h5"
+    before = snapshot(str(tmp_path))
+    done = run("train_distance.py", "--embeddings", emb, "--valid-embeddings", held, "--out", out, *CPU)
+    refused(done, "would overwrite", "--valid-embeddings file", "an input of this run")
+    assert snapshot(str(tmp_path)) == before
+
+
 def test_item1_a_hard_link_to_the_checkpoint_is_the_same_file(d, tmp_path):
     """The guard compares files, not spellings: a hard link to the checkpoint is refused as an output."""
     cp = tmp_path / "cp.pt"
