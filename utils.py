@@ -345,14 +345,19 @@ def scp_targets(path):
 def _with_scp_targets(inputs):
     """`inputs` ((flag, path) pairs) and, after each Kaldi scp (*.scp) among them or in a folder among them, the
     files it names: an output must not replace the ark or the recordings behind an input table either."""
-    found = []
+    found, seen = [], set()
     for flag, path in inputs:
+        if path in seen:  # a path listed again (e.g. a table per utterance) is checked, and read, once
+            continue
+        seen.add(path)
         found.append((flag, path))
         tables = [path] if path.endswith(".scp") else []
         if os.path.isdir(path):  # a folder of tables (feats.scp, embeddings.scp, ...) is read whole
             tables = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".scp"))
         for table in filter(os.path.isfile, tables):
-            found += [(f"{flag} ({os.path.basename(table)} names it)", target) for target in scp_targets(table)]
+            named = [target for target in scp_targets(table) if target not in seen]
+            seen.update(named)
+            found += [(f"{flag} ({os.path.basename(table)} names it)", target) for target in named]
     return found
 
 
