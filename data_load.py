@@ -608,6 +608,18 @@ def class_names(dataset):
     return [str(c) for c in range(int(np.max(dataset.labels)) + 1)]
 
 
+def validation_classes(train, valid):
+    """{"classes": how many classes the validation set holds, "held_out": whether none of them is a training
+    class}, by class name (class_names): what the calibration fitted on its pairs can be trusted for."""
+
+    def present(dataset):
+        names = class_names(dataset)
+        return {names[label] for label in np.unique(np.asarray(dataset.labels))}
+
+    held = present(valid)
+    return {"classes": len(held), "held_out": not held & present(train)}
+
+
 def image_stem(image_shape):
     """'imagenet' stem for inputs of 64 pixels and more (Mini-ImageNet), else the CIFAR stem."""
     return "imagenet" if min(image_shape[1:]) >= 64 else "cifar"

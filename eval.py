@@ -14,6 +14,7 @@ import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_ver
 import os
 
 from e2e_verification import backends, scoring
+from e2e_verification.calibration import warn_checkpoint_calibration
 from e2e_verification.checkpoints import ALLOW_OTHER_MODEL, ALLOW_OTHER_MODEL_HELP, load_model
 from e2e_verification.tasks import task_for_model
 from utils import (
@@ -115,9 +116,10 @@ def main(argv=None):
         args.score_format = None
     run_backends = backends.Backends.from_args(args)  # reads and checks every back-end file before any embedding
     model = load_model(args.cp_path, args.model, device)
-    run_backends.adopt_checkpoint_calibration(model)  # cal_* columns from the checkpoint unless --calibration
+    adopted = run_backends.adopt_checkpoint_calibration(model)  # cal_* columns from the checkpoint unless --calibration
     run_backends.check_model(model)
     task_for_model(model.config["model"]).evaluate(model, args, device, out_path, run_backends)
+    warn_checkpoint_calibration(adopted)  # after the scores: bad input stays one line
     return 0
 
 

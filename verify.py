@@ -214,7 +214,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from e2e_verification.calibration import apply_calibration, load_calibration
+    from e2e_verification.calibration import apply_calibration, load_calibration, warn_checkpoint_calibration
 
     args = build_parser().parse_args(argv)
     calibration = load_calibration(args.calibration, COLUMNS) if args.calibration else None
@@ -246,6 +246,8 @@ def main(argv=None):
     ]
     summary = {"checkpoint": args.cp_path, "enroll": args.enroll, "decision": rule, "column": column}
     summary |= {"threshold": threshold, "p_target": args.p_target if calibration else None, "results": results}
+    if calibration is not None and args.calibration is None:  # the checkpoint's, now that the inputs are read
+        warn_checkpoint_calibration(calibration)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

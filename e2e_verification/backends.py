@@ -442,10 +442,13 @@ class Backends:
 
     def adopt_checkpoint_calibration(self, model):
         """With no --calibration: the calibration `model`'s checkpoint carries (fitted on its training run's
-        validation pairs by train.py), applied last, as a --calibration file would be; nothing when it has none."""
+        validation pairs by train.py), applied last, as a --calibration file would be; nothing when it has none.
+        -> the calibration adopted, or None."""
         params = getattr(model, "calibration", None)
-        if params is not None and not any(isinstance(b, Calibration) for b in self.backends):
-            self.backends.append(Calibration(params, from_checkpoint=True))
+        if params is None or any(isinstance(b, Calibration) for b in self.backends):
+            return None
+        self.backends.append(Calibration(params, from_checkpoint=True))
+        return params
 
     def check_model(self, model):
         """Before any embedding: each back-end checks its files against `model`, the last applied first (a

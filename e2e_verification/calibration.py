@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import sys
 import warnings
 import zipfile
 
@@ -39,6 +40,37 @@ TEXT_CHUNK = 1 << 22  # characters of a text score file parsed at once (~70,000 
 RIDGE = 1e-7
 """Weight decay on the standardised weights (not the bias): keeps the optimum finite when the development
 trials are perfectly separated; it moves a well-posed fit by ~1e-4 relative or less (measured: 5e-5)."""
+
+
+MIN_CALIBRATION_CLASSES = 10
+"""Fewer held-out classes than this and a checkpoint's calibration comes with a warning. A rule of thumb from
+docs/results/calibration_transfer.md: 74 held-out fonts carried a calibration to unseen ones (Cllr within 1.03x
+its minimum), 2 held-out digits or Fashion-MNIST classes did not (1.26x to 1.79x)."""
+
+
+def transfer_caveat(params):
+    """Why a checkpoint's calibration (train_loop.validation_calibration) may not hold on classes it never saw: a
+    clause, or None when its validation classes were held out of training and numerous enough (or it does not
+    record them: a checkpoint of an older version)."""
+    fitted = (params or {}).get("fitted_on") or {}
+    classes = fitted.get("classes")
+    if fitted.get("held_out") is False:
+        return f"the model trained on its validation classes ({classes}), so its LLRs are over-confident on new ones"
+    if classes is not None and classes < MIN_CALIBRATION_CLASSES:
+        return f"it was fitted on {classes} held-out classes only, too few to hold on other classes"
+    return None
+
+
+def warn_checkpoint_calibration(params):
+    """The one stderr line eval.py and verify.py print when they use a checkpoint's calibration that
+    transfer_caveat doubts."""
+    caveat = transfer_caveat(params)
+    if caveat:
+        print(
+            f"warning: the checkpoint's calibration (fitted on its validation pairs) may be far from calibrated on new "
+            f"classes: {caveat}; calibrate on development trials of new classes with calibrate.py",
+            file=sys.stderr,
+        )
 
 
 def _check_trials(labels, p_target):

@@ -178,6 +178,7 @@ class TrainLoop:
         writer=None,
         rank=0,
         crop=None,
+        valid_classes=None,
     ):
         self.model = model
         self.raw_model = model.module if hasattr(model, "module") else model
@@ -191,6 +192,9 @@ class TrainLoop:
         self.writer = writer
         self.rank = rank
         self.crop = crop
+        # {"classes": how many the validation set holds, "held_out": none of them trained on}, added to the
+        # calibration's "fitted_on" (data_load.validation_classes; None: not known, e.g. data given in memory)
+        self.valid_classes = valid_classes
         self.epoch = 0
         self.total_iters = 0
         self.history = {k: [] for k in HISTORY_KEYS}
@@ -403,6 +407,8 @@ class TrainLoop:
             if self.valid_loader is not None:
                 if self.rank == 0:  # with several processes rank 0 validates and shares the EERs
                     eers, self.calibration = validate(self.model, self.valid_loader, self.device, cfg.amp, cfg.progress)
+                    if self.calibration is not None and self.valid_classes:
+                        self.calibration["fitted_on"].update(self.valid_classes)
                 eers = dict(zip(eers, agree_across_ranks(eers.values(), self.device, average=False)))
                 improved = self.update_best(eers)
                 if self.scheduler_kind == "plateau":

@@ -546,6 +546,7 @@ def build(args, argv=None, device=None, rank=0, world_size=1, announce=True, dat
         cfg,
         rank=rank,
         crop=task.training_transform(args),
+        valid_classes=data_load.validation_classes(train, valid) if valid is not None and datasets is None else None,
     )
     if args.checkpoint_epoch is not None:
         resume(trainer, args.checkpoint_epoch, rank == 0 and args.verbose > 0)

@@ -20,11 +20,12 @@ import models
 from e2e_verification.checkpoints import save_checkpoint
 
 
-def make_image_tree(root, n_classes=4, per_class=50, size=8, seed=0):
-    """One folder of RGB PNGs per class; each class has its own colour and stripe, plus noise."""
+def make_image_tree(root, n_classes=4, per_class=50, size=8, seed=0, prefix="class"):
+    """One folder of RGB PNGs per class (`prefix`0, `prefix`1, ...: trees with the same prefix share class
+    names); each class has its own colour and stripe, plus noise."""
     rng = np.random.default_rng(seed)
     for c in range(n_classes):
-        folder = os.path.join(root, f"class{c}")
+        folder = os.path.join(root, f"{prefix}{c}")
         os.makedirs(folder)
         base = rng.integers(40, 216, size=(1, 1, 3))
         for i in range(per_class):
