@@ -10,8 +10,11 @@ threads take the cores the running ones need and both runs slow down many times 
   given: its CPU affinity (taskset, a Slurm cpuset) and its cgroup CPU quota (v2 cpu.max, v1
   cpu.cfs_quota_us / cpu.cfs_period_us), whichever is smaller.
 
-E2E_THREADS=N sets the count instead; an OMP_NUM_THREADS or OMP_WAIT_POLICY the user set is kept;
-E2E_THREADS=torch leaves both the count and the wait policy to torch and libgomp (the behaviour before).
+- importing it also caps numpy's BLAS threads (OPENBLAS_NUM_THREADS, MKL_NUM_THREADS) to the same count,
+  read when numpy loads its BLAS.
+
+E2E_THREADS=N sets the count instead; an OMP_NUM_THREADS, OMP_WAIT_POLICY or BLAS count the user set is kept;
+E2E_THREADS=torch leaves the counts and the wait policy to torch, libgomp and the BLAS (the behaviour before).
 Only the standard library is imported here, so nothing loads libgomp before the policy is in place.
 """
 
@@ -21,6 +24,9 @@ import os
 ENV = "E2E_THREADS"
 TORCH_DEFAULTS = "torch"  # E2E_THREADS=torch: change nothing
 WAIT_POLICY = "PASSIVE"
+# numpy's and scipy's BLAS (OpenBLAS in the wheels; MKL in some builds) start their own thread pools, sized to
+# every CPU and blind to a cgroup quota: capped like torch (PLDA, calibration and the metrics run on them)
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 PROC_CGROUP = "/proc/self/cgroup"
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -31,10 +37,18 @@ def leaves_torch_defaults(environ=os.environ):
 
 
 def prepare_environment(environ=os.environ):
-    """Put OMP_WAIT_POLICY=PASSIVE in `environ` unless the user set a policy (or E2E_THREADS=torch); it takes
-    effect only if torch (libgomp) is not loaded yet, and child processes inherit it."""
-    if not leaves_torch_defaults(environ):
-        environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    """Put OMP_WAIT_POLICY=PASSIVE in `environ` unless the user set a policy (or E2E_THREADS=torch), and the
+    thread count choose() gives into BLAS_THREADS unless the user set them; they take effect only if torch
+    (libgomp) and numpy (its BLAS) are not loaded yet, and child processes inherit them."""
+    if leaves_torch_defaults(environ):
+        return
+    environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    try:
+        threads, _ = choose(environ)
+    except ValueError:  # a bad E2E_THREADS or OMP_NUM_THREADS: configure() says so, as one line
+        return
+    for name in BLAS_THREADS:
+        environ.setdefault(name, str(threads))
 
 
 def _cpu_hierarchies(proc_cgroup):

@@ -16,7 +16,7 @@ from utils import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the thread settings a child must not inherit from this test process (utils set OMP_WAIT_POLICY here)
-CLEARED = ("E2E_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+CLEARED = ("E2E_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", *threads.BLAS_THREADS)
 
 
 def cgroup(tmp_path, version, path, quotas, mount_root="/"):
@@ -87,16 +87,45 @@ def test_overrides_come_first(tmp_path):
             threads.choose({"E2E_THREADS": bad}, {0}, **files)
 
 
-def test_wait_policy_goes_in_unless_the_user_chose():
+def test_wait_policy_and_blas_counts_go_in_unless_the_user_chose():
     env = {}
     threads.prepare_environment(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "active"}
+    count = str(threads.available_cpus())
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": count, "MKL_NUM_THREADS": count}
+    env = {"OMP_WAIT_POLICY": "active", "E2E_THREADS": "3", "OPENBLAS_NUM_THREADS": "5"}
     threads.prepare_environment(env)
-    assert env == {"OMP_WAIT_POLICY": "active"}
+    assert env == {"OMP_WAIT_POLICY": "active", "E2E_THREADS": "3", "OPENBLAS_NUM_THREADS": "5", "MKL_NUM_THREADS": "3"}
     env = {"E2E_THREADS": "torch"}
     threads.prepare_environment(env)
     assert env == {"E2E_THREADS": "torch"}
+    env = {"E2E_THREADS": "many"}  # reported by configure() as one line; nothing set from it here
+    threads.prepare_environment(env)
+    assert env == {"E2E_THREADS": "many", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+BLAS_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import e2e_verification.threads
+import numpy, threadpoolctl
+print(*sorted({pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}))
+"""
+
+
+@pytest.mark.skipif(threads.available_cpus() < 2, reason="one CPU: numpy's BLAS has one thread either way")
+def test_numpy_blas_starts_with_the_count_torch_gets():
+    """A command's first import (e2e_verification.threads) caps the BLAS numpy loads after it: E2E_THREADS=1
+    gives OpenBLAS one thread on a machine where it would take every CPU; E2E_THREADS=torch leaves it alone."""
+    child = {k: v for k, v in os.environ.items() if k not in CLEARED}
+
+    def blas_threads(env):
+        argv = [sys.executable, "-c", BLAS_PROBE, ROOT]
+        done = subprocess.run(argv, env={**child, **env}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert blas_threads({"E2E_THREADS": "1"}) == ["1"]
+    assert blas_threads({"E2E_THREADS": "torch"}) == [str(len(os.sched_getaffinity(0)))]
 
 
 def test_cli_sets_the_count_while_main_runs_and_restores_it(monkeypatch, capsys):
