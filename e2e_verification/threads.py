@@ -27,6 +27,9 @@ WAIT_POLICY = "PASSIVE"
 # numpy's and scipy's BLAS (OpenBLAS in the wheels; MKL in some builds) start their own thread pools, sized to
 # every CPU and blind to a cgroup quota: capped like torch (PLDA, calibration and the metrics run on them)
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# which of them this module set: a child process (a Slurm job submitted from a smaller machine, a worker pinned
+# to fewer CPUs) inherits them, and computes its own count instead of taking its parent's for the user's
+BLAS_SET_HERE = "E2E_BLAS_THREADS_SET"
 PROC_CGROUP = "/proc/self/cgroup"
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -47,8 +50,12 @@ def prepare_environment(environ=os.environ):
         threads, _ = choose(environ)
     except ValueError:  # a bad E2E_THREADS or OMP_NUM_THREADS: configure() says so, as one line
         return
+    ours = set(environ.get(BLAS_SET_HERE, "").split(","))  # set by this module in a parent: recomputed here
     for name in BLAS_THREADS:
-        environ.setdefault(name, str(threads))
+        if name in ours or name not in environ:
+            environ[name] = str(threads)
+            ours.add(name)
+    environ[BLAS_SET_HERE] = ",".join(name for name in BLAS_THREADS if name in ours)
 
 
 def _cpu_hierarchies(proc_cgroup):

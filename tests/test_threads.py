@@ -17,6 +17,7 @@ from utils import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the thread settings a child must not inherit from this test process (utils set OMP_WAIT_POLICY here)
 CLEARED = ("E2E_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", *threads.BLAS_THREADS)
+CLEARED += (threads.BLAS_SET_HERE,)
 
 
 def cgroup(tmp_path, version, path, quotas, mount_root="/"):
@@ -91,10 +92,15 @@ def test_wait_policy_and_blas_counts_go_in_unless_the_user_chose():
     env = {}
     threads.prepare_environment(env)
     count = str(threads.available_cpus())
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": count, "MKL_NUM_THREADS": count}
+    ours = {threads.BLAS_SET_HERE: "OPENBLAS_NUM_THREADS,MKL_NUM_THREADS"}
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": count, "MKL_NUM_THREADS": count, **ours}
     env = {"OMP_WAIT_POLICY": "active", "E2E_THREADS": "3", "OPENBLAS_NUM_THREADS": "5"}
     threads.prepare_environment(env)
-    assert env == {"OMP_WAIT_POLICY": "active", "E2E_THREADS": "3", "OPENBLAS_NUM_THREADS": "5", "MKL_NUM_THREADS": "3"}
+    assert env["OPENBLAS_NUM_THREADS"] == "5" and env["MKL_NUM_THREADS"] == "3"  # the user's count kept
+    assert env["OMP_WAIT_POLICY"] == "active" and env[threads.BLAS_SET_HERE] == "MKL_NUM_THREADS"
+    child = {**env, "E2E_THREADS": "2"}  # a child inherits them: its own count replaces only the module's
+    threads.prepare_environment(child)
+    assert child["OPENBLAS_NUM_THREADS"] == "5" and child["MKL_NUM_THREADS"] == "2"
     env = {"E2E_THREADS": "torch"}
     threads.prepare_environment(env)
     assert env == {"E2E_THREADS": "torch"}
