@@ -31,7 +31,6 @@ import e2e_verification.threads  # noqa: F401  (first, before torch: see e2e_ver
 import argparse
 import itertools
 import math
-import sys
 import time
 
 import numpy as np
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 import data_load
 from e2e_verification import backends, scoring
+from e2e_verification.checkpoints import check_same_weights
 from e2e_verification.embedding_files import input_files, read_labelled, resolve
 from e2e_verification.metrics import compute_eer
 from e2e_verification.training import MODEL_OPTIONS, OPTIMISATION_OPTIONS, RUN_OPTIONS, non_negative, positive
@@ -247,7 +247,9 @@ def held_out_set(args, x, y, valid_mask, class_of, provenance, device):
     if args.valid_embeddings:
         source = resolve(args.valid_embeddings, "--valid-embeddings")
         vectors, speakers, theirs = read_labelled(source, args.valid_utt2spk)
-        check_same_model(provenance, theirs, source)
+        named = (provenance or {}).get("checkpoint")
+        model = f"the model of --embeddings ({named})" if named else "the model of --embeddings"
+        check_same_weights(theirs, provenance, source, model, override=None)  # held-out: the same encoder only
         if vectors.shape[1] != x.shape[1]:
             raise UserError(
                 f"{source}: embeddings of {vectors.shape[1]} dimensions, the training ones have {x.shape[1]}"
@@ -267,18 +269,6 @@ def held_out_set(args, x, y, valid_mask, class_of, provenance, device):
         return None
     keep = np.flatnonzero(valid_mask)[held_out_items(valid_mask.sum(), args.valid_max_items, args.seed)]
     return x[keep], y[keep]
-
-
-def check_same_model(ours, theirs, source):
-    """Refuse held-out embeddings recorded as made by another model than the training ones (one line)."""
-    mine, other = (p.get("weights_sha256") if isinstance(p, dict) else None for p in (ours, theirs))
-    if mine and other and mine != other:
-        raise UserError(
-            f"{source} was made by another model (weights {other}) than --embeddings (weights {mine}); "
-            "held-out embeddings must come from the same encoder"
-        )
-    if not (mine and other):
-        print("warning: the embeddings do not record which model made them; not checked", file=sys.stderr)
 
 
 def make_optimizer(distance, args):

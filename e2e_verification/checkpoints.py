@@ -162,18 +162,28 @@ def check_provenance(recorded, model, what, allow=False):
     toolkit's, which is used with a warning on stderr). With `allow` a mismatch is a warning instead.
     """
     mine = model_provenance(model)
-    if not isinstance(recorded, dict) or not recorded.get("weights_sha256"):
+    check_same_weights(recorded, mine, what, mine.get("checkpoint") or "this model", allow)
+
+
+def check_same_weights(recorded, reference, what, reference_name, allow=False, override=ALLOW_OTHER_MODEL):
+    """Refuse (one UserError line) `what`, whose provenance dict `recorded` names other weights than the
+    provenance `reference` (a model's, or another artifact's: `reference_name` says which). Either recording
+    none is a warning on stderr, and `what` is used as it is. With `allow` a mismatch is a warning too; the
+    refusal names the flag `override` that allows it (None: no such flag)."""
+    theirs, mine = (p.get("weights_sha256") if isinstance(p, dict) else None for p in (recorded, reference))
+    if not theirs:
         print(f"warning: {what} does not record which model made it; it is used as it is", file=sys.stderr)
         return
-    if recorded["weights_sha256"] == mine["weights_sha256"]:
+    if not mine:
+        print(f"warning: {reference_name} is not recorded, so {what} is not checked against it", file=sys.stderr)
         return
-    theirs = recorded.get("checkpoint") or "another checkpoint"
-    ours = mine.get("checkpoint") or "this model"
+    if theirs == mine:
+        return
     message = (
-        f"{what} was made with {theirs} (weights {recorded['weights_sha256']}), not with {ours} "
-        f"(weights {mine['weights_sha256']})"
+        f"{what} was made with {recorded.get('checkpoint') or 'another checkpoint'} (weights {theirs}), not with "
+        f"{reference_name} (weights {mine})"
     )
     if allow:
-        print(f"warning: {message}; used anyway ({ALLOW_OTHER_MODEL})", file=sys.stderr)
+        print(f"warning: {message}; used anyway ({override})", file=sys.stderr)
         return
-    raise UserError(f"{message}; give {ALLOW_OTHER_MODEL} to use it anyway")
+    raise UserError(f"{message}; give {override} to use it anyway" if override else message)

@@ -339,3 +339,23 @@ def test_train_hp_out_file_never_replaces_its_training_data(tmp_path):
     done = run("train_hp.py", "--train-hdf-file", data, "--out-file", data, "--checkpoint-path", tmp_path / "cp")
     refused(done, "--out-file would overwrite", "an input of this run")
     assert data.read_bytes() == b"precious" and not (tmp_path / "cp").exists()
+
+
+def test_one_check_compares_an_artifacts_model_with_its_reference(capsys):
+    """checkpoints.check_same_weights, behind check_provenance (an artifact against the loaded model) and
+    train_distance.py's held-out embeddings (against the training embeddings' model)."""
+    from e2e_verification.checkpoints import check_same_weights
+
+    ours, theirs = {"checkpoint": "a.pt", "weights_sha256": "aa"}, {"checkpoint": "b.pt", "weights_sha256": "bb"}
+    check_same_weights(ours, dict(ours), "the file", "this model")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(utils.UserError, match=r"^the file was made with b.pt \(weights bb\), not with this model "):
+        check_same_weights(theirs, ours, "the file", "this model")
+    with pytest.raises(utils.UserError, match=r"\(weights aa\)$"):  # no flag to name: nothing more said
+        check_same_weights(theirs, ours, "the file", "this model", override=None)
+    check_same_weights(theirs, ours, "the file", "this model", allow=True)
+    assert capsys.readouterr().err.endswith("; used anyway (--allow-other-model)\n")
+    check_same_weights(None, ours, "the file", "this model")
+    assert "the file does not record which model made it" in capsys.readouterr().err
+    check_same_weights(theirs, {}, "the file", "the model of --embeddings")
+    assert "the model of --embeddings is not recorded, so the file is not checked" in capsys.readouterr().err

@@ -292,7 +292,7 @@ def bad_input(tmp_path, case):
         ("too many held out", "training needs 2"),
         ("held out twice", "not both"),
         ("auto without held-out classes", "chooses on held-out classes"),
-        ("held-out of another model", "held-out embeddings must come from the same encoder"),
+        ("held-out of another model", "not with the model of --embeddings (/elsewhere/other.pt) (weights 0000000000"),
         ("held-out of another size", "embeddings of 6 dimensions, the training ones have 8"),
         ("held-out shares a class", "classes are training classes too"),
     ],
