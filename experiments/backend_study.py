@@ -75,12 +75,13 @@ def protocol_data(args, protocol, key):
         sets = {"train": (f"{args.fonts}/train", []), "valid": (f"{args.fonts}/valid", items)}
         return {**sets, "test": (f"{args.fonts}/test", items), "trials": None}
     source = "digits" if protocol == "digits-open" else FASHION_DIR
-    train = ["--split", "train", "--classes", accuracy.OPEN_SPLIT["train"]]
-    test = ["--classes", accuracy.OPEN_SPLIT["test"]]
+    split = args.open_split
+    train = ["--split", "train", "--classes", split["train"]]
+    test = ["--classes", split["test"]]
     if protocol == "fmnist-open":
         train += ["--items-per-class", str(args.items_per_class)]
         test += ["--items-per-class", str(args.test_items_per_class)]
-    valid = (source, ["--split", "valid", "--classes", accuracy.OPEN_SPLIT["valid"]])
+    valid = (source, ["--split", "valid", "--classes", split["valid"]])
     return {"train": (source, train), "valid": valid, "test": (source, test), "trials": None}
 
 
@@ -196,7 +197,7 @@ OPTIONS = {
     # the accuracy study's own options: its runs are embedded as it trained and scored them
     **{
         flag: accuracy.IMAGE_OPTIONS[flag]
-        for flag in ("--font-test-items", "--items-per-class", "--test-items-per-class")
+        for flag in ("--font-test-items", "--items-per-class", "--test-items-per-class", "--open-split")
     },
     "--asterisk-dir": (str, "runs/accuracy", "accuracy.py --work-dir holding the folds (default runs/accuracy)"),
     "--steps": (at_least(1), None, "train_distance.py --steps (default its own)"),

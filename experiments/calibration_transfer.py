@@ -137,6 +137,7 @@ def render(record):
 
 # the options this study shares with backend_study.py, whose embeddings it reads
 SHARED = "--keep-dir --protocols --select-by --fonts --font-test-items --items-per-class --test-items-per-class"
+SHARED += " --open-split"
 OPTIONS = {
     **{flag: backend_study.OPTIONS[flag] for flag in (*SHARED.split(), "--asterisk-dir", "--threads", "--json-name")},
     "--variant": dict(default="cos", help="the kept runs' learned-distance variant (default cos)"),
