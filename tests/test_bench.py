@@ -202,3 +202,27 @@ def test_accuracy_scores_the_epoch_its_held_out_classes_chose(experiment, tmp_pa
     wins = (diff <= 0) + (diff + 0.01 <= 0)
     assert f"({wins}/2, worst {diff + 0.01:+.4f})" in text
     assert "| digits-open | concat | cal_e2e_logit |" in text and "| digits-open | concat | fus | " in text
+
+
+def test_open_split_flag_gives_the_image_protocols_their_classes(experiment, monkeypatch):
+    """--open-split TRAIN/VALID/TEST: accuracy.py trains, validates and tests the open digits on those classes, and
+    backend_study.py embeds the same ones; lists that share a class are refused."""
+    accuracy, backend_study = experiment("accuracy"), experiment("backend_study")
+    default = accuracy.build_parser().parse_args([]).open_split
+    assert default == accuracy.OPEN_SPLIT == {"train": "0-4", "valid": "5-6", "test": "7-9"}
+    args = accuracy.build_parser().parse_args(["--open-split", "5-9/3-4/0,2"])
+    seen = []
+    monkeypatch.setattr(accuracy, "train", lambda cp, flags, variant, a: seen.append(flags))  # no training here
+    monkeypatch.setattr(accuracy, "evaluate", lambda folder, cp, test, a: test)
+    test = accuracy.run_digits("runs/x", 1, "cos", args, open_set=True)
+    assert seen == [["--seed", "1", "--classes", "5-9", "--valid-classes", "3-4", "--test-classes", "0,2"]]
+    assert test == ["--classes", "0,2"]
+    study = backend_study.build_parser().parse_args(["--keep-dir", "k", "--open-split", "5-9/3-4/0,2"])
+    sets = backend_study.protocol_data(study, "digits-open", 1)
+    assert sets["train"] == ("digits", ["--split", "train", "--classes", "5-9"])
+    assert sets["valid"] == ("digits", ["--split", "valid", "--classes", "3-4"])
+    assert sets["test"] == ("digits", ["--classes", "0,2"])
+    for bad, message in (("0-4/4-5/7-9", "a class is in two"), ("0-4/5-6", "expected TRAIN/VALID/TEST"),
+                         ("0-4/x/7-9", "bad class list 'x'")):  # fmt: skip
+        with pytest.raises(UserError, match=f"argument --open-split: .*{message}"):
+            accuracy.build_parser().parse_args(["--open-split", bad])
