@@ -112,12 +112,12 @@ CALIBRATION_P_TARGET = 0.5
 
 
 @torch.no_grad()
-def validate(model, loader, device, amp=False, progress=False):
+def validate(model, loader, device, amp=False, progress=False, classes=None):
     """Embed the validation items, score all pairs among them: -> ({scorer: EER}, calibration or None).
 
     Validation uses fixed inputs (no random crops), so the model-selection EER is deterministic; the
     items were chosen (and capped by --valid-max-items) when the data was built (data_load.validation_subset).
-    The calibration (see `validation_calibration`) is fitted on the same pairs.
+    The calibration (see `validation_calibration`) is fitted on the same pairs; `classes` says what they are.
     """
     raw = model.module if hasattr(model, "module") else model
     emb, labels = embed_loader(raw, loader, device, amp=amp, progress=progress, desc="validation")
@@ -127,16 +127,18 @@ def validate(model, loader, device, amp=False, progress=False):
         raise UserError("the validation set needs at least two classes and one class with two items")
     validated = {s.name: scores[s.name] for s in VALIDATION_SCORERS}
     eers = {name: m["eer"] for name, m in evaluate_scores(validated, target, p_targets=()).items()}
-    return eers, validation_calibration(scores, target)
+    return eers, validation_calibration(scores, target, classes)
 
 
-def validation_calibration(scores, target):
+def validation_calibration(scores, target, classes=None):
     """calibration.fit_calibration's parameters for CALIBRATED alone and fused, fitted on the validation pairs
-    (scores: {name: (pairs,) tensor}, target: (pairs,) bool), with how many trials they came from."""
+    (scores: {name: (pairs,) tensor}, target: (pairs,) bool), with how many trials they came from and, when
+    known, `classes` (data_load.validation_classes: how many validation classes, whether held out)."""
     columns = {name: scores[name].double().cpu().numpy() for name in CALIBRATED}
     labels = target.cpu().numpy()
     params = fit_calibration(columns, labels, CALIBRATION_P_TARGET, fusions=[list(CALIBRATED)], scorers=CALIBRATED)
     params["fitted_on"] = {"what": "validation pairs", "trials": int(len(labels)), "targets": int(labels.sum())}
+    params["fitted_on"].update(classes or {})
     return params
 
 
@@ -192,7 +194,7 @@ class TrainLoop:
         self.writer = writer
         self.rank = rank
         self.crop = crop
-        # {"classes": how many the validation set holds, "held_out": none of them trained on}, added to the
+        # {"classes": how many the validation set holds, "held_out": none of them trained on}, recorded in the
         # calibration's "fitted_on" (data_load.validation_classes; None: not known, e.g. data given in memory)
         self.valid_classes = valid_classes
         self.epoch = 0
@@ -406,9 +408,9 @@ class TrainLoop:
             eers = {s.name: math.nan for s in VALIDATION_SCORERS}
             if self.valid_loader is not None:
                 if self.rank == 0:  # with several processes rank 0 validates and shares the EERs
-                    eers, self.calibration = validate(self.model, self.valid_loader, self.device, cfg.amp, cfg.progress)
-                    if self.calibration is not None and self.valid_classes:
-                        self.calibration["fitted_on"].update(self.valid_classes)
+                    eers, self.calibration = validate(
+                        self.model, self.valid_loader, self.device, cfg.amp, cfg.progress, self.valid_classes
+                    )
                 eers = dict(zip(eers, agree_across_ranks(eers.values(), self.device, average=False)))
                 improved = self.update_best(eers)
                 if self.scheduler_kind == "plateau":

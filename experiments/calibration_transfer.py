@@ -44,10 +44,6 @@ TARGET_RATIO = 1.1  # the Cllr / minCllr a calibration must reach on the test cl
 SOURCES = ("validation", "validation + training non-targets", "training classes", "no information")
 
 
-def unit(vectors):
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def within_pairs(vectors, labels):
     """(cosines, same class) of every pair of distinct items."""
     a, b = np.triu_indices(len(vectors), k=1)
@@ -56,7 +52,7 @@ def within_pairs(vectors, labels):
 
 def across_pairs(left, left_labels, right, right_labels):
     """(cosines, same class) of every item of `left` with every item of `right`."""
-    scores = unit(left).astype(np.float64) @ unit(right).astype(np.float64).T
+    scores = distance_backend.unit(left).astype(np.float64) @ distance_backend.unit(right).astype(np.float64).T
     return scores.ravel(), (left_labels[:, None] == right_labels[None, :]).ravel()
 
 

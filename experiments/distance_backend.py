@@ -80,10 +80,15 @@ def chunked(score, idx_a, idx_b, chunk=CHUNK):
     return np.concatenate(parts).astype(np.float32)
 
 
+def unit(emb):
+    """Each row of emb (N, d) scaled to length 1 (a zero row stays zero)."""
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
 def cosine_scores(emb, idx_a, idx_b):
     """Cosine of each pair of items of emb (N, d)."""
-    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return chunked(lambda a, b: (unit[a] * unit[b]).sum(1), idx_a, idx_b)
+    normed = unit(emb)
+    return chunked(lambda a, b: (normed[a] * normed[b]).sum(1), idx_a, idx_b)
 
 
 @torch.no_grad()
